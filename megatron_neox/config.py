@@ -1,0 +1,630 @@
+"""One typed configuration tree for a training run.
+
+A run is described by one JSON or YAML file (see `deepspeed_configs/`). `load_config` reads it,
+applies `--set a.b=value` overrides, validates every key (unknown keys are errors that name the
+key path and the closest valid key) and returns a `Config`. Values that depend on the number of
+ranks (data-parallel size, gradient accumulation, padded vocab) are derived by `Config.layout`,
+and `Config.deepspeed_config` emits the DeepSpeed JSON dict, so nobody maintains two files.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megatron_neox.errors import ConfigError
+
+# Where `--config NAME` looks when NAME is not a path.
+CONFIG_DIR = Path(os.environ.get("MEGATRON_NEOX_CONFIGS", Path(__file__).resolve().parent.parent / "deepspeed_configs"))
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+def pad_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+    """Round the vocab up so each tensor-parallel shard has a multiple of `multiple` rows.
+
+    Megatron/gpt-neox rule (`make_vocab_size_divisible_by` x tp): 50277 -> 50304 at tp=1,
+    50432 at tp=2, 50688 at tp=4.
+    """
+    step = multiple * tp
+    return int(math.ceil(vocab_size / step) * step)
+
+
+class ModelConfig(Section):
+    num_layers: int = Field(gt=0)
+    """Number of transformer layers (L)."""
+    hidden_size: int = Field(gt=0)
+    """Model width d_model."""
+    num_attention_heads: int = Field(gt=0)
+    """Attention heads; hidden_size must be a multiple of it."""
+    seq_length: int = Field(gt=0)
+    """Training context length in tokens (also the rotary/learned position range)."""
+    vocab_size: int = Field(gt=0)
+    """Tokenizer vocabulary size before padding (50277 for the GPT-NeoX-20B tokenizer)."""
+    make_vocab_size_divisible_by: int = Field(128, gt=0)
+    """The padded vocab is a multiple of this times tp (Megatron's rule)."""
+    padded_vocab_size: Optional[int] = None
+    """Fix the padded vocab instead of deriving it (e.g. GPT-J's 50400); must divide by tp."""
+    intermediate_size: Optional[int] = None
+    """MLP width; default 4*hidden (GELU) or the 8/3*hidden rounded to 256 (SwiGLU)."""
+    position_embedding: Literal["rotary", "learned", "alibi"] = "rotary"
+    """Position encoding: rotary (RoPE), learned absolute, or ALiBi biases."""
+    rotary_pct: float = Field(1.0, gt=0.0, le=1.0)
+    """Fraction of each head's dims that get rotary (GPT-NeoX-20B/Pythia: 0.25)."""
+    rotary_dims: Optional[int] = None
+    """Rotary dims per head, overrides rotary_pct (GPT-J: 64)."""
+    rotary_base: float = Field(10000.0, gt=0)
+    """RoPE base (theta)."""
+    parallel_residual: bool = True
+    """x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J) instead of the sequential GPT-3 form."""
+    shared_norm: bool = False
+    """Parallel residual with one norm feeding both attention and MLP (GPT-J)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Normalisation layer type."""
+    norm_eps: float = Field(1e-5, gt=0)
+    """Epsilon of the norm layers."""
+    activation: Literal["gelu", "swiglu"] = "gelu"
+    """MLP activation: exact GELU or SwiGLU (gated)."""
+    attention_bias: bool = True
+    """Biases on the QKV and attention-output projections."""
+    mlp_bias: bool = True
+    """Biases on the two MLP projections."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head (GPT-NeoX default: untied)."""
+    init_method: Literal["normal", "small_init"] = "small_init"
+    """Init of most weights: normal(init_std) or small_init std=sqrt(2/(5d)) (Nguyen & Salazar 2019)."""
+    output_layer_init_method: Literal["normal", "wang_init", "scaled_normal"] = "wang_init"
+    """Init of attention-output and MLP-output projections: wang_init std=2/(L*sqrt(d)) (Wang, Mesh-Transformer-JAX), scaled_normal std=init_std/sqrt(2L) (GPT-2)."""
+    init_std: float = Field(0.02, gt=0)
+    """Std of the 'normal' init."""
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the attention and MLP outputs before the residual add."""
+    attention_pattern: Literal["dense", "alternating_local"] = "dense"
+    """GPT-3's alternating dense and locally banded attention, or dense everywhere."""
+    local_window: int = Field(256, gt=0)
+    """Band width (tokens) of local layers when attention_pattern='alternating_local'."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        if self.activation == "swiglu":
+            # LLaMA-style 2/3 * 4d rounded up to a multiple of 256 keeps the parameter count of a 4d MLP.
+            return int(math.ceil(8 * self.hidden_size / 3 / 256) * 256)
+        return 4 * self.hidden_size
+
+    @property
+    def rotary_ndims(self) -> int:
+        if self.position_embedding != "rotary":
+            return 0
+        if self.rotary_dims is not None:
+            return self.rotary_dims
+        # Same rounding as HF GPTNeoX: int(head_dim * pct).
+        return int(self.head_dim * self.rotary_pct)
+
+    def padded_vocab(self, tp: int) -> int:
+        if self.padded_vocab_size is not None:
+            return self.padded_vocab_size
+        return pad_vocab_size(self.vocab_size, tp, self.make_vocab_size_divisible_by)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.position_embedding == "rotary":
+            r = self.rotary_ndims
+            if r <= 0 or r % 2 or r > self.head_dim:
+                raise ValueError(
+                    f"rotary dims per head = {r} (from model.rotary_pct/rotary_dims) must be even and "
+                    f"in 2..head_dim={self.head_dim}"
+                )
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("model.shared_norm=true needs model.parallel_residual=true (GPT-J layout)")
+        if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
+            raise ValueError(
+                f"model.padded_vocab_size={self.padded_vocab_size} is smaller than model.vocab_size={self.vocab_size}"
+            )
+        return self
+
+
+class ParallelConfig(Section):
+    pp: int = Field(1, gt=0)
+    """Pipeline-parallel stages."""
+    tp: int = Field(1, gt=0)
+    """Tensor-parallel (Megatron) ranks; adjacent ranks, keep within a node."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism: shard norms/dropout activations along the sequence under TP."""
+    partition_method: str = "type:transformer"
+    """How DeepSpeed assigns layers to stages: 'type:transformer', 'parameters' or 'uniform'."""
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> "ParallelConfig":
+        if self.partition_method not in ("parameters", "uniform") and not self.partition_method.startswith("type:"):
+            raise ValueError(
+                f"parallel.partition_method={self.partition_method!r}: expected 'type:transformer', "
+                "'parameters' or 'uniform'"
+            )
+        return self
+
+
+class BatchRampup(Section):
+    start_tokens: int = Field(gt=0)
+    """Global batch at step 0, in tokens (GPT-3: 32k), rounded down to whole micro x dp batches."""
+    increment_tokens: int = Field(gt=0)
+    """Batch grows in steps of this many tokens (rounded to whole micro x dp batches)."""
+    ramp_tokens: int = Field(gt=0)
+    """Tokens over which the batch grows linearly to the full global batch (GPT-3: 4-12B)."""
+
+
+class TrainConfig(Section):
+    iters: Optional[int] = Field(None, gt=0)
+    """Optimizer steps to train for (or set train.train_tokens)."""
+    train_tokens: Optional[int] = Field(None, gt=0)
+    """Token budget: stop once this many tokens have been consumed."""
+    micro_batch_size: int = Field(1, gt=0)
+    """Sequences per rank per forward pass."""
+    global_batch_size: Optional[int] = Field(None, gt=0)
+    """Sequences per optimizer step over all data-parallel ranks (= micro x grad_accum x dp)."""
+    gradient_accumulation_steps: Optional[int] = Field(None, gt=0)
+    """Alternative to global_batch_size: micro-batches per step on each rank."""
+    seed: int = 1234
+    """Seed of init, data order and dropout."""
+    batch_rampup: Optional[BatchRampup] = None
+    """GPT-3 batch-size warm-up in tokens; off when null."""
+    max_skipped_steps: int = Field(20, gt=0)
+    """Abort after this many consecutive skipped (overflow) or non-finite steps."""
+    exit_interval: Optional[int] = Field(None, gt=0)
+    """Save and exit after this many steps of this run (for time-limited jobs)."""
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> "TrainConfig":
+        if self.iters is None and self.train_tokens is None:
+            raise ValueError("set train.iters or train.train_tokens (how long to train)")
+        return self
+
+
+class OptimizerConfig(Section):
+    type: Literal["adamw", "adam"] = "adamw"
+    """AdamW (decoupled decay) or Adam with L2 (DeepSpeed optimizer names)."""
+    lr: float = Field(6e-4, gt=0)
+    """Peak learning rate."""
+    betas: List[float] = [0.9, 0.95]
+    """Adam betas (GPT-3: 0.9, 0.95)."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam epsilon."""
+    weight_decay: float = Field(0.1, ge=0)
+    """Decoupled weight decay; biases and norm weights are never decayed."""
+    clip_grad: float = Field(1.0, ge=0)
+    """Global gradient-norm clip (0 disables)."""
+
+    @model_validator(mode="after")
+    def _check_betas(self) -> "OptimizerConfig":
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optimizer.betas={self.betas}: expected two numbers in [0, 1)")
+        return self
+
+
+class LRScheduleConfig(Section):
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Shape of the decay after warm-up."""
+    warmup_iters: Optional[int] = Field(None, ge=0)
+    """Warm-up steps; default warmup_fraction x decay steps."""
+    warmup_fraction: float = Field(0.01, ge=0, le=1)
+    """Warm-up as a fraction of the decay steps when warmup_iters is unset."""
+    decay_iters: Optional[int] = Field(None, gt=0)
+    """Steps over which lr decays to min_lr; default train.iters."""
+    decay_tokens: Optional[int] = Field(None, gt=0)
+    """Decay over tokens instead of steps (GPT-3: 260B tokens); wins over decay_iters."""
+    min_lr: Optional[float] = Field(None, ge=0)
+    """Final learning rate; default min_lr_ratio x optimizer.lr."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Final lr as a fraction of the peak (GPT-3: 10%)."""
+
+
+class LossScaleConfig(Section):
+    initial_scale_power: int = Field(16, ge=0, le=64)
+    """fp16: the dynamic scale starts at 2**this."""
+    window: int = Field(1000, gt=0)
+    """fp16: steps without overflow before the scale doubles."""
+    hysteresis: int = Field(2, gt=0)
+    """fp16: overflows tolerated before the scale is lowered."""
+    min_scale: float = Field(1.0, gt=0)
+    """fp16: floor of the dynamic scale."""
+    static_scale: float = Field(0.0, ge=0)
+    """fp16: a fixed scale instead of the dynamic one (0 = dynamic)."""
+
+
+class ZeroConfig(Section):
+    stage: int = Field(1, ge=0, le=3)
+    """ZeRO stage (0-1 with a pipeline, 0-3 without)."""
+    reduce_bucket_size: int = Field(500_000_000, gt=0)
+    """Elements per gradient reduce bucket."""
+    allgather_bucket_size: int = Field(500_000_000, gt=0)
+    """Elements per parameter all-gather bucket."""
+    overlap_comm: bool = False
+    """Overlap gradient reduction with backward."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one buffer as they are produced."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    """ZeRO-Offload of optimizer states (stage >= 1)."""
+
+
+class ActivationCheckpointConfig(Section):
+    interval: int = Field(0, ge=0)
+    """Recompute every block of this many transformer layers in backward (0 = off)."""
+    partition_activations: bool = False
+    """Shard the saved checkpoint inputs across the TP group (DeepSpeed)."""
+
+
+class DataConfig(Section):
+    prefixes: List[str] = []
+    """Dataset prefixes (without .bin/.idx) written by tools/preprocess_data.py."""
+    weights: Optional[List[float]] = None
+    """Blend weights, one per prefix; null = proportional to each dataset's tokens."""
+    preset: Optional[Literal["pile"]] = None
+    """'pile': weight components by tokens x the Pile paper's epochs (Table 1)."""
+    split: str = "969,30,1"
+    """Train/valid/test split by document ranges."""
+    cache_dir: Optional[str] = None
+    """Where sample indices are cached; default beside the first prefix."""
+    eod_mask_loss: bool = False
+    """Give no loss to predicting the token after an end-of-document token."""
+
+    @model_validator(mode="after")
+    def _check_weights(self) -> "DataConfig":
+        if self.weights is not None and len(self.weights) != len(self.prefixes):
+            raise ValueError(
+                f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}"
+            )
+        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
+            raise ValueError(f"data.weights={self.weights}: expected non-negative numbers with a positive sum")
+        parts = self.split.split(",")
+        try:
+            nums = [float(p) for p in parts]
+        except ValueError:
+            nums = []
+        if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
+            raise ValueError(f"data.split={self.split!r}: expected three comma-separated weights like '969,30,1'")
+        return self
+
+
+class TokenizerConfig(Section):
+    path: Optional[str] = None
+    """HF tokenizers JSON file (tools/train_tokenizer.py, or the GPT-NeoX-20B tokenizer.json)."""
+
+
+class CheckpointConfig(Section):
+    dir: Optional[str] = None
+    """Where checkpoints are saved (global_stepN/ and `latest`)."""
+    save_interval: Optional[int] = Field(None, gt=0)
+    """Save every this many steps (and at the end, and on SIGTERM/SIGUSR1)."""
+    load: Optional[str] = None
+    """Checkpoint dir to resume from; default checkpoint.dir (auto-resume from its `latest`)."""
+    keep_last: Optional[int] = Field(None, gt=0)
+    """Keep only the newest K checkpoints."""
+    load_universal: bool = False
+    """Load a universal checkpoint made by tools/reshard.py (change pp/tp/dp)."""
+    finetune: bool = False
+    """Load weights only: start at step 0 with fresh optimizer and data position."""
+
+
+class LogConfig(Section):
+    dir: Optional[str] = None
+    """metrics.jsonl, TensorBoard events and wandb files go here."""
+    interval: int = Field(10, gt=0)
+    """Steps between log lines."""
+    tensorboard: bool = False
+    """Write TensorBoard events to log.dir/tensorboard."""
+    wandb: bool = False
+    """Log to Weights & Biases (offline unless WANDB_API_KEY is set)."""
+    wandb_project: str = "megatron_neox"
+    """wandb project name."""
+    peak_tflops: Union[float, Literal["auto", "measure"]] = "auto"
+    """Peak TFLOP/s per rank for MFU: a number, 'auto' (from the GPU name and precision) or 'measure'."""
+
+
+class EvalConfig(Section):
+    interval: Optional[int] = Field(None, gt=0)
+    """Evaluate on the valid split every this many steps (null = only at the end)."""
+    iters: int = Field(10, gt=0)
+    """Global batches per evaluation."""
+
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class Config(Section):
+    comment: Optional[str] = None
+    """Free text: where the numbers come from."""
+    model: ModelConfig
+    parallel: ParallelConfig = ParallelConfig()
+    train: TrainConfig
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: LRScheduleConfig = LRScheduleConfig()
+    precision: Precision = "fp32"
+    """Training precision: fp32, fp16 (dynamic loss scaling) or bf16."""
+    loss_scale: LossScaleConfig = LossScaleConfig()
+    zero: ZeroConfig = ZeroConfig()
+    activation_checkpointing: ActivationCheckpointConfig = ActivationCheckpointConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+    deepspeed: Dict[str, Any] = {}
+    """Extra DeepSpeed config keys, merged last into the emitted dict."""
+
+    @model_validator(mode="after")
+    def _check_cross(self) -> "Config":
+        m, p = self.model, self.parallel
+        if m.num_attention_heads % p.tp:
+            raise ValueError(
+                f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}"
+            )
+        if m.ffn_size % p.tp:
+            raise ValueError(f"MLP width {m.ffn_size} is not divisible by parallel.tp={p.tp}")
+        if m.padded_vocab(p.tp) % p.tp:
+            raise ValueError(f"padded vocab {m.padded_vocab(p.tp)} is not divisible by parallel.tp={p.tp}")
+        if p.pp > m.num_layers:
+            raise ValueError(f"parallel.pp={p.pp} stages but only model.num_layers={m.num_layers} layers")
+        if p.pp > 1 and self.zero.stage > 1:
+            raise ValueError(
+                f"zero.stage={self.zero.stage} with parallel.pp={p.pp}: DeepSpeed supports only ZeRO 0 and 1 "
+                "with pipeline parallelism"
+            )
+        if p.sequence_parallel and m.seq_length % p.tp:
+            raise ValueError(f"sequence parallelism needs model.seq_length={m.seq_length} divisible by tp={p.tp}")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+
+    def layout(self, world_size: int) -> "Layout":
+        """Data-parallel size and batch identity for `world_size` ranks; ConfigError if it does not fit."""
+        p, t = self.parallel, self.train
+        if world_size % (p.pp * p.tp):
+            raise ConfigError(
+                f"{world_size} ranks are not divisible by pp*tp = {p.pp}*{p.tp} = {p.pp * p.tp}; "
+                f"use a multiple of {p.pp * p.tp} ranks or change parallel.pp/parallel.tp"
+            )
+        dp = world_size // (p.pp * p.tp)
+        per_step = t.micro_batch_size * dp
+        if t.global_batch_size is not None:
+            if t.global_batch_size % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                    f"micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step}"
+                )
+            gas = t.global_batch_size // per_step
+            if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != gas:
+                raise ConfigError(
+                    f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} disagrees with "
+                    f"global_batch_size/(micro*dp) = {gas} at dp={dp}; set only one of them"
+                )
+        else:
+            gas = t.gradient_accumulation_steps or 1
+        return Layout(
+            pp=p.pp, tp=p.tp, dp=dp, micro_batch_size=t.micro_batch_size, grad_accum=gas,
+            global_batch_size=per_step * gas, padded_vocab=self.model.padded_vocab(p.tp),
+        )
+
+    def deepspeed_config(self, world_size: int) -> Dict[str, Any]:
+        """The DeepSpeed config dict for this run (merged with the `deepspeed` passthrough section)."""
+        lay = self.layout(world_size)
+        o = self.optimizer
+        ds: Dict[str, Any] = {
+            "train_batch_size": lay.global_batch_size,
+            "train_micro_batch_size_per_gpu": lay.micro_batch_size,
+            "gradient_accumulation_steps": lay.grad_accum,
+            "optimizer": {
+                "type": "AdamW" if o.type == "adamw" else "Adam",
+                "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+            },
+            "gradient_clipping": o.clip_grad,
+            "zero_optimization": {
+                "stage": self.zero.stage,
+                "reduce_bucket_size": self.zero.reduce_bucket_size,
+                "allgather_bucket_size": self.zero.allgather_bucket_size,
+                "overlap_comm": self.zero.overlap_comm,
+                "contiguous_gradients": self.zero.contiguous_gradients,
+            },
+            # We print our own progress lines; DeepSpeed's would interleave with them.
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        if self.zero.offload_optimizer == "cpu":
+            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if self.precision == "fp16":
+            ls = self.loss_scale
+            ds["fp16"] = {
+                "enabled": True,
+                "loss_scale": ls.static_scale,
+                "initial_scale_power": ls.initial_scale_power,
+                "loss_scale_window": ls.window,
+                "hysteresis": ls.hysteresis,
+                "min_loss_scale": ls.min_scale,
+            }
+        elif self.precision == "bf16":
+            ds["bf16"] = {"enabled": True}
+            # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
+            # reported pipeline + ZeRO-1 needs this key).
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        ac = self.activation_checkpointing
+        if ac.interval:
+            ds["activation_checkpointing"] = {
+                "partition_activations": ac.partition_activations,
+                "contiguous_memory_optimization": False,
+                "cpu_checkpointing": False,
+                "number_checkpoints": None,
+                "synchronize_checkpoint_boundary": False,
+                "profile": False,
+            }
+        return _deep_merge(ds, self.deepspeed)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a config becomes on a given number of ranks."""
+
+    pp: int
+    tp: int
+    dp: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    padded_vocab: int
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.tp * self.dp
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def resolve_config_path(name: Union[str, os.PathLike]) -> Path:
+    """A path if it exists, else `deepspeed_configs/NAME` (with .json/.yaml/.yml tried)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    candidates = [CONFIG_DIR / str(name)] + [CONFIG_DIR / f"{name}{ext}" for ext in (".json", ".yaml", ".yml")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    available = sorted(q.name for q in CONFIG_DIR.glob("*")) if CONFIG_DIR.is_dir() else []
+    close = difflib.get_close_matches(str(name), available, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; available: {', '.join(available)}"
+    raise ConfigError(f"config {str(name)!r} not found (as a path or in {CONFIG_DIR}){hint}")
+
+
+def read_config_file(path: Path) -> Dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple:
+    """'a.b=value' -> (['a', 'b'], value); the value is JSON when it parses, else a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.iters=100")
+    key, raw = text.split("=", 1)
+    path = [k for k in key.strip().split(".") if k]
+    if not path:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: Dict[str, Any], overrides: List[str]) -> Dict[str, Any]:
+    data = copy.deepcopy(data)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for i, k in enumerate(path[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[: i + 1])} is a value, not a section")
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def _valid_keys(model_cls: type, loc: tuple) -> List[str]:
+    """The keys valid at `loc` (the parent of the offending key) in the config tree."""
+    cls: Any = model_cls
+    for part in loc:
+        field = getattr(cls, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        # Unwrap Optional[Section].
+        args = getattr(ann, "__args__", ())
+        cls = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if cls is None:
+            return []
+    return list(getattr(cls, "model_fields", {}))
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(x) for x in e["loc"])
+        key = ".".join(loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(Config, loc[:-1])
+            close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {'.'.join(loc[:-1] + (close[0],))!r}?" if close else ""
+            lines.append(f"unknown key {key!r}{hint} (valid keys here: {', '.join(valid)})")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {key!r}")
+        elif e["type"] == "value_error":
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
+            lines.append(msg if not loc else f"{key}: {msg}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+
+
+def config_from_dict(data: Dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path_or_name: Union[str, os.PathLike], overrides: Optional[List[str]] = None) -> Config:
+    """Read, override and validate a config; every problem is a ConfigError naming the key."""
+    path = resolve_config_path(path_or_name)
+    data = apply_overrides(read_config_file(path), overrides or [])
+    return config_from_dict(data, source=str(path))
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
