@@ -101,7 +101,7 @@ class Topology:
         self.is_last_stage = self.pp_rank == pp - 1
 
         self.tp_group = self.dp_group = self.pp_group = None
-        if create_groups and world_size > 1:
+        if create_groups and (world_size > 1 or distributed):
             if not distributed:
                 raise RuntimeError(f"Topology(pp={pp}, tp={tp}) over {world_size} ranks needs "
                                    f"torch.distributed to be initialised first")

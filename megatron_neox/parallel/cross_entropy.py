@@ -24,8 +24,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits_max = logits.detach().amax(dim=-1)
         if tp > 1:
             dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=group)
+        # At least fp32: bf16 exp-sums over 50k entries lose the loss's low digits.
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         # A new tensor: the caller's logits stay untouched for anything else that saved them.
-        shifted = logits.float() - logits_max.float().unsqueeze(-1)
+        shifted = logits.to(dtype) - logits_max.to(dtype).unsqueeze(-1)
 
         start, end = vocab_range_from_per_partition_vocab_size(logits.size(-1), group_rank(group), tp)
         not_here = (target < start) | (target >= end)
@@ -60,7 +62,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits_parallel: torch.Tensor, target: torch.Tensor,
                                  group=None) -> torch.Tensor:
-    """Per-token loss (shape of `target`, fp32) from this rank's vocab slice of the logits.
+    """Per-token loss (shape of `target`, at least fp32) from this rank's vocab slice of the logits.
 
     logits_parallel: [..., V / tp], rank r holding vocabulary ids [r*V/tp, (r+1)*V/tp).
     target: [...] integer ids in [0, V). Equals F.cross_entropy(full_logits, target,

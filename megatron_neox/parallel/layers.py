@@ -65,7 +65,7 @@ class ColumnParallelLinear(nn.Module):
     weight: [output_size / tp, input_size]. `gather_output=True` all-gathers y to the full
     output_size; otherwise y keeps this rank's output slice. `stride` > 1 declares a fused output
     made of `stride` stacked blocks (e.g. [gate | up]): each block is split on its own, so every
-    rank holds [gate_r | up_r]. With `sequence_parallel` the input is this rank's slice of the
+    rank holds [gate_r | up_r] (and `gather_output` restores the full [gate | up] order). With `sequence_parallel` the input is this rank's slice of the
     sequence (dim 1) and is all-gathered before the matmul.
     """
 
@@ -104,6 +104,10 @@ class ColumnParallelLinear(nn.Module):
         y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
         if self.gather_output:
             y = gather_from_tensor_parallel_region(y, self.group)
+            if self.stride > 1:
+                # The gather yields [rank][block][piece]; the full layout is [block][rank][piece].
+                tp = group_size(self.group)
+                y = y.unflatten(-1, (tp, self.stride, -1)).transpose(-3, -2).flatten(-3)
         if self.skip_bias_add:
             return y, self.bias
         return y

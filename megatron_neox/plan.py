@@ -1,0 +1,462 @@
+"""Plan a run before launching it: layout, parameter counts, pipeline partition, memory per rank.
+
+Everything here is analytic (no model is built), so planning GPT-3 175B takes a second:
+
+* parameters come from `count_parameters` (exact) and a per-rank version of the same sums;
+* the pipeline partition is computed by DeepSpeed's own `partition_uniform` / `partition_balanced`
+  on our real layer list, exactly as `PipelineModule._partition_layers` would on each rank;
+* memory per rank is `estimate_memory(cfg, layout)`, a dict of byte counts per component, so a
+  benchmark can compare it with what a run measures.
+
+Memory model (bytes per parameter held by the rank; P = parameters on this rank, dp = data-parallel
+size). The textbook numbers are the ZeRO paper's (Rajbhandari et al. 2020, sec. 3.1 and 5: mixed
+precision Adam keeps 2 bytes of fp16 weights, 2 of fp16 gradients and K = 12 of optimizer state --
+fp32 master weights, momentum, variance; stage 1 partitions the K bytes over dp, stage 2 also the
+gradients, stage 3 also the weights). Where DeepSpeed 0.19.8 differs we follow its code, because
+that is what a run measures:
+
+* fp32 with ZeRO >= 1 still keeps a flat fp32 copy of the rank's partition
+  (`stage_1_and_2.py`, `single_partition_of_fp32_groups`): optimizer = (4 + 8) / dp, not 8 / dp.
+* bf16 + ZeRO 0/1 with fp32 gradient accumulation (what `Config.deepspeed_config` emits) runs
+  `BF16_Optimizer`: a full fp32 gradient accumulator (4 bytes) next to the bf16 .grad (2 bytes).
+* ZeRO 1/2 with `contiguous_gradients` allocate a reduce bucket of `reduce_bucket_size` elements
+  (two with `overlap_comm`); we count min(bucket, P) elements, the part a step actually fills.
+* The fp32 gradient partition made at `step()` is not counted: activations are freed by then, so
+  it never adds to the backward-pass peak we report.
+
+Activations per transformer layer are an itemised count of the tensors autograd saves in *our*
+layer (the method of Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+Transformer Models", sec. 4, applied to this implementation). With N = s*b*h elements, t = tp and
+e = bytes per element (2 for fp16/bf16, 4 for fp32):
+
+    norms      parallel residual: x, ln1(x), ln2(x) = 3N; shared norm (GPT-J) 2N; sequential
+               (GPT-3) adds the mid-layer residual: 4N. RMSNorm also keeps x/rms(x) (and an fp32
+               copy of x in half precision). Divided by t with sequence parallelism.
+    attention  fused QKV output 3N/t, rotated q and k 2N/t (rotary only), SDPA output N/t and the
+               dense layer's input N/t; flash SDPA keeps a fp32 log-sum-exp (a*s*b/t); local
+               (banded) layers keep their [s, s] mask; ALiBi's per-head mask takes PyTorch's math
+               path, which keeps the softmax probabilities a*s*s*b/t.
+    MLP        GELU: input and output of the activation, 2 * ffn*s*b/t; SwiGLU: 4 * ffn*s*b/t.
+    dropout    one mask of N per dropout site when hidden_dropout > 0.
+
+Korthikanti et al.'s own total for a sequential GPT layer with dropout and no flash attention is
+s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in half precision (s*b*h/t*(34 + 5*a*s/h) with sequence
+parallelism); without dropout masks and with flash attention the s^2 term vanishes and our count
+for that layer, 4N + 13N/t elements, is the same accounting. Full recomputation (activation
+checkpointing every n layers) keeps only each block's input (N, or N/t with
+partition_activations) plus one block's working set during its backward. Under 1F1B the pipeline
+stage k holds min(pp - k, grad_accum) micro-batches in flight (DeepSpeed
+`TrainSchedule.num_pipe_buffers`). The last stage adds the logits: s*b*V/t * (e + 4) bytes, plus
+another 4 in half precision for the fp32 upcast our vocab-parallel cross entropy makes.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from megatron_neox.config import Config, Layout, ModelConfig, config_from_dict
+from megatron_neox.errors import ConfigError
+from megatron_neox.model.gpt_neox import count_parameters, layer_specs
+
+GiB = 1 << 30
+# Tensor parallelism all-reduces inside every layer: keep it within one node (NVLink), 8 GPUs.
+MAX_TP = 8
+
+
+# ---- parameters ---------------------------------------------------------------------------------
+
+
+def layer_names(model: ModelConfig, padded_vocab: int) -> List[str]:
+    """Class names of the layer list as DeepSpeed sees them (what 'type:REGEX' matches)."""
+    return [spec.typename.__name__ for spec in layer_specs(model, padded_vocab)]
+
+
+def layer_params_per_rank(model: ModelConfig, tp: int) -> List[int]:
+    """Parameters of each entry of the layer list on one tensor-parallel rank.
+
+    This is what DeepSpeed's `_count_layer_params` measures for partition_method='parameters':
+    it builds every layer on the rank, so column-parallel weights and biases and vocab shards
+    count 1/tp, while norms and row-parallel biases (replicated) count in full. A tied head is a
+    second copy of the embedding (`TiedLayerSpec` builds the whole embedding module).
+    """
+    d, f, V = model.hidden_size, model.ffn_size, model.padded_vocab(tp)
+    norm = 2 * d if model.norm == "layernorm" else d
+    gate = 2 if model.activation == "swiglu" else 1
+    layer = (1 if model.shared_norm else 2) * norm
+    layer += 3 * d * d // tp + (3 * d // tp if model.attention_bias else 0)
+    layer += d * d // tp + (d if model.attention_bias else 0)
+    layer += d * f * gate // tp + (f * gate // tp if model.mlp_bias else 0)
+    layer += f * d // tp + (d if model.mlp_bias else 0)
+    embedding = V * d // tp + (model.seq_length * d if model.position_embedding == "learned" else 0)
+    head = embedding if model.tie_embeddings else V * d // tp
+    return [embedding] + [layer] * model.num_layers + [norm, head]
+
+
+def partition(cfg: Config) -> List[int]:
+    """Stage boundaries over the layer list, computed like `PipelineModule._partition_layers`."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime import utils as ds_utils
+
+    m, p = cfg.model, cfg.parallel
+    padded = m.padded_vocab(p.tp)
+    specs = layer_specs(m, padded)
+    method = p.partition_method.lower()
+    if method == "uniform":
+        parts = ds_utils.partition_uniform(num_items=len(specs), num_parts=p.pp)
+    elif method == "parameters":
+        parts = ds_utils.partition_balanced(weights=layer_params_per_rank(m, p.tp), num_parts=p.pp)
+    else:  # 'type:REGEX', validated by the config
+        try:
+            idxs = PipelineModule._find_layer_type(SimpleNamespace(_layer_specs=specs), method.split(":")[1])
+        except RuntimeError as e:
+            names = sorted(set(layer_names(m, padded)))
+            raise ConfigError(f"parallel.partition_method={p.partition_method!r}: {e} "
+                              f"(layer classes: {', '.join(names)})") from None
+        weights = [0] * len(specs)
+        for i in idxs:
+            weights[i] = 1
+        parts = ds_utils.partition_balanced(weights=weights, num_parts=p.pp)
+    return [int(x) for x in parts]  # DeepSpeed returns numpy ints
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+def _state_bytes_per_param(cfg: Config, dp: int) -> Dict[str, float]:
+    """Bytes per parameter of weights, gradients and optimizer state on one rank (see module doc)."""
+    zero, prec = cfg.zero.stage, cfg.precision
+    w = 4 if prec == "fp32" else 2
+    weights = w / dp if zero >= 3 else w
+    if prec == "bf16" and zero <= 1:
+        grads = 2 + 4  # bf16 .grad plus BF16_Optimizer's fp32 accumulator, both unsharded
+    elif prec == "bf16":
+        grads = 4 / dp  # fp32-accumulated partition
+    elif prec == "fp16" and zero == 0:
+        grads = 2 + 4  # FP16_Optimizer also keeps fp32 copies of the gradients
+    else:
+        grads = w / dp if zero >= 2 else w
+    if zero == 0:
+        optimizer = 8 if prec == "fp32" else 4 + 8  # Adam m, v (+ fp32 master weights)
+    else:
+        optimizer = (4 + 8) / dp  # fp32 master partition + Adam m, v, sharded by ZeRO
+    return {"weights": weights, "gradients": grads, "optimizer": optimizer}
+
+
+def _norm_bytes(model: ModelConfig, tokens: int, e: int, input_counted: bool) -> float:
+    """Bytes one norm saves over its input and internals (its output is counted by its consumer)."""
+    h = model.hidden_size
+    if model.norm == "layernorm":
+        return (0 if input_counted else tokens * h * e) + 8 * tokens  # input, fp32 mean and rstd
+    # Our RMSNorm computes in fp32: it keeps x.float() (a copy in half precision), x/rms(x) in the
+    # input dtype and the fp32 rsqrt per token.
+    x = 0 if (input_counted and e == 4) else tokens * h * 4
+    return x + tokens * h * e + 4 * tokens
+
+
+def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precision: str,
+                           sequence_parallel: bool = False, layer_index: int = 0) -> float:
+    """Bytes autograd saves in one transformer layer for one micro-batch (itemised in module doc)."""
+    e = 4 if precision == "fp32" else 2
+    s, b, h, a, t = model.seq_length, micro_batch, model.hidden_size, model.num_attention_heads, tp
+    tokens = s * b
+    N = tokens * h
+    sp = t if (sequence_parallel and t > 1) else 1
+    # Norm region (replicated across TP unless sequence parallel).
+    norms = _norm_bytes(model, tokens, e, input_counted=False)  # ln1 over x, x counted here
+    outs = 1  # ln1(x)
+    if model.parallel_residual:
+        if not model.shared_norm:
+            norms += _norm_bytes(model, tokens, e, input_counted=True)  # ln2 over the same x
+            outs += 1  # ln2(x)
+    else:
+        norms += _norm_bytes(model, tokens, e, input_counted=False)  # ln2 over x + attn
+        outs += 1
+    norm_region = (norms + outs * N * e) / sp
+    # Attention.
+    local = model.attention_pattern == "alternating_local" and layer_index % 2 == 1
+    if model.position_embedding == "alibi":
+        # A per-head float mask sends SDPA down the math path: q, k, v copies and the probabilities.
+        attn = (3 + 1) * N * e / t + a * s * s * b * e / t
+    else:
+        rotated = 2 if model.position_embedding == "rotary" else 0
+        attn = (3 + rotated + 1 + 1) * N * e / t + 4 * a * tokens / t  # + fp32 log-sum-exp
+        if local:
+            attn += s * s * e  # the banded mask, one per rank
+    # MLP.
+    ffn = model.ffn_size * tokens
+    mlp = (4 if model.activation == "swiglu" else 2) * ffn * e / t
+    dropout = 0.0
+    if model.hidden_dropout > 0:
+        dropout = (1 if model.parallel_residual else 2) * N * e
+    return norm_region + attn + mlp + dropout
+
+
+def head_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precision: str,
+                          padded_vocab: int) -> float:
+    """Final norm and logits, the peak of the loss on the last stage, for one micro-batch."""
+    e = 4 if precision == "fp32" else 2
+    tokens = model.seq_length * micro_batch
+    final_norm = _norm_bytes(model, tokens, e, input_counted=False) + tokens * model.hidden_size * e
+    logits = tokens * padded_vocab / tp * (e + 4 + (4 if e < 4 else 0))
+    return final_norm + logits
+
+
+def in_flight_microbatches(pp: int, stage: int, grad_accum: int) -> int:
+    """Micro-batches whose activations a stage holds at once under DeepSpeed's 1F1B schedule."""
+    return 1 if pp == 1 else max(1, min(pp - stage, grad_accum))
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    start: int  # first index in the layer list
+    stop: int  # one past the last
+    names: List[str]
+    params_per_rank: int
+    memory: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def transformer_layers(self) -> int:
+        return sum(1 for n in self.names if "Transformer" in n)
+
+
+def _stage_layers(cfg: Config, parts: Sequence[int], stage: int) -> Tuple[int, int, List[str], int]:
+    m, p = cfg.model, cfg.parallel
+    padded = m.padded_vocab(p.tp)
+    names = layer_names(m, padded)
+    counts = layer_params_per_rank(m, p.tp)
+    if p.pp == 1 and m.tie_embeddings:
+        counts[-1] = 0  # one module holds the shared weight once
+    start, stop = parts[stage], parts[stage + 1]
+    return start, stop, names[start:stop], sum(counts[start:stop])
+
+
+def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional[Sequence[int]] = None,
+                    checkpoint_interval: Optional[int] = None) -> Dict[str, float]:
+    """Bytes per rank of pipeline stage `stage`, by component (see the module docstring).
+
+    Keys: params (count), weights, gradients, optimizer, optimizer_cpu (ZeRO-Offload),
+    buffers (ZeRO reduce bucket), activations_per_microbatch (no recomputation),
+    activations_per_microbatch_checkpointed (full recomputation every `interval` layers, 1 when
+    the config has none), in_flight_microbatches, activations (peak under the config's setting or
+    `checkpoint_interval`; 0 means off) and total (what the rank needs on the device).
+    """
+    m = cfg.model
+    if parts is None:
+        parts = partition(cfg) if layout.pp > 1 else [0, m.num_layers + 3]
+    start, stop, names, P = _stage_layers(cfg, parts, stage)
+    per = _state_bytes_per_param(cfg, layout.dp)
+    out: Dict[str, float] = {"params": P}
+    for k, v in per.items():
+        out[k] = P * v
+    out["optimizer_cpu"] = 0.0
+    if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage >= 1:
+        out["optimizer_cpu"], out["optimizer"] = out["optimizer"], 0.0
+    buffers = 0.0
+    bf16_optimizer = cfg.precision == "bf16" and cfg.zero.stage <= 1
+    if cfg.zero.stage in (1, 2) and cfg.zero.contiguous_gradients and not bf16_optimizer:
+        grad_e = 4 if cfg.precision in ("fp32", "bf16") else 2
+        buffers = min(cfg.zero.reduce_bucket_size, P) * grad_e * (2 if cfg.zero.overlap_comm else 1)
+    out["buffers"] = buffers
+
+    # Activations of this stage for one micro-batch.
+    b, t, prec, sp = layout.micro_batch_size, layout.tp, cfg.precision, cfg.parallel.sequence_parallel
+    layer_idx = [i - 1 for i in range(start, stop) if 1 <= i <= m.num_layers]  # transformer layers here
+    per_layer = [layer_activation_bytes(m, b, t, prec, sp, li) for li in layer_idx]
+    e = 4 if prec == "fp32" else 2
+    N = m.seq_length * b * m.hidden_size
+    last = stop == m.num_layers + 3
+    head = head_activation_bytes(m, b, t, prec, layout.padded_vocab) if last else 0.0
+    # A non-last stage also keeps its output tensor in DeepSpeed's pipe buffers until backward.
+    pipe_out = N * e if (layout.pp > 1 and not last) else 0.0
+    full = sum(per_layer) + head + pipe_out
+
+    interval = cfg.activation_checkpointing.interval if checkpoint_interval is None else checkpoint_interval
+    n = interval or 1
+    block_input = N * e / (t if cfg.activation_checkpointing.partition_activations else 1)
+    blocks = [per_layer[i:i + n] for i in range(0, len(per_layer), n)]
+    kept = len(blocks) * block_input + head + pipe_out
+    working = max((sum(blk) for blk in blocks), default=0.0)
+    ckpt = kept + working
+
+    flight = in_flight_microbatches(layout.pp, stage, layout.grad_accum)
+    out["activations_per_microbatch"] = full
+    out["activations_per_microbatch_checkpointed"] = ckpt
+    out["in_flight_microbatches"] = flight
+    if interval:
+        out["activations"] = flight * kept + working  # only one block is recomputed at a time
+    else:
+        out["activations"] = flight * full
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["buffers"] + out["activations"]
+    return out
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    layout: Optional[Layout]
+    problem: Optional[str]  # why the layout does not fit, or None
+    parameters: Dict[str, int]
+    stages: List[StagePlan]
+    gpu_memory_bytes: float
+
+    @property
+    def peak(self) -> Optional[StagePlan]:
+        return max(self.stages, key=lambda s: s.memory.get("total", 0.0)) if self.stages else None
+
+    @property
+    def fits(self) -> bool:
+        return self.problem is None
+
+
+def make_plan(cfg: Config, world_size: Optional[int] = None, gpu_memory_gb: float = 80.0) -> Plan:
+    """Layout on `world_size` ranks (default pp*tp, i.e. dp=1), partition and memory per stage."""
+    p = cfg.parallel
+    world = world_size if world_size is not None else p.pp * p.tp
+    params = count_parameters(cfg.model, p.tp)
+    gpu_bytes = gpu_memory_gb * GiB
+    try:
+        layout = cfg.layout(world)
+    except ConfigError as e:
+        return Plan(cfg, None, str(e), params, [], gpu_bytes)
+    parts = partition(cfg) if p.pp > 1 else [0, cfg.model.num_layers + 3]
+    stages = []
+    for s in range(p.pp):
+        start, stop, names, P = _stage_layers(cfg, parts, s)
+        stages.append(StagePlan(s, start, stop, names, P, estimate_memory(cfg, layout, s, parts)))
+    problem = None
+    peak = max(stages, key=lambda st: st.memory["total"])
+    if peak.memory["total"] > gpu_bytes:
+        problem = (f"stage {peak.stage} needs {peak.memory['total'] / GiB:.1f} GiB per GPU, more than "
+                   f"--gpu-memory-gb {gpu_memory_gb:g}")
+    return Plan(cfg, layout, problem, params, stages, gpu_bytes)
+
+
+def _with_parallel(cfg: Config, pp: int, tp: int) -> Config:
+    data = copy.deepcopy(cfg.to_dict())
+    data["parallel"].update(pp=pp, tp=tp)
+    return config_from_dict(data)
+
+
+def candidate_layouts(cfg: Config, gpus: int, gpu_memory_gb: float = 80.0) -> List[Plan]:
+    """Every (pp, tp) that runs this config on `gpus` GPUs and fits, fewest model-parallel ranks first.
+
+    Rule: tp is a power of two up to 8 (one node), pp divides gpus/tp and is at most the number of
+    layers; the config's own checks (heads, MLP width and padded vocab divisible by tp, ZeRO <= 1
+    with pp > 1) and the batch identity (global batch divisible by micro * dp) must hold.
+    """
+    plans = []
+    tp = 1
+    while tp <= min(MAX_TP, gpus):
+        if gpus % tp == 0:
+            for pp in range(1, min(gpus // tp, cfg.model.num_layers) + 1):
+                if (gpus // tp) % pp:
+                    continue
+                try:
+                    c = _with_parallel(cfg, pp, tp)
+                except ConfigError:
+                    continue
+                plan = make_plan(c, gpus, gpu_memory_gb)
+                if plan.fits:
+                    plans.append(plan)
+        tp *= 2
+    plans.sort(key=lambda pl: (pl.cfg.parallel.pp * pl.cfg.parallel.tp, pl.cfg.parallel.tp))
+    return plans
+
+
+# ---- text ---------------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _describe_stage(st: StagePlan, num_layers: int) -> str:
+    kinds = []
+    n_tf = st.transformer_layers
+    if st.start == 0:
+        kinds.append("embedding")
+    if n_tf:
+        first = max(st.start, 1) - 1
+        kinds.append(f"{n_tf} transformer (layers {first}-{first + n_tf - 1})")
+    if st.start <= num_layers + 1 < st.stop:
+        kinds.append("final norm")
+    if st.stop == num_layers + 3:
+        kinds.append("head")
+    return " + ".join(kinds) if kinds else "nothing"
+
+
+def format_plan(plan: Plan) -> str:
+    cfg, m, p = plan.cfg, plan.cfg.model, plan.cfg.parallel
+    lines = []
+    pr = plan.parameters
+    if plan.layout is None:
+        lines.append(f"layout: pp={p.pp} tp={p.tp}: DOES NOT FIT: {plan.problem}")
+    else:
+        lay = plan.layout
+        tokens = lay.global_batch_size * m.seq_length
+        lines.append(
+            f"layout: pp={lay.pp} tp={lay.tp} dp={lay.dp} ({lay.world_size} ranks), "
+            f"micro_batch={lay.micro_batch_size} grad_accum={lay.grad_accum} "
+            f"global_batch={lay.global_batch_size} sequences ({tokens:,} tokens), padded_vocab={lay.padded_vocab}"
+        )
+    lines.append(f"parameters: {pr['total']}")
+    lines.append(
+        f"  embedding {pr['embedding']:,} + {m.num_layers} layers x {pr['layer']:,} + final norm "
+        f"{pr['final_norm']:,} + head {pr['head']:,}" + (" (tied)" if m.tie_embeddings else "")
+    )
+    if plan.layout is None:
+        return "\n".join(lines)
+    lines.append(f"pipeline: {p.pp} stage(s), partition_method {p.partition_method!r} (DeepSpeed)")
+    for st in plan.stages:
+        lines.append(f"  stage {st.stage}: layers {st.start}-{st.stop - 1}: {_describe_stage(st, m.num_layers)}; "
+                     f"{st.params_per_rank:,} parameters per rank")
+    ac = cfg.activation_checkpointing
+    ckpt = f"checkpointing every {ac.interval} layer(s)" if ac.interval else "no activation checkpointing"
+    if ac.interval and ac.partition_activations:
+        ckpt += ", partitioned over tp"
+    offload = ", optimizer offloaded to CPU" if cfg.zero.offload_optimizer == "cpu" else ""
+    lines.append(f"memory per rank (GiB; {cfg.precision}, ZeRO-{cfg.zero.stage} over dp={plan.layout.dp}{offload}, "
+                 f"{ckpt}):")
+    lines.append("  stage  weights  grads  optim  buffers  act/mb(full)  act/mb(ckpt)  in-flight  activations  total")
+    for st in plan.stages:
+        mm = st.memory
+        lines.append(
+            f"  {st.stage:>5}  {_gib(mm['weights']):>7}  {_gib(mm['gradients']):>5}  {_gib(mm['optimizer']):>5}  "
+            f"{_gib(mm['buffers']):>7}  {_gib(mm['activations_per_microbatch']):>12}  "
+            f"{_gib(mm['activations_per_microbatch_checkpointed']):>12}  {mm['in_flight_microbatches']:>9}  "
+            f"{_gib(mm['activations']):>11}  {_gib(mm['total']):>5}"
+        )
+    peak = plan.peak
+    verdict = "fits" if plan.fits else f"DOES NOT FIT: {plan.problem}"
+    lines.append(f"peak: stage {peak.stage}, {_gib(peak.memory['total'])} of {_gib(plan.gpu_memory_bytes)} GiB: {verdict}")
+    return "\n".join(lines)
+
+
+def format_candidates(plans: List[Plan], gpus: int, gpu_memory_gb: float) -> str:
+    if not plans:
+        return f"no (pp, tp) layout of {gpus} GPUs fits this config in {gpu_memory_gb:g} GiB"
+    lines = [f"layouts of {gpus} GPUs that fit in {gpu_memory_gb:g} GiB (tp <= {MAX_TP} within a node; "
+             "pp divides gpus/tp; fewest model-parallel ranks first):",
+             "     pp  tp  dp  grad_accum  peak GiB"]
+    for pl in plans:
+        lay = pl.layout
+        lines.append(f"  {lay.pp:>5} {lay.tp:>3} {lay.dp:>3} {lay.grad_accum:>11}  {_gib(pl.peak.memory['total']):>8}")
+    return "\n".join(lines)
+
+
+def bytes_to_gib(x: float) -> float:
+    return x / GiB
+
+
+__all__ = [
+    "Plan", "StagePlan", "candidate_layouts", "estimate_memory", "format_candidates", "format_plan",
+    "head_activation_bytes", "in_flight_microbatches", "layer_activation_bytes", "layer_names",
+    "layer_params_per_rank", "make_plan", "partition", "math",
+]

@@ -1,0 +1,91 @@
+"""One optimizer step (or one evaluation) over a global batch, for both engine kinds.
+
+A micro-batch is a dict with tokens, labels, loss_mask and position_ids (see data/loader.py).
+The pipeline engine pulls micro-batches from an iterator as ((tokens, position_ids),
+(labels, loss_mask)); the plain engine gets one forward/backward per micro-batch.
+The reported loss is the mean over micro-batches and data-parallel ranks, on every rank.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_neox.topology import Topology
+
+MicroBatch = Dict[str, torch.Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: Optional[float]
+    skipped: bool
+    loss_scale: Optional[float]
+
+
+def _pipe_items(micro_batches: List[MicroBatch]):
+    for mb in micro_batches:
+        yield (mb["tokens"], mb["position_ids"]), (mb["labels"], mb["loss_mask"])
+
+
+def _dp_mean(value: torch.Tensor, topo: Topology) -> float:
+    if topo.dp > 1:
+        value = value.clone()
+        dist.all_reduce(value, group=topo.dp_group)
+        value /= topo.dp
+    return float(value)
+
+
+def _loss_scale(engine) -> Optional[float]:
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    scale = getattr(opt, "cur_scale", None)
+    if scale is None and hasattr(opt, "loss_scaler"):
+        scale = opt.loss_scaler.cur_scale
+    return float(scale) if scale is not None else None
+
+
+def train_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> StepResult:
+    """Forward + backward over all micro-batches, then the optimizer step (or a skip)."""
+    skipped_before = engine.skipped_steps
+    clipper = getattr(engine, "neox_clipper", None)
+    clipper_skips = clipper.skipped if clipper is not None else 0
+    if engine.gradient_accumulation_steps() != len(micro_batches):
+        engine.set_train_batch_size(len(micro_batches) * engine.train_micro_batch_size_per_gpu() * topo.dp)
+    if topo.pp > 1:
+        loss = engine.train_batch(data_iter=_pipe_items(micro_batches))
+        loss_value = float(loss)
+    else:
+        total = torch.zeros(())
+        for mb in micro_batches:
+            loss = engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"])
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        loss_value = _dp_mean(total / len(micro_batches), topo)
+    if clipper is not None:
+        norm = clipper.last_norm
+        skipped = clipper.skipped > clipper_skips
+    else:
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        skipped = engine.skipped_steps > skipped_before
+    return StepResult(loss=loss_value, grad_norm=norm, skipped=skipped, loss_scale=_loss_scale(engine))
+
+
+@torch.no_grad()
+def eval_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> float:
+    """Mean loss over the micro-batches (and data-parallel ranks) without touching the weights."""
+    if topo.pp > 1:
+        loss = engine.eval_batch(data_iter=_pipe_items(micro_batches), num_micro_batches=len(micro_batches))
+        return float(loss)
+    engine.eval()
+    try:
+        total = torch.zeros(())
+        for mb in micro_batches:
+            total += engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"]).float()
+    finally:
+        engine.train()
+    return _dp_mean(total / len(micro_batches), topo)
