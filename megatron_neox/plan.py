@@ -30,29 +30,34 @@ Transformer Models", sec. 4, applied to this implementation). With N = s*b*h ele
 e = bytes per element (2 for fp16/bf16, 4 for fp32):
 
     norms      parallel residual: x, ln1(x), ln2(x) = 3N; shared norm (GPT-J) 2N; sequential
-               (GPT-3) adds the mid-layer residual: 4N. RMSNorm also keeps x/rms(x) (and an fp32
-               copy of x in half precision). Divided by t with sequence parallelism.
-    attention  fused QKV output 3N/t, rotated q and k 2N/t (rotary only), SDPA output N/t and the
-               dense layer's input N/t; flash SDPA keeps a fp32 log-sum-exp (a*s*b/t); local
-               (banded) layers keep their [s, s] mask; ALiBi's per-head mask takes PyTorch's math
-               path, which keeps the softmax probabilities a*s*s*b/t.
+               (GPT-3) adds the mid-layer residual: 4N. LayerNorm adds fp32 mean and rstd per
+               token; our RMSNorm keeps x/rms(x) and, in half precision, an fp32 copy of x.
+               Divided by t with sequence parallelism.
+    attention  fused QKV output 3N/t (SDPA keeps views of it) and the SDPA output N/t, plus a
+               fp32 log-sum-exp (a*s*b/t). Rotary adds the rotated q and k (2N/t), cos/sin
+               (2*s*b*r) and a copy of the SDPA output for the dense layer (N/t). Local (banded)
+               layers keep their [s, s] mask. ALiBi's per-head mask sends SDPA down PyTorch's math
+               path: fp32 q, k, v and softmax probabilities, 12N/t + 4*a*s*s*b/t bytes (on CUDA the
+               memory-efficient kernel would keep the [a, s, s] mask instead).
     MLP        GELU: input and output of the activation, 2 * ffn*s*b/t; SwiGLU: 4 * ffn*s*b/t.
-    dropout    one mask of N per dropout site when hidden_dropout > 0.
+    dropout    one mask of N per dropout site when hidden_dropout > 0 (a float mask on CPU).
 
-Korthikanti et al.'s own total for a sequential GPT layer with dropout and no flash attention is
-s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in half precision (s*b*h/t*(34 + 5*a*s/h) with sequence
-parallelism); without dropout masks and with flash attention the s^2 term vanishes and our count
-for that layer, 4N + 13N/t elements, is the same accounting. Full recomputation (activation
-checkpointing every n layers) keeps only each block's input (N, or N/t with
-partition_activations) plus one block's working set during its backward. Under 1F1B the pipeline
-stage k holds min(pp - k, grad_accum) micro-batches in flight (DeepSpeed
-`TrainSchedule.num_pipe_buffers`). The last stage adds the logits: s*b*V/t * (e + 4) bytes, plus
-another 4 in half precision for the fp32 upcast our vocab-parallel cross entropy makes.
+For a sequential GPT layer this is 4N + 12N/t elements. Korthikanti et al. count the same tensors
+for that layer, s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in half precision (s*b*h/t*(34 + 5*a*s/h)
+with sequence parallelism); removing the two hidden dropout masks (2sbh bytes) and the s^2 terms
+(5*a*s*s*b/t bytes: softmax output, its dropout mask and output), which flash attention does not
+keep, leaves exactly 4N + 12N/t elements (flash's saved output is the projection input they
+already count). The itemised count is checked against autograd's saved tensors in tests/test_plan.py (fp32 exact,
+bf16 within 0.2%). Full recomputation (activation checkpointing every n layers) keeps only each
+block's input (N, or N/t with partition_activations) plus one block's working set during its
+backward. Under 1F1B pipeline stage k holds min(pp - k, grad_accum) micro-batches in flight
+(DeepSpeed `TrainSchedule.num_pipe_buffers`); a non-last stage also keeps each in-flight output.
+The last stage adds the final norm and the loss: the cross entropy's fp32 softmax s*b*V/t * 4
+bytes plus, at its peak, the logits (e bytes) and in half precision the fp32 copy `lm_loss` makes.
 """
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -178,11 +183,17 @@ def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precis
     # Attention.
     local = model.attention_pattern == "alternating_local" and layer_index % 2 == 1
     if model.position_embedding == "alibi":
-        # A per-head float mask sends SDPA down the math path: q, k, v copies and the probabilities.
-        attn = (3 + 1) * N * e / t + a * s * s * b * e / t
+        # A per-head float mask sends SDPA down PyTorch's math path, which (on CPU, in any precision)
+        # keeps fp32 copies of q, k, v and the fp32 softmax probabilities, plus the dense input.
+        attn = (3 * N * 4 + a * s * s * b * 4) / t + N * e / t
     else:
-        rotated = 2 if model.position_embedding == "rotary" else 0
-        attn = (3 + rotated + 1 + 1) * N * e / t + 4 * a * tokens / t  # + fp32 log-sum-exp
+        attn = 3 * N * e / t + 4 * a * tokens / t  # fused QKV output (SDPA keeps views of it), fp32 log-sum-exp
+        attn += N * e / t  # SDPA output
+        if model.position_embedding == "rotary":
+            r = model.rotary_ndims
+            # Rotated q and k are new tensors; cos and sin per position; the SDPA output then comes
+            # back head-major, so the dense layer's [b, s, h] input is another copy.
+            attn += 2 * N * e / t + 2 * tokens * r * e + N * e / t
         if local:
             attn += s * s * e  # the banded mask, one per rank
     # MLP.
@@ -195,13 +206,18 @@ def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precis
 
 
 def head_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precision: str,
-                          padded_vocab: int) -> float:
-    """Final norm and logits, the peak of the loss on the last stage, for one micro-batch."""
+                          padded_vocab: int, peak: bool = True) -> float:
+    """Final norm and loss of the last stage for one micro-batch.
+
+    Autograd keeps the final norm's input and output and the cross entropy's fp32 softmax
+    (s*b*V/t * 4 bytes). With `peak` the transient logits are added: the e-byte logits and, in
+    half precision, the fp32 copy `lm_loss` makes before the cross entropy makes its own.
+    """
     e = 4 if precision == "fp32" else 2
     tokens = model.seq_length * micro_batch
     final_norm = _norm_bytes(model, tokens, e, input_counted=False) + tokens * model.hidden_size * e
-    logits = tokens * padded_vocab / tp * (e + 4 + (4 if e < 4 else 0))
-    return final_norm + logits
+    per_logit = 4 + ((e + (4 if e < 4 else 0)) if peak else 0)
+    return final_norm + tokens * padded_vocab / tp * per_logit + 9 * tokens  # + target ids and mask
 
 
 def in_flight_microbatches(pp: int, stage: int, grad_accum: int) -> int:
@@ -258,7 +274,7 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     buffers = 0.0
     bf16_optimizer = cfg.precision == "bf16" and cfg.zero.stage <= 1
     if cfg.zero.stage in (1, 2) and cfg.zero.contiguous_gradients and not bf16_optimizer:
-        grad_e = 4 if cfg.precision in ("fp32", "bf16") else 2
+        grad_e = 4 if cfg.precision == "fp32" else 2  # the bucket holds model-dtype gradients
         buffers = min(cfg.zero.reduce_bucket_size, P) * grad_e * (2 if cfg.zero.overlap_comm else 1)
     out["buffers"] = buffers
 
@@ -439,24 +455,17 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def format_candidates(plans: List[Plan], gpus: int, gpu_memory_gb: float) -> str:
+def format_candidates(plans: List[Plan], gpus: int, gpu_memory_gb: float, limit: int = 12) -> str:
     if not plans:
         return f"no (pp, tp) layout of {gpus} GPUs fits this config in {gpu_memory_gb:g} GiB"
     lines = [f"layouts of {gpus} GPUs that fit in {gpu_memory_gb:g} GiB (tp <= {MAX_TP} within a node; "
              "pp divides gpus/tp; fewest model-parallel ranks first):",
              "     pp  tp  dp  grad_accum  peak GiB"]
-    for pl in plans:
+    for pl in plans[:limit]:
         lay = pl.layout
         lines.append(f"  {lay.pp:>5} {lay.tp:>3} {lay.dp:>3} {lay.grad_accum:>11}  {_gib(pl.peak.memory['total']):>8}")
+    if len(plans) > limit:
+        lines.append(f"  ... and {len(plans) - limit} more with more model-parallel ranks")
     return "\n".join(lines)
 
 
-def bytes_to_gib(x: float) -> float:
-    return x / GiB
-
-
-__all__ = [
-    "Plan", "StagePlan", "candidate_layouts", "estimate_memory", "format_candidates", "format_plan",
-    "head_activation_bytes", "in_flight_microbatches", "layer_activation_bytes", "layer_names",
-    "layer_params_per_rank", "make_plan", "partition", "math",
-]

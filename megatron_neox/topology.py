@@ -25,15 +25,20 @@ def _check_positive_ints(**values) -> None:
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-def validate_layout(world_size: int, pp: int, tp: int, *, num_layers: int, num_heads: int,
-                    vocab_size: int | None = None, zero_stage: int = 0) -> int:
-    """Check that a (world size, pp, tp) layout can run this model; return the data-parallel size."""
-    _check_positive_ints(world_size=world_size, pp=pp, tp=tp, num_layers=num_layers,
-                         num_heads=num_heads)
+def _data_parallel_size(world_size: int, pp: int, tp: int) -> int:
+    _check_positive_ints(world_size=world_size, pp=pp, tp=tp)
     if world_size % (pp * tp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by pp * tp = {pp} * {tp} = {pp * tp}: "
             f"launch a multiple of {pp * tp} ranks or change the pipeline/tensor parallel sizes")
+    return world_size // (pp * tp)
+
+
+def validate_layout(world_size: int, pp: int, tp: int, *, num_layers: int, num_heads: int,
+                    vocab_size: int | None = None, zero_stage: int = 0) -> int:
+    """Check that a (world size, pp, tp) layout can run this model; return the data-parallel size."""
+    _check_positive_ints(num_layers=num_layers, num_heads=num_heads)
+    dp = _data_parallel_size(world_size, pp, tp)
     if num_heads % tp != 0:
         raise ConfigError(
             f"num_heads {num_heads} is not divisible by tp {tp}: every tensor-parallel rank must "
@@ -54,7 +59,7 @@ def validate_layout(world_size: int, pp: int, tp: int, *, num_layers: int, num_h
         raise ConfigError(
             f"ZeRO stage {zero_stage} cannot be used with pipeline parallelism (pp {pp}): "
             f"DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only; use zero_stage 1 or pp 1")
-    return world_size // (pp * tp)
+    return dp
 
 
 class Topology:
@@ -79,16 +84,11 @@ class Topology:
             world_size = dist.get_world_size() if distributed else 1
         if rank is None:
             rank = dist.get_rank() if distributed else 0
-        _check_positive_ints(pp=pp, tp=tp, world_size=world_size)
-        if world_size % (pp * tp) != 0:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by pp * tp = {pp} * {tp} = {pp * tp}: "
-                f"launch a multiple of {pp * tp} ranks or change the pipeline/tensor parallel sizes")
+        dp = _data_parallel_size(world_size, pp, tp)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size} ranks")
 
-        self.pp, self.tp = pp, tp
-        self.dp = world_size // (pp * tp)
+        self.pp, self.tp, self.dp = pp, tp, dp
         self.world_size, self.rank = world_size, rank
         self.topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=self.dp)
         coord = self.topo.get_coord(rank)

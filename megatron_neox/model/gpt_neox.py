@@ -21,7 +21,7 @@ from torch import nn
 from megatron_neox.config import ModelConfig
 from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
-from megatron_neox.model.transformer import KVCache, TransformerLayer
+from megatron_neox.model.transformer import KVCache, TransformerLayer, sum_grads_over_tp
 from megatron_neox.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_neox.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_neox.parallel.mappings import (
@@ -66,9 +66,11 @@ class Embedding(nn.Module):
 
 
 class FinalNorm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
+        if sequence_parallel and group_size(tp_group) > 1:
+            sum_grads_over_tp(self.norm.parameters(), tp_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h)
@@ -159,7 +161,7 @@ def layer_specs(cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_par
         specs.append(SeededLayerSpec(0, EmbeddingPipe, *emb_args))
     for i in range(cfg.num_layers):
         specs.append(SeededLayerSpec(i + 1, TransformerLayerPipe, cfg, i, tp_group, sp))
-    specs.append(SeededLayerSpec(cfg.num_layers + 1, FinalNormPipe, cfg))
+    specs.append(SeededLayerSpec(cfg.num_layers + 1, FinalNormPipe, cfg, tp_group, sp))
     if cfg.tie_embeddings:
         specs.append(SeededTiedLayerSpec(
             cfg.num_layers + 2, "embed", EmbeddingPipe, *emb_args, forward_fn=_tied_head_forward,
@@ -198,7 +200,7 @@ class GPTNeoX(nn.Module):
             seed_layer(seed + i + 1)
             self.add_module(str(i + 1), TransformerLayer(cfg, i, tp_group, sequence_parallel))
         seed_layer(seed + L + 1)
-        self.add_module(str(L + 1), FinalNorm(cfg))
+        self.add_module(str(L + 1), FinalNorm(cfg, tp_group, sequence_parallel))
         if not self.tied:
             seed_layer(seed + L + 2)
             self.add_module(str(L + 2), LMHead(cfg, padded_vocab, tp_group, sequence_parallel))

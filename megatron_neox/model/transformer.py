@@ -137,6 +137,21 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(h)
 
 
+def sum_grads_over_tp(params, tp_group) -> None:
+    """Under sequence parallelism a replicated parameter applied after the reduce-scatter (norms,
+    row-parallel biases) sees only this rank's slice of the sequence, so its gradient is a partial
+    sum over the TP group that DeepSpeed does not reduce: sum it as it is produced."""
+
+    def allreduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=tp_group)
+        return grad
+
+    for p in params:
+        p.sequence_parallel = True
+        p.register_hook(allreduce)
+
+
 class TransformerLayer(nn.Module):
     """One pre-norm block. Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)); sequential:
     h = x + attn(ln1(x)); h + mlp(ln2(h))."""
@@ -154,18 +169,12 @@ class TransformerLayer(nn.Module):
         self.attention = Attention(cfg, layer_number, tp_group, self.sequence_parallel)
         self.mlp = MLP(cfg, tp_group, self.sequence_parallel)
         if self.sequence_parallel:
-            # Norm weights see only this rank's sequence shard: their gradients are partial sums
-            # over the TP group, which DeepSpeed does not reduce. Sum them as they are produced.
-            norms = [self.input_layernorm] + ([] if self.shared_norm else [self.post_attention_layernorm])
-            for norm in norms:
-                for p in norm.parameters():
-                    p.sequence_parallel = True
-                    p.register_hook(self._allreduce_tp_grad)
-
-    def _allreduce_tp_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=self.tp_group)
-        return grad
+            # Norms and the row-parallel output biases act on this rank's sequence slice only.
+            replicated = [self.input_layernorm] + ([] if self.shared_norm else [self.post_attention_layernorm])
+            for module in replicated:
+                sum_grads_over_tp(module.parameters(), tp_group)
+            row_biases = [self.attention.dense.bias, self.mlp.dense_4h_to_h.bias]
+            sum_grads_over_tp([b for b in row_biases if b is not None], tp_group)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
