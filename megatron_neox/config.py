@@ -479,6 +479,8 @@ class Config(Section):
                 "synchronize_checkpoint_boundary": False,
                 "profile": False,
             }
+        if self.checkpoint.load_universal:
+            ds["checkpoint"] = {"load_universal": True}
         return _deep_merge(ds, self.deepspeed)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -58,6 +58,7 @@ bytes plus, at its peak, the logits (e bytes) and in half precision the fp32 cop
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -87,16 +88,16 @@ def layer_params_per_rank(model: ModelConfig, tp: int) -> List[int]:
     count 1/tp, while norms and row-parallel biases (replicated) count in full. A tied head is a
     second copy of the embedding (`TiedLayerSpec` builds the whole embedding module).
     """
-    d, f, V = model.hidden_size, model.ffn_size, model.padded_vocab(tp)
-    norm = 2 * d if model.norm == "layernorm" else d
-    gate = 2 if model.activation == "swiglu" else 1
-    layer = (1 if model.shared_norm else 2) * norm
-    layer += 3 * d * d // tp + (3 * d // tp if model.attention_bias else 0)
-    layer += d * d // tp + (d if model.attention_bias else 0)
-    layer += d * f * gate // tp + (f * gate // tp if model.mlp_bias else 0)
-    layer += f * d // tp + (d if model.mlp_bias else 0)
-    embedding = V * d // tp + (model.seq_length * d if model.position_embedding == "learned" else 0)
-    head = embedding if model.tie_embeddings else V * d // tp
+    full = count_parameters(model, tp)  # unsharded counts, vocab padded for this tp
+    d = model.hidden_size
+    norm = full["final_norm"]
+    # Replicated on every TP rank: the layer's norms and the row-parallel (output) biases, and
+    # learned position embeddings. Everything else is split evenly.
+    layer_rep = (1 if model.shared_norm else 2) * norm + d * model.attention_bias + d * model.mlp_bias
+    pos = model.seq_length * d if model.position_embedding == "learned" else 0
+    layer = (full["layer"] - layer_rep) // tp + layer_rep
+    embedding = (full["embedding"] - pos) // tp + pos
+    head = embedding if model.tie_embeddings else full["head"] // tp
     return [embedding] + [layer] * model.num_layers + [norm, head]
 
 
@@ -113,9 +114,15 @@ def partition(cfg: Config) -> List[int]:
         parts = ds_utils.partition_uniform(num_items=len(specs), num_parts=p.pp)
     elif method == "parameters":
         parts = ds_utils.partition_balanced(weights=layer_params_per_rank(m, p.tp), num_parts=p.pp)
-    else:  # 'type:REGEX', validated by the config
+    else:  # 'type:REGEX'
+        pattern = method.split(":")[1]  # as DeepSpeed splits it
         try:
-            idxs = PipelineModule._find_layer_type(SimpleNamespace(_layer_specs=specs), method.split(":")[1])
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"parallel.partition_method={p.partition_method!r}: invalid regular expression: "
+                              f"{e}") from None
+        try:
+            idxs = PipelineModule._find_layer_type(SimpleNamespace(_layer_specs=specs), pattern)
         except RuntimeError as e:
             names = sorted(set(layer_names(m, padded)))
             raise ConfigError(f"parallel.partition_method={p.partition_method!r}: {e} "
@@ -451,7 +458,8 @@ def format_plan(plan: Plan) -> str:
         )
     peak = plan.peak
     verdict = "fits" if plan.fits else f"DOES NOT FIT: {plan.problem}"
-    lines.append(f"peak: stage {peak.stage}, {_gib(peak.memory['total'])} of {_gib(plan.gpu_memory_bytes)} GiB: {verdict}")
+    lines.append(f"peak: stage {peak.stage}, {_gib(peak.memory['total'])} of {_gib(plan.gpu_memory_bytes)} GiB: "
+                 f"{verdict}")
     return "\n".join(lines)
 
 

@@ -54,7 +54,8 @@ def pad_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int
 def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map, which HF ByteLevel uses to spell tokens: printable
     Latin-1 bytes stand for themselves, the other 68 bytes are shifted to U+0100 and up."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
     mapping = {b: chr(b) for b in printable}
     shifted = 0
     for b in range(256):
@@ -148,7 +149,8 @@ def _fast_encoder_or_reason(spec: dict, name: str):
         return None, "two vocabulary tokens spell the same bytes"
     import tiktoken
 
-    enc = tiktoken.Encoding(f"megatron_neox:{name}", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    enc = tiktoken.Encoding(f"megatron_neox:{name}", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={})
     return enc, ""
 
 
@@ -189,6 +191,10 @@ class Tokenizer:
         self._hf = hf
         # Literal "<|endoftext|>" in a document is text, not the EOD id (see module docstring).
         self._hf.encode_special_tokens = True
+        # A tokenizer.json may carry truncation/padding settings (saved from a fine-tuning
+        # setup); applied to whole documents they would silently cut or pad them.
+        self._hf.no_truncation()
+        self._hf.no_padding()
         self._spec = spec
         self._fast = None
         self.fast_reason = "HF encoder requested"
@@ -197,7 +203,8 @@ class Tokenizer:
             if self._fast is not None and verify:
                 self.verify_fast_path()
             if self._fast is None and encoder == "tiktoken":
-                raise ConfigError(f"{self.path}: the tiktoken fast path cannot reproduce this tokenizer: {self.fast_reason}")
+                raise ConfigError(f"{self.path}: the tiktoken fast path cannot reproduce this tokenizer: "
+                                  f"{self.fast_reason}")
 
     def verify_fast_path(self, texts: Sequence[str] = ()) -> str:
         """Encode the probe text, every vocabulary token and `texts` both ways; on any difference
@@ -278,7 +285,8 @@ class Tokenizer:
 
     @property
     def hf(self):
-        """The underlying `tokenizers.Tokenizer` (e.g. for transformers' PreTrainedTokenizerFast)."""
+        """The underlying `tokenizers.Tokenizer`, configured as above: special-token text is not
+        parsed (`encode_special_tokens`), no truncation, no padding."""
         return self._hf
 
 
@@ -320,7 +328,8 @@ def train_bpe(documents: Iterable[tuple[str, str | None]], vocab_size: int, doma
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < 258 + 1:  # 2 specials + 256 bytes, and at least one merge
-        raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs 258 ids before its first merge")
+        raise ConfigError(f"--vocab-size {vocab_size} is too small: a byte-level BPE needs 258 ids "
+                          "before its first merge")
     domains: set[str] = set()
 
     def texts():

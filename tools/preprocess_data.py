@@ -27,7 +27,8 @@ def parse_args(argv=None):
     p.add_argument("--jsonl-keys", "--json-keys", nargs="+", default=["text"], dest="keys",
                    help="JSON fields to tokenize, one dataset each (default: text)")
     p.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--workers", type=int, default=cpus,
                    help="encoding processes (default: the CPUs available; 0 = in this process)")
     p.add_argument("--domain-tokens", action="store_true",
                    help="prepend <|domain:NAME|> (NAME = meta.pile_set_name) to every document")

@@ -1,0 +1,281 @@
+"""Save, find and load training checkpoints (DeepSpeed's layout plus our client state).
+
+    CKPT_DIR/global_stepN/   DeepSpeed's files: layer_XX-model_YY-model_states.pt (pipeline) or
+                             mp_rank_YY_model_states.pt (client state at top level),
+                             zero_pp_rank_D_mp_rank_YY_optim_states.pt
+                             rng_state_R.pt      every rank's RNG states (exact resume with dropout)
+                             complete.json       written last, after every rank has finished
+    CKPT_DIR/latest          names the newest *complete* checkpoint (written atomically)
+
+A crash mid-save leaves no complete.json and an unchanged `latest`, so the run resumes from the
+previous checkpoint. A corrupt `latest`, a truncated shard or a missing file is reported by name;
+resuming then falls back to the newest older checkpoint that is intact.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_neox.config import Config
+from megatron_neox.errors import CheckpointError
+from megatron_neox.topology import Topology
+
+CLIENT_KEY = "megatron_neox"
+COMPLETE = "complete.json"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+# Model-shape fields that must agree between a checkpoint and the run that loads it.
+_SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
+               "activation", "norm", "position_embedding", "tie_embeddings", "attention_bias", "mlp_bias",
+               "shared_norm", "rotary_dims", "rotary_pct")
+
+
+def universal_checkpoint_info(cfg: Config, padded_vocab: int) -> Dict[str, Any]:
+    """What DeepSpeed's ds_to_universal needs to merge and re-split our parameters.
+
+    Names are the layer-indexed parameter names (model/gpt_neox.py); regexes are matched against
+    them. Column-parallel tensors (QKV, h->4h, embedding, head) are split on dim 0 by default.
+    """
+    from deepspeed.checkpoint import constants as C
+
+    info = {
+        C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        C.TP_REPLICATED_PARAMETER_PATTERNS: [
+            r".*layernorm\.(weight|bias)$", r"^\d+\.norm\.(weight|bias)$",
+            r".*attention\.dense\.bias$", r".*mlp\.dense_4h_to_h\.bias$", r".*position_embeddings\.weight$",
+        ],
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attention\.dense\.weight$", r".*mlp\.dense_4h_to_h\.weight$"],
+        C.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*final_linear\.weight$"],
+        # Rows beyond this are padding; the padded size is kept so a reshard at the same padding
+        # changes nothing.
+        "original_vocab_size": padded_vocab,
+    }
+    if cfg.model.tie_embeddings:
+        info[C.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = [r".*word_embeddings\.weight$"]
+    if cfg.model.activation == "swiglu":
+        info[C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*mlp\.dense_h_to_4h\.(weight|bias)$"]
+    return info
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> Dict[str, Any]:
+    from megatron_neox.parallel.random import get_rng_tracker
+
+    # Only tensors, ints, floats and strings, so loading needs no pickle (weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state(), "tracker": get_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    from megatron_neox.parallel.random import get_rng_tracker
+
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    get_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state: Dict[str, Any]) -> Path:
+    """Save a checkpoint of `engine` with our client `state` (iteration, consumed samples, ...)."""
+    ckpt_dir = Path(ckpt_dir)
+    iteration = int(state["iteration"])
+    tag = f"global_step{iteration}"
+    padded = cfg.model.padded_vocab(topo.tp)
+    if _rank0():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        stale = ckpt_dir / tag
+        if stale.exists():  # an earlier crashed save of the same step: start it afresh
+            shutil.rmtree(stale)
+    _barrier()
+    client = {CLIENT_KEY: state, "universal_checkpoint_info": universal_checkpoint_info(cfg, padded)}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_{rank}.pt")
+    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if _rank0():
+        meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
+                "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded}
+        _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))
+        _write_atomic(ckpt_dir / "latest", tag)
+        if cfg.checkpoint.keep_last:
+            for old in complete_tags(ckpt_dir)[: -cfg.checkpoint.keep_last]:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    _barrier()
+    return ckpt_dir / tag
+
+
+def complete_tags(ckpt_dir: os.PathLike) -> List[str]:
+    """global_stepN directories that have their completion marker, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = _TAG_RE.match(p.name)
+        if m and (p / COMPLETE).is_file():
+            found.append((int(m.group(1)), p.name))
+    return [name for _, name in sorted(found)]
+
+
+def read_meta(tag_dir: Path) -> Dict[str, Any]:
+    try:
+        return json.loads((tag_dir / COMPLETE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{tag_dir}: no {COMPLETE}: the checkpoint is partial (its save did not finish)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{tag_dir / COMPLETE}: corrupt ({e})") from None
+
+
+def verify_files(tag_dir: Path) -> None:
+    """Every .pt file must be a readable zip archive (torch.save's format); truncation removes the
+    archive's trailing directory, which this detects without reading the tensors."""
+    files = sorted(tag_dir.rglob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no checkpoint files (*.pt)")
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.namelist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CheckpointError(f"{f}: unreadable checkpoint shard ({e}); the file is truncated or corrupt") from None
+
+
+def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool) -> None:
+    saved, now = meta["model"], cfg.model.model_dump(mode="json")
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
+             for k in _SHAPE_KEYS if saved.get(k) != now.get(k)]
+    if diffs:
+        raise CheckpointError(f"{tag_dir}: checkpoint does not match the model:\n  " + "\n  ".join(diffs))
+    lay = meta.get("layout", {})
+    if not universal and lay and (lay.get("pp"), lay.get("tp"), lay.get("dp")) != (topo.pp, topo.tp, topo.dp):
+        raise CheckpointError(
+            f"{tag_dir}: saved with pp={lay.get('pp')} tp={lay.get('tp')} dp={lay.get('dp')}, this run is "
+            f"pp={topo.pp} tp={topo.tp} dp={topo.dp}. To change the layout: python tools/reshard.py "
+            f"--checkpoint {tag_dir.parent} --out NEW_DIR, then --set checkpoint.load=NEW_DIR "
+            "checkpoint.load_universal=true"
+        )
+
+
+def _latest_tag(load_dir: Path) -> Tuple[Optional[str], Optional[str]]:
+    """(tag named by `latest`, problem with it or None)."""
+    latest = load_dir / "latest"
+    if not latest.exists():
+        return None, None
+    try:
+        tag = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{latest}: unreadable ({e})"
+    if not _TAG_RE.match(tag):
+        return None, f"{latest}: corrupt (expected 'global_stepN', found {tag[:40]!r})"
+    return tag, None
+
+
+def _candidates(load_dir: Path) -> Tuple[List[str], List[str]]:
+    """Tags to try, newest first, and the warnings met choosing them."""
+    warnings = []
+    tag, problem = _latest_tag(load_dir)
+    if problem:
+        warnings.append(problem)
+    complete = complete_tags(load_dir)
+    order = []
+    if tag is not None:
+        order.append(tag)
+    order += [t for t in reversed(complete) if t != tag]
+    return order, warnings
+
+
+def _log(msg: str) -> None:
+    if _rank0():
+        print(f"[checkpoint] {msg}", file=sys.stderr, flush=True)
+
+
+def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required: bool) -> Optional[Dict[str, Any]]:
+    """Resume from the newest intact checkpoint in `load_dir`; returns our client state, or None
+    when there is nothing to resume from and `required` is False (a fresh run)."""
+    load_dir = Path(load_dir)
+    universal = cfg.checkpoint.load_universal
+    order, warnings = _candidates(load_dir)
+    for w in warnings:
+        _log(f"warning: {w}")
+    if not order:
+        if required:
+            raise CheckpointError(f"{load_dir}: no checkpoint to load (no 'latest' and no complete global_stepN/)")
+        return None
+    errors = []
+    for tag in order:
+        tag_dir = load_dir / tag
+        problem = None
+        if _rank0():
+            try:
+                if not tag_dir.is_dir():
+                    raise CheckpointError(f"{tag_dir}: named by 'latest' but missing")
+                meta = read_meta(tag_dir)
+                verify_files(tag_dir)
+                _check_compatible(meta, cfg, topo, tag_dir, universal)
+            except CheckpointError as e:
+                problem = str(e)
+        problem = _broadcast(problem)
+        if problem is not None:
+            if "does not match the model" in problem or "saved with pp=" in problem:
+                raise CheckpointError(problem)  # a wrong checkpoint, not a damaged one: no fallback
+            errors.append(problem)
+            _log(f"cannot resume from {tag}: {problem}; trying an older checkpoint")
+            continue
+        return _load_tag(engine, cfg, load_dir, tag)
+    raise CheckpointError(f"{load_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(errors))
+
+
+def _broadcast(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _load_tag(engine, cfg: Config, load_dir: Path, tag: str) -> Dict[str, Any]:
+    finetune = cfg.checkpoint.finetune
+    path, client = engine.load_checkpoint(
+        str(load_dir), tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=False,
+        load_module_only=finetune,
+    )
+    if path is None:
+        raise CheckpointError(f"{load_dir / tag}: DeepSpeed found no checkpoint files for this rank")
+    state = (client or {}).get(CLIENT_KEY)
+    if state is None:
+        raise CheckpointError(f"{load_dir / tag}: not a megatron_neox checkpoint (no '{CLIENT_KEY}' client state)")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = load_dir / tag / f"rng_state_{rank}.pt"
+    if not finetune and not cfg.checkpoint.load_universal and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+    _log(f"resumed from {load_dir / tag} (iteration {state['iteration']})")
+    return state

@@ -1,0 +1,180 @@
+"""Throughput, FLOPs, MFU and the log sinks (stdout, metrics.jsonl, TensorBoard, wandb).
+
+FLOPs per token (forward + backward, no recompute), the PaLM paper's model-FLOPs count
+(Chowdhery et al. 2022, appendix B):
+
+    model_flops_per_token = 6 * P_matmul + 12 * L * d * s
+
+P_matmul is every weight that takes part in a matmul (QKV, attention output, both MLP matrices,
+and the output head; the input embedding is a lookup), L layers, d the width, s the sequence
+length (the 12*L*d*s term is attention's QK^T and AV, counted over the full s x s square as the
+paper does). Activation recompute runs the checkpointed layers' forward once more:
+
+    hardware_flops_per_token = model_flops_per_token + (2 * P_layers + 4 * L * d * s)   (when on)
+
+`tflops_per_rank` reports the hardware FLOPs (work the ranks really did); `mfu` divides the model
+FLOPs by the peak, so recompute does not inflate it.
+"""
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from megatron_neox.config import Config
+from megatron_neox.model.gpt_neox import count_parameters
+
+# Dense peak TFLOP/s per GPU from the vendors' data sheets (no sparsity).
+PEAK_TFLOPS = {
+    ("V100", "fp16"): 125.0, ("V100", "fp32"): 15.7,
+    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
+    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "fp32"): 67.0,
+}
+
+
+def flops_per_token(cfg: Config, recompute: Optional[bool] = None) -> Dict[str, float]:
+    m = cfg.model
+    counts = count_parameters(m, cfg.parallel.tp)
+    d, L, s = m.hidden_size, m.num_layers, m.seq_length
+    norm_params = (1 if m.shared_norm else 2) * (2 * d if m.norm == "layernorm" else d)
+    p_layers = L * (counts["layer"] - norm_params)
+    p_head = m.padded_vocab(cfg.parallel.tp) * d  # tied or not, the head is a matmul
+    model = 6 * (p_layers + p_head) + 12 * L * d * s
+    if recompute is None:
+        recompute = cfg.activation_checkpointing.interval > 0
+    hardware = model + (2 * p_layers + 4 * L * d * s if recompute else 0)
+    return {"model": float(model), "hardware": float(hardware)}
+
+
+def measure_peak_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
+    """A quick matmul probe of this device's attainable TFLOP/s (used for peak_tflops='measure')."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
+
+
+def resolve_peak_tflops(cfg: Config) -> float:
+    peak = cfg.log.peak_tflops
+    if isinstance(peak, (int, float)):
+        return float(peak)
+    precision = "fp32" if cfg.precision == "fp32" else cfg.precision
+    if peak == "auto" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for (gpu, prec), value in PEAK_TFLOPS.items():
+            if gpu in name and prec == precision:
+                return value
+    # No GPU we know (or 'measure'): probe the device.
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return measure_peak_tflops(dtype if torch.cuda.is_available() else torch.float32)
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    # Peak resident set of this process (Linux reports KiB).
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """One line on stdout and one JSON object in metrics.jsonl per log event (rank 0 only)."""
+
+    def __init__(self, cfg: Config, world_size: int, enabled: bool, peak_tflops: float):
+        self.cfg, self.world, self.enabled = cfg, world_size, enabled
+        self.flops = flops_per_token(cfg)
+        self.peak = peak_tflops
+        self.file = None
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        log_dir = Path(cfg.log.dir) if cfg.log.dir else None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.file = open(log_dir / "metrics.jsonl", "a", buffering=1)
+            if cfg.log.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(log_dir / "tensorboard"))
+        if cfg.log.wandb:
+            import wandb
+
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.wandb = wandb.init(project=cfg.log.wandb_project, dir=str(log_dir or "."), mode=mode,
+                                    config=cfg.to_dict())
+
+    def throughput(self, tokens: int, seconds: float) -> Dict[str, float]:
+        tokens_per_sec = tokens / max(seconds, 1e-9)
+        tflops_rank = tokens_per_sec * self.flops["hardware"] / self.world / 1e12
+        mfu = tokens_per_sec * self.flops["model"] / self.world / 1e12 / self.peak if self.peak > 0 else 0.0
+        return {"tokens_per_sec": tokens_per_sec, "tflops_per_rank": tflops_rank, "mfu": mfu}
+
+    def log(self, record: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        print(_format_line(record), flush=True)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step" and v is not None:
+                    self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _format_line(r: Dict[str, Any]) -> str:
+    if "eval_loss" in r:
+        return f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])} | eval_ppl {_fmt(r['eval_ppl'])}"
+    eta = r.get("eta_s")
+    eta_txt = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
+    parts = [
+        f"step {r['step']:>6}/{r.get('total_steps', '?')}",
+        f"loss {_fmt(r.get('loss'))}",
+        f"lr {r.get('lr', 0):.3e}",
+        f"gnorm {_fmt(r.get('grad_norm'))}",
+    ]
+    if r.get("loss_scale") is not None:
+        parts.append(f"scale {_fmt(r['loss_scale'])}")
+    parts += [
+        f"skipped {r.get('skipped_steps', 0)}",
+        f"batch {r.get('global_batch_size')}",
+        f"{r.get('tokens_per_sec', 0):,.0f} tok/s",
+        f"{r.get('tflops_per_rank', 0):.3g} TFLOP/s/rank",
+        f"mfu {100 * r.get('mfu', 0):.1f}%",
+        f"mem {r.get('mem_gb', 0):.2f} GB",
+        f"eta {eta_txt}",
+    ]
+    return " | ".join(parts)
+
+
+def log_info(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,248 @@
+"""tools/plan.py and megatron_neox.plan: exact parameter counts, pipeline partition, memory model.
+
+The published counts are the `Total params` of the Pythia suite (EleutherAI/pythia README and the
+HF model cards) and GPT-NeoX-20B's HF checkpoint. The activation model is checked against the
+tensors autograd actually saves in small CPU models, so the itemised formula cannot drift from
+the code it describes. Two launches of the real tool (about 5 s each: torch + DeepSpeed import).
+"""
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from megatron_neox.config import ModelConfig, config_from_dict, load_config
+from megatron_neox.errors import ConfigError
+from megatron_neox.model.gpt_neox import GPTNeoX, count_parameters
+from megatron_neox.model.transformer import TransformerLayer
+from megatron_neox.plan import (
+    candidate_layouts,
+    estimate_memory,
+    head_activation_bytes,
+    layer_activation_bytes,
+    layer_params_per_rank,
+    make_plan,
+    partition,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+PUBLISHED = {
+    "pythia-70M": 70_426_624,
+    "pythia-160M": 162_322_944,
+    "pythia-410M": 405_334_016,
+    "pythia-1B": 1_011_781_632,
+    "pythia-1.4B": 1_414_647_808,
+    "pythia-2.8B": 2_775_208_960,
+    "pythia-6.9B": 6_857_302_016,
+    "pythia-12B": 11_846_072_320,
+    "20B": 20_554_567_680,
+}
+GPT3 = {"125M": 125e6, "350M": 350e6, "760M": 760e6, "1.3B": 1.3e9, "2.7B": 2.7e9, "6.7B": 6.7e9, "13B": 13e9,
+        "175B": 175e9}
+
+
+def _plan_tool(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "plan.py"), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_parameter_counts_are_exact(name):
+    cfg = load_config(name)
+    assert make_plan(cfg).parameters["total"] == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", sorted(GPT3))
+def test_gpt3_sizes_within_two_percent_of_their_names(name):
+    cfg = load_config(name)
+    total = count_parameters(cfg.model, cfg.parallel.tp)["total"]
+    assert abs(total / GPT3[name] - 1) < 0.02, total
+
+
+def test_plan_tool_20B_on_96_gpus_fits_as_trained():
+    r = _plan_tool("--config", "20B.json", "--gpus", "96", "--gpu-memory-gb", "40")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "parameters: 20554567680\n" in r.stdout
+    assert "pp=4 tp=2 dp=12 (96 ranks), micro_batch=4 grad_accum=32 global_batch=1536" in r.stdout
+    assert "padded_vocab=50432" in r.stdout
+    for stage, (lo, hi) in enumerate([(0, 11), (12, 22), (23, 33), (34, 46)]):
+        assert f"stage {stage}: layers {lo}-{hi}:" in r.stdout
+    assert ": fits" in r.stdout and "layouts of 96 GPUs that fit in 40 GiB" in r.stdout
+
+
+def test_plan_tool_20B_on_100_gpus_does_not_fit():
+    r = _plan_tool("--config", "20B", "--gpus", "100")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "DOES NOT FIT: 100 ranks are not divisible by pp*tp = 4*2 = 8" in r.stdout
+    assert "parameters: 20554567680" in r.stdout
+    assert "Traceback" not in r.stderr
+
+
+def test_20B_layouts_that_do_not_fit():
+    cfg = load_config("20B")
+    assert "global_batch_size=1536 is not divisible by micro_batch_size*dp = 4*9" in make_plan(cfg, 72).problem
+    assert "more than --gpu-memory-gb 16" in make_plan(cfg, 96, gpu_memory_gb=16).problem
+    fits = {(p.layout.pp, p.layout.tp) for p in candidate_layouts(cfg, 96, 40)}
+    assert (4, 2) in fits and (1, 1) not in fits  # 20B unsharded weights alone exceed 40 GiB
+    assert all(96 % (pp * tp) == 0 and tp <= 8 for pp, tp in fits)
+
+
+def _with_partition(cfg, method):
+    data = cfg.to_dict()
+    data["parallel"]["partition_method"] = method
+    return config_from_dict(data)
+
+
+def test_partition_methods_use_deepspeed_semantics():
+    cfg = load_config("20B")
+    assert partition(cfg) == [0, 12, 23, 34, 47]  # 11 transformer layers per stage
+    assert partition(_with_partition(cfg, "uniform")) == [0, 12, 24, 36, 47]
+    parts = partition(_with_partition(cfg, "parameters"))
+    assert parts[0] == 0 and parts[-1] == 47 and len(parts) == 5
+    with pytest.raises(ConfigError, match=r"found no valid layers.*TransformerLayerPipe"):
+        partition(_with_partition(cfg, "type:mamba"))
+    with pytest.raises(ConfigError, match=r"invalid regular expression"):
+        partition(_with_partition(cfg, "type:["))
+
+
+def test_tied_head_is_a_second_embedding_copy_only_with_a_pipeline():
+    plan = make_plan(load_config("175B"))
+    first, last = plan.stages[0], plan.stages[-1]
+    assert last.params_per_rank - first.params_per_rank == plan.cfg.model.hidden_size * 2  # + final LayerNorm
+    single = make_plan(load_config("125M"))
+    assert single.stages[0].params_per_rank == single.parameters["total"]
+
+
+# ---- memory -------------------------------------------------------------------------------------
+
+
+def _memory(name, world, *overrides, **kw):
+    cfg = load_config(name, list(overrides))
+    return estimate_memory(cfg, cfg.layout(world), **kw)
+
+
+def test_zero_stages_shard_what_the_zero_paper_says():
+    one = _memory("pythia-1B", 1)
+    eight = _memory("pythia-1B", 8)
+    assert one["optimizer"] == pytest.approx(8 * eight["optimizer"])  # ZeRO-1: K = 12 bytes over dp
+    assert one["optimizer"] == pytest.approx(12 * one["params"])
+    assert (one["weights"], one["gradients"]) == (eight["weights"], eight["gradients"]) == (
+        2 * one["params"], 2 * one["params"])
+    z2 = _memory("pythia-1B", 8, "zero.stage=2")
+    assert z2["gradients"] == pytest.approx(eight["gradients"] / 8) and z2["weights"] == eight["weights"]
+    z3 = _memory("pythia-1B", 8, "zero.stage=3")
+    assert z3["weights"] == pytest.approx(eight["weights"] / 8)
+    z0 = _memory("pythia-1B", 8, "zero.stage=0")
+    assert z0["optimizer"] == pytest.approx(one["optimizer"])  # no sharding without ZeRO
+    fp32 = _memory("pythia-1B", 8, "precision=fp32")
+    assert fp32["weights"] == 4 * fp32["params"] and fp32["optimizer"] == pytest.approx(12 / 8 * fp32["params"])
+
+
+def test_checkpointing_shrinks_activations():
+    ckpt = _memory("pythia-1B", 8)
+    none = _memory("pythia-1B", 8, "activation_checkpointing.interval=0")
+    assert ckpt["activations_per_microbatch"] == none["activations_per_microbatch"]
+    assert ckpt["activations"] < none["activations"] / 2  # the logits (not recomputed) are most of the rest
+    assert none["activations"] == none["activations_per_microbatch"]
+    assert ckpt["total"] < none["total"]
+
+
+def test_pipeline_stage_zero_holds_pp_microbatches_in_flight():
+    cfg = load_config("20B")
+    lay = cfg.layout(96)
+    flights = [estimate_memory(cfg, lay, stage=s)["in_flight_microbatches"] for s in range(4)]
+    assert flights == [4, 3, 2, 1]
+
+
+def _saved_bytes(module, *inputs, **kwargs):
+    """Bytes of distinct non-parameter storages autograd saves during module(*inputs)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(*inputs, **kwargs)
+    return sum(seen.values())
+
+
+ARCHS = {
+    "neox": dict(rotary_pct=0.25),
+    "gpt3": dict(position_embedding="learned", parallel_residual=False, attention_pattern="alternating_local",
+                 local_window=16, tie_embeddings=True),
+    "llama_like": dict(activation="swiglu", norm="rmsnorm", attention_bias=False, mlp_bias=False),
+    "gptj": dict(shared_norm=True, attention_bias=False, rotary_dims=8),
+    "alibi_dropout": dict(position_embedding="alibi", hidden_dropout=0.1),
+}
+
+
+@pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "fp32", 1e-6), (torch.bfloat16, "bf16", 5e-3)])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_layer_activation_formula_matches_autograd(arch, dtype, precision, tol):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=128, vocab_size=500,
+                      **ARCHS[arch])
+    layer = TransformerLayer(cfg, 1).to(dtype)  # layer 1: a banded one under alternating_local
+    x = torch.randn(2, 128, 64, dtype=dtype, requires_grad=True)
+    pos = torch.arange(128).expand(2, -1)
+    measured = _saved_bytes(layer, x, pos)
+    assert layer_activation_bytes(cfg, 2, 1, precision, layer_index=1) == pytest.approx(measured, rel=tol)
+
+
+@pytest.mark.parametrize("interval", [0, 1, 2])
+def test_model_activation_formula_matches_autograd(interval):
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=128, vocab_size=500,
+                      rotary_pct=0.25)
+    ckpt = functools.partial(checkpoint, use_reentrant=True)
+    model = GPTNeoX(cfg, cfg.padded_vocab(1), checkpoint_interval=interval, checkpoint_fn=ckpt)
+    tokens = torch.randint(0, 500, (2, 128))
+    measured = _saved_bytes(model, tokens, labels=tokens)
+    head = head_activation_bytes(cfg, 2, 1, "fp32", cfg.padded_vocab(1), peak=False)
+    if interval:
+        expected = (4 // interval) * 2 * 128 * 64 * 4 + head  # one [b, s, h] input per checkpointed block
+    else:
+        expected = sum(layer_activation_bytes(cfg, 2, 1, "fp32", layer_index=i) for i in range(4)) + head
+    assert expected == pytest.approx(measured, rel=0.01)
+
+
+# ---- parameter counts against built models -------------------------------------------------------
+
+BUILT = {
+    "neox_parallel_untied": dict(rotary_pct=0.25),
+    "gpt3_sequential_tied_learned": dict(position_embedding="learned", parallel_residual=False, tie_embeddings=True),
+    "swiglu_rmsnorm_no_bias": dict(activation="swiglu", norm="rmsnorm", attention_bias=False, mlp_bias=False),
+    "gptj_shared_norm": dict(shared_norm=True, attention_bias=False, rotary_dims=8, padded_vocab_size=520),
+    "alibi_intermediate": dict(position_embedding="alibi", intermediate_size=100),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(BUILT))
+def test_count_parameters_equals_built_model(arch):
+    cfg = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, seq_length=32, vocab_size=500,
+                      **BUILT[arch])
+    model = GPTNeoX(cfg, cfg.padded_vocab(1))
+    counts = count_parameters(cfg, 1)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    assert counts["layer"] == sum(p.numel() for p in model.layer(0).parameters())
+    per_rank = layer_params_per_rank(cfg, 1)
+    built = [sum(p.numel() for p in model._modules[str(i)].parameters()) for i in range(cfg.num_layers + 2)]
+    assert per_rank[:-1] == built
+    if not cfg.tie_embeddings:
+        assert per_rank[-1] == sum(p.numel() for p in model._modules[str(cfg.num_layers + 2)].parameters())
+
+
+def test_per_rank_counts_shard_matrices_and_replicate_norms_and_row_biases():
+    cfg = load_config("20B").model
+    tp1, tp2 = layer_params_per_rank(cfg, 1)[1], layer_params_per_rank(cfg, 2)[1]
+    d = cfg.hidden_size
+    replicated = 2 * 2 * d + d + d  # two LayerNorms, attention.dense and dense_4h_to_h biases
+    assert 2 * tp2 - tp1 == replicated
