@@ -32,12 +32,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-def pad_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
+def pad_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
     """Round the vocab up so each tensor-parallel shard has a multiple of `multiple` rows.
 
     Megatron/gpt-neox rule (`make_vocab_size_divisible_by` x tp): 50277 -> 50304 at tp=1,
     50432 at tp=2, 50688 at tp=4.
     """
+    if vocab_size < 1 or tp < 1 or multiple < 1:
+        raise ConfigError(f"pad_vocab_size: vocab_size={vocab_size}, tp={tp}, multiple={multiple} must be >= 1")
     step = multiple * tp
     return int(math.ceil(vocab_size / step) * step)
 
@@ -75,8 +77,8 @@ class ModelConfig(Section):
     """Normalisation layer type."""
     norm_eps: float = Field(1e-5, gt=0)
     """Epsilon of the norm layers."""
-    activation: Literal["gelu", "swiglu"] = "gelu"
-    """MLP activation: exact GELU or SwiGLU (gated)."""
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
+    """MLP activation: exact GELU, tanh-approximate GELU (GPT-2/3, GPT-J) or SwiGLU (gated)."""
     attention_bias: bool = True
     """Biases on the QKV and attention-output projections."""
     mlp_bias: bool = True
@@ -232,6 +234,8 @@ class LRScheduleConfig(Section):
     """Warm-up steps; default warmup_fraction x decay steps."""
     warmup_fraction: float = Field(0.01, ge=0, le=1)
     """Warm-up as a fraction of the decay steps when warmup_iters is unset."""
+    warmup_tokens: Optional[int] = Field(None, gt=0)
+    """Warm-up measured in tokens (GPT-3: 375M); wins over warmup_iters."""
     decay_iters: Optional[int] = Field(None, gt=0)
     """Steps over which lr decays to min_lr; default train.iters."""
     decay_tokens: Optional[int] = Field(None, gt=0)
@@ -466,9 +470,10 @@ class Config(Section):
             }
         elif self.precision == "bf16":
             ds["bf16"] = {"enabled": True}
-            # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
-            # reported pipeline + ZeRO-1 needs this key).
-            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+            if self.zero.stage >= 1:
+                # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
+                # reported pipeline + ZeRO-1 needs this key). DeepSpeed 0.19 rejects it without ZeRO.
+                ds["data_types"] = {"grad_accum_dtype": "fp32"}
         ac = self.activation_checkpointing
         if ac.interval:
             ds["activation_checkpointing"] = {

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from megatron_neox.errors import ConfigError, DataError
+from megatron_neox.config import pad_vocab_size  # noqa: F401  (the padding rule lives with the config)
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -35,15 +36,6 @@ PAD_TOKEN = "<|padding|>"
 def domain_token(name: str) -> str:
     """The special token put before each document of a domain (Physics of LMs 3.3)."""
     return f"<|domain:{name}|>"
-
-
-def pad_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
-    """Megatron's rule: pad the embedding rows to a multiple of `divisible_by * tp` so every
-    tensor-parallel shard has the same, GPU-friendly size (50277 -> 50304 at tp=1, 50432 at tp=2)."""
-    if vocab_size < 1 or tp < 1 or divisible_by < 1:
-        raise ConfigError(f"pad_vocab_size: vocab_size={vocab_size}, tp={tp}, divisible_by={divisible_by} must be >= 1")
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +173,7 @@ class Tokenizer:
     """What the trainer and tools use: HF tokenizers for decoding and special tokens, tiktoken's
     engine for encoding when it gives identical ids.
 
-    `vocab_size` is the unpadded size (model vocab + added tokens); see `pad_vocab_size`.
+    `vocab_size` is the unpadded size (model vocab + added tokens); see `megatron_neox.config.pad_vocab_size`.
     """
 
     def __init__(self, path: str, hf, spec: dict, encoder: str = "auto", verify: bool = True):

@@ -21,6 +21,9 @@ import torch
 from megatron_neox.config import ModelConfig
 from megatron_neox.errors import CheckpointError, ConfigError
 
+# Our activation name -> HF's (ACT2FN): "gelu" is exact erf GELU, "gelu_new" the tanh form.
+_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+
 _LAYER_PARTS = (
     "input_layernorm.weight", "input_layernorm.bias",
     "post_attention_layernorm.weight", "post_attention_layernorm.bias",
@@ -38,8 +41,8 @@ def check_hf_compatible(cfg: ModelConfig) -> None:
         problems.append(f"model.position_embedding={cfg.position_embedding!r} (HF GPTNeoX: rotary only)")
     if cfg.norm != "layernorm":
         problems.append(f"model.norm={cfg.norm!r} (HF GPTNeoX: layernorm only)")
-    if cfg.activation != "gelu":
-        problems.append(f"model.activation={cfg.activation!r} (HF GPTNeoX: gelu)")
+    if cfg.activation == "swiglu":
+        problems.append(f"model.activation={cfg.activation!r} (HF GPTNeoX: gelu or gelu_tanh)")
     if cfg.shared_norm:
         problems.append("model.shared_norm=true (HF GPTNeoX has two norms per layer)")
     if not cfg.mlp_bias:
@@ -60,7 +63,7 @@ def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: int = 0):
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_attention_heads,
         intermediate_size=cfg.ffn_size,
-        hidden_act="gelu",
+        hidden_act=_HF_ACT[cfg.activation],
         max_position_embeddings=cfg.seq_length,
         layer_norm_eps=cfg.norm_eps,
         use_parallel_residual=cfg.parallel_residual,
@@ -88,8 +91,11 @@ def model_config_from_hf(hf_config) -> Dict[str, Any]:
     """The `model` section (as a dict) equivalent to a GPTNeoXConfig."""
     if getattr(hf_config, "model_type", "gpt_neox") != "gpt_neox":
         raise ConfigError(f"expected a gpt_neox model, found model_type={hf_config.model_type!r}")
-    if hf_config.hidden_act not in ("gelu",):
-        raise ConfigError(f"hidden_act={hf_config.hidden_act!r} is not supported (expected 'gelu', exact GELU)")
+    activation = {v: k for k, v in _HF_ACT.items()}.get(hf_config.hidden_act)
+    if hf_config.hidden_act == "gelu_pytorch_tanh":
+        activation = "gelu_tanh"
+    if activation is None:
+        raise ConfigError(f"hidden_act={hf_config.hidden_act!r} is not supported (expected 'gelu' or 'gelu_new')")
     pct, base = _rope(hf_config)
     head_dim = hf_config.hidden_size // hf_config.num_attention_heads
     return {
@@ -105,7 +111,7 @@ def model_config_from_hf(hf_config) -> Dict[str, Any]:
         "parallel_residual": bool(hf_config.use_parallel_residual),
         "norm": "layernorm",
         "norm_eps": hf_config.layer_norm_eps,
-        "activation": "gelu",
+        "activation": activation,
         "attention_bias": bool(getattr(hf_config, "attention_bias", True)),
         "mlp_bias": True,
         "tie_embeddings": bool(hf_config.tie_word_embeddings),

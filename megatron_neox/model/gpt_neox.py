@@ -173,9 +173,10 @@ def layer_specs(cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_par
 
 
 def lm_loss(logits_parallel: torch.Tensor, labels: Tuple[torch.Tensor, torch.Tensor], tp_group=None) -> torch.Tensor:
-    """Mean next-token cross entropy over the tokens whose loss_mask is 1 (vocab-parallel, fp32)."""
+    """Mean next-token cross entropy over the tokens whose loss_mask is 1 (vocab-parallel; the
+    cross entropy computes in fp32 itself, so half-precision logits are not copied up first)."""
     targets, loss_mask = labels
-    losses = vocab_parallel_cross_entropy(logits_parallel.float(), targets, tp_group)
+    losses = vocab_parallel_cross_entropy(logits_parallel, targets, tp_group)
     loss_mask = loss_mask.to(losses.dtype)
     return (losses * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
 

@@ -111,6 +111,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         self.swiglu = cfg.activation == "swiglu"
+        self.tanh_gelu = cfg.activation == "gelu_tanh"
         init = init_fn(cfg.init_method, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, base_std=cfg.init_std)
         out_init = init_fn(
             cfg.output_layer_init_method, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, base_std=cfg.init_std
@@ -133,7 +134,8 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h)  # exact (erf) GELU, as GPT-NeoX and HF's "gelu"
+            # Exact (erf) GELU as GPT-NeoX and HF's "gelu"; GPT-2/3 and GPT-J used the tanh form.
+            h = F.gelu(h, approximate="tanh" if self.tanh_gelu else "none")
         return self.dense_4h_to_h(h)
 
 

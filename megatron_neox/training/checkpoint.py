@@ -146,6 +146,11 @@ def complete_tags(ckpt_dir: os.PathLike) -> List[str]:
     return [name for _, name in sorted(found)]
 
 
+def has_checkpoint(ckpt_dir: os.PathLike) -> bool:
+    """Anything to resume from: a `latest` file (even a damaged one) or a complete checkpoint."""
+    return (Path(ckpt_dir) / "latest").exists() or bool(complete_tags(ckpt_dir))
+
+
 def read_meta(tag_dir: Path) -> Dict[str, Any]:
     try:
         return json.loads((tag_dir / COMPLETE).read_text())
@@ -169,14 +174,19 @@ def verify_files(tag_dir: Path) -> None:
             raise CheckpointError(f"{f}: unreadable checkpoint shard ({e}); the file is truncated or corrupt") from None
 
 
-def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool) -> None:
+def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool,
+                      weights_only: bool) -> None:
     saved, now = meta["model"], cfg.model.model_dump(mode="json")
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
              for k in _SHAPE_KEYS if saved.get(k) != now.get(k)]
     if diffs:
         raise CheckpointError(f"{tag_dir}: checkpoint does not match the model:\n  " + "\n  ".join(diffs))
     lay = meta.get("layout", {})
-    if not universal and lay and (lay.get("pp"), lay.get("tp"), lay.get("dp")) != (topo.pp, topo.tp, topo.dp):
+    saved_layout = (lay.get("pp"), lay.get("tp"), lay.get("dp"))
+    now_layout = (topo.pp, topo.tp, topo.dp)
+    if weights_only:  # no optimizer state: any data-parallel size can load the weights
+        saved_layout, now_layout = saved_layout[:2], now_layout[:2]
+    if not universal and lay and saved_layout != now_layout:
         raise CheckpointError(
             f"{tag_dir}: saved with pp={lay.get('pp')} tp={lay.get('tp')} dp={lay.get('dp')}, this run is "
             f"pp={topo.pp} tp={topo.tp} dp={topo.dp}. To change the layout: python tools/reshard.py "
@@ -233,24 +243,24 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
     errors = []
     for tag in order:
         tag_dir = load_dir / tag
-        problem = None
+        problem, meta = None, None
         if _rank0():
             try:
                 if not tag_dir.is_dir():
                     raise CheckpointError(f"{tag_dir}: named by 'latest' but missing")
                 meta = read_meta(tag_dir)
                 verify_files(tag_dir)
-                _check_compatible(meta, cfg, topo, tag_dir, universal)
+                _check_compatible(meta, cfg, topo, tag_dir, universal, _weights_only(cfg, meta))
             except CheckpointError as e:
                 problem = str(e)
-        problem = _broadcast(problem)
+        problem, meta = _broadcast((problem, meta if problem is None else None))
         if problem is not None:
             if "does not match the model" in problem or "saved with pp=" in problem:
                 raise CheckpointError(problem)  # a wrong checkpoint, not a damaged one: no fallback
             errors.append(problem)
             _log(f"cannot resume from {tag}: {problem}; trying an older checkpoint")
             continue
-        return _load_tag(engine, cfg, load_dir, tag)
+        return _load_tag(engine, cfg, load_dir, tag, _weights_only(cfg, meta))
     raise CheckpointError(f"{load_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(errors))
 
 
@@ -262,20 +272,28 @@ def _broadcast(obj):
     return box[0]
 
 
-def _load_tag(engine, cfg: Config, load_dir: Path, tag: str) -> Dict[str, Any]:
-    finetune = cfg.checkpoint.finetune
+def _weights_only(cfg: Config, meta: Optional[Dict[str, Any]]) -> bool:
+    """Load the module alone: asked for (checkpoint.finetune), or all the checkpoint has (one
+    written by tools/convert_from_hf.py carries weights but no optimizer or data state)."""
+    return cfg.checkpoint.finetune or bool((meta or {}).get("weights_only"))
+
+
+def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool) -> Optional[Dict[str, Any]]:
     path, client = engine.load_checkpoint(
         str(load_dir), tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=False,
         load_module_only=finetune,
     )
     if path is None:
         raise CheckpointError(f"{load_dir / tag}: DeepSpeed found no checkpoint files for this rank")
+    if finetune:
+        _log(f"loaded the weights of {load_dir / tag}; starting at step 0 with a fresh optimizer and data order")
+        return None
     state = (client or {}).get(CLIENT_KEY)
     if state is None:
         raise CheckpointError(f"{load_dir / tag}: not a megatron_neox checkpoint (no '{CLIENT_KEY}' client state)")
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = load_dir / tag / f"rng_state_{rank}.pt"
-    if not finetune and not cfg.checkpoint.load_universal and rng_file.is_file():
+    if not cfg.checkpoint.load_universal and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     _log(f"resumed from {load_dir / tag} (iteration {state['iteration']})")
     return state

@@ -22,6 +22,7 @@ class LRSchedule:
     peak: float
     min_lr: float
     warmup_iters: int
+    warmup_tokens: Optional[int]
     decay_iters: Optional[int]
     decay_tokens: Optional[int]
     style: str
@@ -38,18 +39,25 @@ class LRSchedule:
             warmup = s.warmup_iters
         elif decay_iters is not None:
             warmup = int(round(s.warmup_fraction * decay_iters))
+        elif s.warmup_tokens is not None:
+            warmup = 0
         else:
             raise ConfigError("set lr_schedule.warmup_iters when the decay is measured in tokens")
-        return cls(peak, min_lr, warmup, decay_iters, s.decay_tokens, s.decay_style)
+        if s.warmup_tokens is not None:
+            warmup = 0
+        return cls(peak, min_lr, warmup, s.warmup_tokens, decay_iters, s.decay_tokens, s.decay_style)
 
     def lr(self, iteration: int, tokens: int) -> float:
         """Learning rate for the step that starts after `iteration` steps and `tokens` tokens."""
+        if self.warmup_tokens is not None and tokens < self.warmup_tokens:
+            return self.peak * max(tokens, 1) / self.warmup_tokens
         if self.warmup_iters and iteration < self.warmup_iters:
             return self.peak * (iteration + 1) / self.warmup_iters
         if self.style == "constant":
             return self.peak
         if self.decay_tokens is not None:
-            progress = tokens / self.decay_tokens
+            start = self.warmup_tokens or 0
+            progress = (tokens - start) / max(1, self.decay_tokens - start)
         else:
             span = max(1, self.decay_iters - self.warmup_iters)
             progress = (iteration - self.warmup_iters) / span

@@ -113,10 +113,12 @@ def train(cfg: Config) -> RunResult:
 
     engine, _ = build_engine(cfg, topo)
     state = TrainState()
-    if cfg.checkpoint.load or cfg.checkpoint.dir:
-        load_dir = cfg.checkpoint.load or cfg.checkpoint.dir
-        saved = checkpoint.load(engine, cfg, topo, load_dir, required=bool(cfg.checkpoint.load))
-        if saved is not None and not cfg.checkpoint.finetune:
+    # Our own checkpoints win (auto-resume after preemption); checkpoint.load seeds a new run.
+    own = cfg.checkpoint.dir and checkpoint.has_checkpoint(cfg.checkpoint.dir)
+    load_dir = cfg.checkpoint.dir if own else cfg.checkpoint.load
+    if load_dir:
+        saved = checkpoint.load(engine, cfg, topo, load_dir, required=True)
+        if saved is not None:
             state = TrainState(**{k: int(saved[k]) for k in TrainState().to_dict() if k in saved})
 
     train_ds, valid_ds, _ = build_datasets(

@@ -1,0 +1,396 @@
+"""What our training step costs on CPU, and what 2-rank parallelism costs.
+
+    python benchmarks/parallel_overhead.py            # both parts
+    python benchmarks/parallel_overhead.py --part a   # ours vs Hugging Face, 1 rank, 2 threads
+    python benchmarks/parallel_overhead.py --part b   # pp=2 / tp=2 / dp=2 on 2 ranks vs 1 rank
+
+(a) Tokens/s of one optimizer step of our DeepSpeed engine (`build_engine`, fp32, AdamW, clip 1.0)
+    at ZeRO-0 (our global-norm clipper) and ZeRO-1 (DeepSpeed's flat fp32 partition), against
+    Hugging Face `GPTNeoXForCausalLM` (SDPA attention) trained by a plain torch AdamW loop with
+    `clip_grad_norm_(1.0)`, same shapes, same weights (copied from ours, so the losses must agree:
+    printed as a check), same thread count, in the same process. Steps are interleaved
+    round-robin so that load from other processes on this shared machine hits every contender
+    alike; warm-up rounds are dropped and the median step time is reported. Ratio > 1 means ours
+    is faster.
+
+(b) Median step time of pp=2, tp=2 and dp=2 on two ranks (1 thread each) relative to one rank
+    (2 threads), same model and the same global batch. Ranks are started as subprocesses with
+    RANK/WORLD_SIZE/MASTER_* in their environment (`run_ranks`, also used by the other
+    benchmarks), which starts much faster than the deepspeed launcher.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# DeepSpeed builds its CPU shared-memory comm extension at start-up: one stable cache for all runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+# ~36M parameters: 6 layers of d=512 (19M) plus a 16k-vocab embedding and untied head (17M).
+# make_vocab_size_divisible_by=64 keeps the padded vocab at 16384 for tp=1 and tp=2 alike, so
+# every layout trains the same model. Seq 256 x micro 2 = 512 tokens, ~110 GFLOP: about 1-2 s per
+# step on two cores.
+MODEL = {
+    "num_layers": 6, "hidden_size": 512, "num_attention_heads": 8, "seq_length": 256,
+    "vocab_size": 16384, "make_vocab_size_divisible_by": 64, "rotary_pct": 0.25,
+}
+OPTIMIZER = {"lr": 1e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "clip_grad": 1.0}
+
+
+def make_config(pp: int = 1, tp: int = 1, zero: int = 1, micro: int = 2, global_batch: int = 2,
+                model: Optional[dict] = None, **sections):
+    from megatron_neox.config import config_from_dict
+
+    data = {
+        "model": dict(model or MODEL),
+        "parallel": {"pp": pp, "tp": tp},
+        "train": {"iters": 100, "micro_batch_size": micro, "global_batch_size": global_batch, "seed": 1234},
+        "optimizer": dict(OPTIMIZER),
+        "zero": {"stage": zero},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return config_from_dict(data)
+
+
+def micro_batches(cfg, step: int, dp: int, dp_rank: int) -> List[Dict]:
+    """This rank's micro-batches of global batch `step`, in the data loader's order: the global
+    batch is G rows; micro-step k of dp rank r takes rows [(k*dp + r)*micro, +micro). Every layout
+    therefore averages the loss over the same G sequences."""
+    import torch
+
+    m, micro, G = cfg.model, cfg.train.micro_batch_size, cfg.train.global_batch_size
+    T = m.seq_length
+    g = torch.Generator().manual_seed(1_000 + step)
+    rows = torch.randint(0, m.vocab_size, (G, T + 1), generator=g)
+    out = []
+    for k in range(G // (micro * dp)):
+        start = (k * dp + dp_rank) * micro
+        r = rows[start:start + micro]
+        out.append({
+            "tokens": r[:, :-1].contiguous(),
+            "labels": r[:, 1:].contiguous(),
+            "loss_mask": torch.ones(micro, T),
+            "position_ids": torch.arange(T).expand(micro, T).contiguous(),
+        })
+    return out
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- starting ranks as subprocesses --------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RanksFailed(RuntimeError):
+    pass
+
+
+def run_ranks(script: str, world: int, job: dict, threads: int = 1, timeout: float = 900,
+              sample_memory: bool = False) -> dict:
+    """Run `python script --worker JOB_JSON` as `world` ranks; return their results and the wall time.
+
+    Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and OMP_NUM_THREADS=`threads`,
+    and must write a JSON result to $MNX_RESULT_DIR/rank{RANK}.json (see `write_result`). If a
+    rank fails or the time runs out, the other ranks are killed (only the processes started here)
+    and RanksFailed carries the tail of the first failing rank's log. With `sample_memory` the
+    summed PSS of all ranks (each shared page counted once across them) is sampled every ~0.5 s.
+    """
+    with tempfile.TemporaryDirectory(prefix="mnx_bench_") as tmp:
+        base = dict(os.environ)
+        base.update(
+            WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+            MNX_RESULT_DIR=tmp, PYTHONPATH=str(REPO) + os.pathsep + base.get("PYTHONPATH", ""),
+        )
+        procs, logs = [], []
+        t0 = time.perf_counter()
+        for rank in range(world):
+            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
+            logs.append(log)
+            procs.append(subprocess.Popen([sys.executable, script, "--worker", json.dumps(job)],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)))
+        sampler = _PssSampler([p.pid for p in procs]) if sample_memory else None
+        failed = None
+        try:
+            while True:
+                codes = [p.poll() for p in procs]
+                bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
+                if bad:
+                    failed = bad[0]
+                    break
+                if all(c == 0 for c in codes):
+                    break
+                if time.perf_counter() - t0 > timeout:
+                    failed = -1
+                    break
+                time.sleep(0.2)
+        finally:
+            wall = time.perf_counter() - t0
+            if sampler is not None:
+                sampler.stop()
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        if failed is not None:
+            which = failed if failed >= 0 else 0
+            logs[which].seek(0)
+            tail = "".join(logs[which].readlines()[-40:])
+            what = f"rank {failed} exited with code {procs[failed].returncode}" if failed >= 0 \
+                else f"ranks did not finish within {timeout:.0f} s"
+            raise RanksFailed(f"{script} {job}: {what}; log of rank {which}:\n{tail}")
+        for log in logs:
+            log.close()
+        results = []
+        for rank in range(world):
+            with open(os.path.join(tmp, f"rank{rank}.json")) as f:
+                results.append(json.load(f))
+        return {"ranks": results, "wall_s": wall,
+                "peak_pss_total_mib": sampler.peak_mib if sampler is not None else None}
+
+
+class _PssSampler:
+    """Peak of the summed proportional set size of a group of processes, sampled in a thread."""
+
+    def __init__(self, pids: List[int], interval: float = 0.5):
+        import psutil
+
+        self._procs = [psutil.Process(pid) for pid in pids]
+        self._interval = interval
+        self.peak_mib = 0.0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        import psutil
+
+        while not self._done.is_set():
+            total = 0
+            for p in self._procs:
+                try:
+                    total += p.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    pass
+            self.peak_mib = max(self.peak_mib, total / 2**20)
+            self._done.wait(self._interval)
+
+    def stop(self):
+        self._done.set()
+        self._thread.join()
+
+
+def write_result(result: dict) -> None:
+    """Called by a worker rank: hand its JSON result to `run_ranks`."""
+    path = os.path.join(os.environ["MNX_RESULT_DIR"], f"rank{os.environ['RANK']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(path + ".tmp", path)
+
+
+# ---- (a) ours vs Hugging Face on one rank --------------------------------------------------------
+
+
+def _hf_twin(cfg, model):
+    """GPTNeoXForCausalLM with our model's initial weights, and the same AdamW param groups."""
+    import torch
+    import transformers
+
+    from megatron_neox.convert.hf import to_hf_config, to_hf_state_dict
+
+    hf_cfg = to_hf_config(cfg.model, cfg.model.padded_vocab(1))
+    hf_cfg._attn_implementation = "sdpa"  # the same kernel our attention calls
+    hf = transformers.GPTNeoXForCausalLM(hf_cfg)
+    sd = to_hf_state_dict(model.state_dict(), cfg.model)
+    sd["lm_head.weight"] = sd.pop("embed_out.weight")  # transformers 5.x name of the head
+    hf.load_state_dict(sd, strict=True)
+    hf.train()
+    o = cfg.optimizer
+    decay = [p for p in hf.parameters() if p.ndim >= 2]
+    no_decay = [p for p in hf.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    return hf, opt
+
+
+def _hf_step(hf, opt, batches, clip: float):
+    """The textbook loop: zero_grad, forward/backward per micro-batch, clip, step."""
+    import torch
+    import torch.nn.functional as F
+
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for mb in batches:
+        logits = hf(input_ids=mb["tokens"], position_ids=mb["position_ids"]).logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), mb["labels"].view(-1)) / len(batches)
+        loss.backward()
+        total += float(loss)
+    norm = torch.nn.utils.clip_grad_norm_(hf.parameters(), clip)
+    opt.step()
+    return total, float(norm)
+
+
+def part_a(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.step import train_step
+
+    steppers, labels = [], []
+    first_model = None
+    for zero in args.zero:
+        cfg = make_config(zero=zero, micro=args.micro, global_batch=args.micro)
+        topo = build_topology(cfg)
+        engine, model = build_engine(cfg, topo)
+        first_model = first_model or (cfg, model)
+        steppers.append(lambda s, e=engine, c=cfg, t=topo: _as_pair(train_step(e, micro_batches(c, s, 1, 0), t)))
+        labels.append(f"ours ZeRO-{zero} (DeepSpeed engine)")
+    cfg, model = first_model
+    hf, opt = _hf_twin(cfg, model)
+    clip = cfg.optimizer.clip_grad
+    steppers.append(lambda s: _hf_step(hf, opt, micro_batches(cfg, s, 1, 0), clip))
+    labels.append("HF GPTNeoXForCausalLM + torch AdamW")
+
+    from megatron_neox.model.gpt_neox import count_parameters
+
+    n_params = count_parameters(cfg.model)["total"]
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    print(f"(a) 1 rank, {torch.get_num_threads()} threads, fp32, {n_params / 1e6:.1f}M parameters "
+          f"(L={cfg.model.num_layers} d={cfg.model.hidden_size} V={cfg.model.padded_vocab(1)}), "
+          f"batch {cfg.train.global_batch_size} x seq {cfg.model.seq_length} = {tokens} tokens/step, "
+          f"AdamW + clip {clip}; {args.warmup} warm-up + {args.steps} measured rounds, interleaved")
+    times: List[List[float]] = [[] for _ in steppers]
+    results: List[List[tuple]] = [[] for _ in steppers]
+    for rnd in range(args.warmup + args.steps):
+        # Rotate who goes first so a burst of outside load does not always hit the same one.
+        order = [(rnd + i) % len(steppers) for i in range(len(steppers))]
+        for i in order:
+            t0 = time.perf_counter()
+            results[i].append(steppers[i](rnd))
+            dt = time.perf_counter() - t0
+            if rnd >= args.warmup:
+                times[i].append(dt)
+    hf_med = statistics.median(times[-1])
+    print(f"  {'':38s} {'median s/step':>13s} {'tokens/s':>9s} {'vs HF':>6s}  {'paired':>6s}   "
+          f"loss step0 -> last   grad-norm step0")
+    for i, label in enumerate(labels):
+        med = statistics.median(times[i])
+        paired = statistics.median(h / o for h, o in zip(times[-1], times[i]))
+        (l0, n0), (ll, _) = results[i][0], results[i][-1]
+        print(f"  {label:38s} {med:13.3f} {tokens / med:9.0f} {hf_med / med:5.2f}x  {paired:5.2f}x   "
+              f"{l0:.6f} -> {ll:.6f}   {n0:.6f}")
+    print("  vs HF: HF median step time / this median (>1: faster than HF); paired: median over rounds "
+          "of the same ratio within a round")
+    worst = max(abs(results[i][0][0] - results[-1][0][0]) for i in range(len(steppers) - 1))
+    print(f"  same weights and batches: |loss(ours) - loss(HF)| at step 0 = {worst:.2e}")
+
+
+def _as_pair(result):
+    return result.loss, result.grad_norm
+
+
+# ---- (b) 2-rank layouts vs 1 rank -----------------------------------------------------------------
+
+LAYOUTS_B = [  # (name, world, pp, tp, threads per rank)
+    ("1 rank", 1, 1, 1, 2),
+    ("pp=2", 2, 2, 1, 1),
+    ("tp=2", 2, 1, 2, 1),
+    ("dp=2", 2, 1, 1, 1),
+]
+
+
+def worker_b(job: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.step import train_step
+
+    cfg = make_config(pp=job["pp"], tp=job["tp"], zero=job["zero"], micro=job["micro"],
+                      global_batch=job["global_batch"])
+    topo = build_topology(cfg)
+    engine, _ = build_engine(cfg, topo)
+    times, losses = [], []
+    for step in range(job["warmup"] + job["steps"]):
+        batches = micro_batches(cfg, step, topo.dp, topo.dp_rank)
+        dist.barrier()
+        t0 = time.perf_counter()
+        r = train_step(engine, batches, topo)
+        dist.barrier()  # the step is over when the slowest rank is done
+        if step >= job["warmup"]:
+            times.append(time.perf_counter() - t0)
+        losses.append(r.loss)
+    write_result({"times": times, "losses": losses})
+
+
+def part_b(args) -> None:
+    G = args.global_batch
+    print(f"(b) same global batch of {G} x {MODEL['seq_length']} tokens (micro {args.micro_b}), fp32, "
+          f"ZeRO-{args.zero_b}; 1 rank x 2 threads vs 2 ranks x 1 thread; "
+          f"{args.warmup_b} warm-up + {args.steps_b} measured steps")
+    print(f"  {'layout':8s} {'ranks x threads':>15s} {'grad_accum':>10s} {'median s/step':>13s} "
+          f"{'vs 1 rank':>9s} {'tokens/s':>9s}   last loss")
+    base = None
+    for name, world, pp, tp, threads in LAYOUTS_B:
+        job = {"pp": pp, "tp": tp, "zero": args.zero_b, "micro": args.micro_b, "global_batch": G,
+               "warmup": args.warmup_b, "steps": args.steps_b}
+        out = run_ranks(__file__, world, job, threads=threads)
+        med = statistics.median(out["ranks"][0]["times"])
+        base = base or med
+        dp = world // (pp * tp)
+        print(f"  {name:8s} {f'{world} x {threads}':>15s} {G // (args.micro_b * dp):10d} {med:13.3f} "
+              f"{med / base:8.2f}x {G * MODEL['seq_length'] / med:9.0f}   {out['ranks'][0]['losses'][-1]:.6f}")
+    print("  vs 1 rank: step time relative to 1 rank x 2 threads (<1: faster)")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=["a", "b", "all"], default="all")
+    ap.add_argument("--threads", type=int, default=2, help="(a) torch threads")
+    ap.add_argument("--micro", type=int, default=2, help="(a) sequences per step")
+    ap.add_argument("--zero", type=int, nargs="+", default=[0, 1], help="(a) ZeRO stages of ours to time")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--global-batch", type=int, default=8, help="(b) sequences per step")
+    ap.add_argument("--micro-b", type=int, default=1, help="(b) micro-batch size")
+    ap.add_argument("--zero-b", type=int, default=1, help="(b) ZeRO stage")
+    ap.add_argument("--warmup-b", type=int, default=1)
+    ap.add_argument("--steps-b", type=int, default=4)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker_b(json.loads(args.worker))
+        return
+    if args.part in ("a", "all"):
+        part_a(args)
+    if args.part in ("b", "all"):
+        part_b(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Small datasets and configs for end-to-end training tests (tokens are random; vocab 96)."""
+import copy
+import os
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+BASE = {
+    "model": {
+        "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 96,
+        "rotary_pct": 0.5, "make_vocab_size_divisible_by": 8,
+    },
+    "train": {"iters": 6, "micro_batch_size": 2, "global_batch_size": 8, "seed": 1234},
+    "optimizer": {"lr": 1e-2},
+    "lr_schedule": {"warmup_iters": 2},
+    "zero": {"stage": 1},
+    "data": {"split": "90,10,0"},
+    "log": {"interval": 1},
+    "eval": {"iters": 2},
+}
+
+
+def make_dataset(prefix: str, num_docs: int = 300, seed: int = 0) -> str:
+    """An indexed dataset of random documents (lengths 1..60), EOD (0) at each end."""
+    from megatron_neox.data.indexed import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(prefix), exist_ok=True)
+    builder = IndexedDatasetBuilder(prefix, np.uint16)
+    for _ in range(num_docs):
+        n = int(rng.integers(1, 60))
+        builder.add_document(np.append(rng.integers(2, 96, n), 0))
+    builder.finalize()
+    return prefix
+
+
+def config_dict(tmp: str, pp: int = 1, tp: int = 1, **overrides) -> dict:
+    """BASE with data/checkpoint/log dirs under `tmp` and `a.b=value` overrides (as keyword a__b)."""
+    d = copy.deepcopy(BASE)
+    d["parallel"] = {"pp": pp, "tp": tp}
+    d["data"]["prefixes"] = [os.path.join(tmp, "data", "rand")]
+    d["checkpoint"] = {"dir": os.path.join(tmp, "ckpt")}
+    d["log"]["dir"] = os.path.join(tmp, "log")
+    for key, value in overrides.items():
+        node = d
+        *path, last = key.split("__")
+        for k in path:
+            node = node.setdefault(k, {})
+        node[last] = value
+    return d
+
+
+def train_in_rank(rank, world_size, cfg_dict):
+    """run_distributed target: train with a config dict; returns (losses, eval_losses, state)."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training.trainer import train
+
+    r = train(config_from_dict(cfg_dict))
+    return r.losses, r.eval_losses, r.state.to_dict()
+
+
+def python() -> str:
+    return sys.executable
