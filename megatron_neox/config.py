@@ -327,8 +327,6 @@ class CheckpointConfig(Section):
     """Checkpoint dir to resume from; default checkpoint.dir (auto-resume from its `latest`)."""
     keep_last: Optional[int] = Field(None, gt=0)
     """Keep only the newest K checkpoints."""
-    load_universal: bool = False
-    """Load a universal checkpoint made by tools/reshard.py (change pp/tp/dp)."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
 
@@ -484,8 +482,6 @@ class Config(Section):
                 "synchronize_checkpoint_boundary": False,
                 "profile": False,
             }
-        if self.checkpoint.load_universal:
-            ds["checkpoint"] = {"load_universal": True}
         return _deep_merge(ds, self.deepspeed)
 
     def to_dict(self) -> Dict[str, Any]:

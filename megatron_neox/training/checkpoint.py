@@ -46,21 +46,28 @@ def universal_checkpoint_info(cfg: Config, padded_vocab: int) -> Dict[str, Any]:
     """
     from deepspeed.checkpoint import constants as C
 
+    m = cfg.model
+    # ds_to_universal insists that every pattern matches some parameter: list only what exists.
+    replicated = [r".*layernorm\.(weight|bias)$", r"^\d+\.norm\.(weight|bias)$"]
+    if m.attention_bias:
+        replicated.append(r".*attention\.dense\.bias$")
+    if m.mlp_bias:
+        replicated.append(r".*mlp\.dense_4h_to_h\.bias$")
+    if m.position_embedding == "learned":
+        replicated.append(r".*position_embeddings\.weight$")
+    vocab = [r".*word_embeddings\.weight$"] + ([] if m.tie_embeddings else [r".*final_linear\.weight$"])
     info = {
         C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        C.TP_REPLICATED_PARAMETER_PATTERNS: [
-            r".*layernorm\.(weight|bias)$", r"^\d+\.norm\.(weight|bias)$",
-            r".*attention\.dense\.bias$", r".*mlp\.dense_4h_to_h\.bias$", r".*position_embeddings\.weight$",
-        ],
+        C.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
         C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attention\.dense\.weight$", r".*mlp\.dense_4h_to_h\.weight$"],
-        C.VOCABULARY_PARAMETER_PATTERNS: [r".*word_embeddings\.weight$", r".*final_linear\.weight$"],
+        C.VOCABULARY_PARAMETER_PATTERNS: vocab,
         # Rows beyond this are padding; the padded size is kept so a reshard at the same padding
         # changes nothing.
         "original_vocab_size": padded_vocab,
     }
-    if cfg.model.tie_embeddings:
+    if m.tie_embeddings:
         info[C.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = [r".*word_embeddings\.weight$"]
-    if cfg.model.activation == "swiglu":
+    if m.activation == "swiglu":
         info[C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*mlp\.dense_h_to_4h\.(weight|bias)$"]
     return info
 
@@ -190,8 +197,7 @@ def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir
         raise CheckpointError(
             f"{tag_dir}: saved with pp={lay.get('pp')} tp={lay.get('tp')} dp={lay.get('dp')}, this run is "
             f"pp={topo.pp} tp={topo.tp} dp={topo.dp}. To change the layout: python tools/reshard.py "
-            f"--checkpoint {tag_dir.parent} --out NEW_DIR, then --set checkpoint.load=NEW_DIR "
-            "checkpoint.load_universal=true"
+            f"--checkpoint {tag_dir.parent} --out NEW_DIR, then --set checkpoint.load=NEW_DIR"
         )
 
 
@@ -232,7 +238,6 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
     """Resume from the newest intact checkpoint in `load_dir`; returns our client state, or None
     when there is nothing to resume from and `required` is False (a fresh run)."""
     load_dir = Path(load_dir)
-    universal = cfg.checkpoint.load_universal
     order, warnings = _candidates(load_dir)
     for w in warnings:
         _log(f"warning: {w}")
@@ -250,7 +255,7 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
                     raise CheckpointError(f"{tag_dir}: named by 'latest' but missing")
                 meta = read_meta(tag_dir)
                 verify_files(tag_dir)
-                _check_compatible(meta, cfg, topo, tag_dir, universal, _weights_only(cfg, meta))
+                _check_compatible(meta, cfg, topo, tag_dir, bool(meta.get("universal")), _weights_only(cfg, meta))
             except CheckpointError as e:
                 problem = str(e)
         problem, meta = _broadcast((problem, meta if problem is None else None))
@@ -260,7 +265,7 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
             errors.append(problem)
             _log(f"cannot resume from {tag}: {problem}; trying an older checkpoint")
             continue
-        return _load_tag(engine, cfg, load_dir, tag, _weights_only(cfg, meta))
+        return _load_tag(engine, cfg, load_dir, tag, _weights_only(cfg, meta), bool(meta.get("universal")))
     raise CheckpointError(f"{load_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(errors))
 
 
@@ -278,7 +283,11 @@ def _weights_only(cfg: Config, meta: Optional[Dict[str, Any]]) -> bool:
     return cfg.checkpoint.finetune or bool((meta or {}).get("weights_only"))
 
 
-def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool) -> Optional[Dict[str, Any]]:
+def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool,
+              universal: bool) -> Optional[Dict[str, Any]]:
+    # A universal checkpoint (tools/reshard.py) is re-sliced by DeepSpeed for this run's layout;
+    # the flag lives in the engine's config and is only read while loading.
+    engine._config.load_universal_checkpoint = universal
     path, client = engine.load_checkpoint(
         str(load_dir), tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=False,
         load_module_only=finetune,
@@ -293,7 +302,7 @@ def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool) -> 
         raise CheckpointError(f"{load_dir / tag}: not a megatron_neox checkpoint (no '{CLIENT_KEY}' client state)")
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = load_dir / tag / f"rng_state_{rank}.pt"
-    if not cfg.checkpoint.load_universal and rng_file.is_file():
+    if not universal and rng_file.is_file():
         _set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     _log(f"resumed from {load_dir / tag} (iteration {state['iteration']})")
     return state

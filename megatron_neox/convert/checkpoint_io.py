@@ -1,0 +1,343 @@
+"""Read any training checkpoint as one full state dict, and write weights as a DeepSpeed checkpoint.
+
+What DeepSpeed 0.19 writes into `DIR/global_stepN/` (measured; see training/checkpoint.py):
+
+    pp > 1    layer_XX-model_YY-model_states.pt   layer XX's own keys (no layer-index prefix), TP rank YY;
+                                                  a tied output head has no file (it is the embedding)
+              mp_rank_ZZ_model_states.pt          one per pipe x tensor rank: `module` is None, client
+                                                  state (our `megatron_neox` key) at the top level
+    pp = 1    mp_rank_YY_model_states.pt          `module` = the TP rank's whole layer-indexed state dict
+    ZeRO-3    zero_pp_rank_D_mp_rank_YY_model_states.pt  parameters partitioned over data-parallel
+                                                  ranks; only the optimizer files hold them whole
+    all       complete.json (ours, written last), zero_pp_rank_*_optim_states.pt
+
+Model files hold only tensors, plain containers and strings, so they load with
+`torch.load(weights_only=True)`; DeepSpeed's optimizer files do not (pickled enums), which only
+the ZeRO-3 path reads.
+
+A checkpoint written by `write_weights_checkpoint` has the model files alone and
+`"weights_only": true` in complete.json: training then loads it with DeepSpeed's
+`load_checkpoint(load_module_only=True)` and starts at step 0 with a fresh optimizer. DeepSpeed's
+module-only load needs, per file, `module` (the state dict, or None under a pipeline, whose
+layers read their layer files) and `dp_world_size`; the rest of what we write mirrors a real
+save so DeepSpeed's own tools recognise the files.
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, NamedTuple, Optional, Union
+
+import torch
+from pydantic import BaseModel
+
+from megatron_neox.config import Config, ModelConfig, config_from_dict
+from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, split_key
+from megatron_neox.errors import CheckpointError, ConfigError
+from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta
+
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+WEIGHTS_TAG = "global_step0"
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What `load_full_state_dict` returns; unpacks as (config, padded_vocab, state_dict).
+
+    `config` is the run's `Config` when the checkpoint carries it (every checkpoint the trainer
+    saves, and those written with a run config), else the `model` section dict of complete.json.
+    """
+
+    config: Union[Config, Dict[str, Any]]
+    padded_vocab: int
+    state_dict: Dict[str, torch.Tensor]
+
+
+def model_config(config: Union[Config, Dict[str, Any], ModelConfig]) -> ModelConfig:
+    """The ModelConfig inside whatever `load_full_state_dict` returned as its config."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, Config):
+        return config.model
+    try:
+        return ModelConfig(**config)
+    except Exception as e:  # pydantic's ValidationError: report it as a bad checkpoint
+        raise CheckpointError(f"complete.json: invalid model section ({e})") from None
+
+
+# ---- locating a checkpoint ---------------------------------------------------------------------
+
+
+def resolve_tag_dir(path: Union[str, os.PathLike]) -> Path:
+    """`DIR/global_stepN` as given, or the tag that `DIR/latest` names (else DIR's newest complete tag)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint dir or its global_stepN/)")
+    if (path / COMPLETE).exists() or _TAG_RE.match(path.name):
+        return path
+    latest = path / "latest"
+    if latest.exists():
+        try:
+            tag = latest.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{latest}: unreadable ({e})") from None
+        if not _TAG_RE.match(tag):
+            raise CheckpointError(f"{latest}: corrupt (expected 'global_stepN', found {tag[:40]!r}); "
+                                  f"pass {path}/global_stepN explicitly")
+        if not (path / tag).is_dir():
+            raise CheckpointError(f"{path / tag}: named by {latest} but missing")
+        return path / tag
+    tags = sorted((int(m.group(1)), p) for p in path.iterdir()
+                  if (m := _TAG_RE.match(p.name)) and (p / COMPLETE).is_file())
+    if not tags:
+        raise CheckpointError(f"{path}: no checkpoint here (no 'latest', no complete global_stepN/, no {COMPLETE})")
+    return tags[-1][1]
+
+
+def _load_pt(path: Path, *, pickles: bool = False) -> Any:
+    """torch.load with the failure named: missing, truncated or corrupt."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the checkpoint's layout says this file must exist)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not pickles)
+    except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/zip errors
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "the file is truncated or corrupt") from None
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Size]:
+    """Key -> shape of the full (tp=1) state dict, from a model built on the meta device (no memory)."""
+    from megatron_neox.model.gpt_neox import GPTNeoX
+
+    with torch.device("meta"):
+        model = GPTNeoX(cfg, padded_vocab)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def check_full_state_dict(sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int, where: str) -> None:
+    """Every key the model has, with its shape, and nothing else."""
+    want = expected_shapes(cfg, padded_vocab)
+    problems = [f"missing {k}" for k in want if k not in sd]
+    problems += [f"unexpected {k}" for k in sd if k not in want]
+    problems += [f"{k}: shape {tuple(sd[k].shape)}, the model needs {tuple(s)}"
+                 for k, s in want.items() if k in sd and sd[k].shape != s]
+    if problems:
+        more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
+        raise CheckpointError(f"{where}: weights do not match the model config:\n  " + "\n  ".join(problems[:8]) + more)
+
+
+def _known_keys_only(data: Dict[str, Any], section: type) -> Dict[str, Any]:
+    """`data` without the keys `section` (a pydantic config class) does not know, recursively."""
+    out = {}
+    for key, value in data.items():
+        field = section.model_fields.get(key)
+        if field is None:
+            continue
+        sub = next((a for a in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                    if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        out[key] = _known_keys_only(value, sub) if sub is not None and isinstance(value, dict) else value
+    return out
+
+
+def _client_config(client: Any) -> Optional[Config]:
+    """The run config saved with the checkpoint. It was valid when saved; keys that a later version
+    of the config dropped are ignored so old checkpoints stay usable by the tools."""
+    state = client.get(CLIENT_KEY) if isinstance(client, dict) else None
+    run = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(run, dict):
+        return None
+    for data in (run, _known_keys_only(run, Config)):
+        try:
+            return config_from_dict(data)
+        except ConfigError:
+            continue
+    return None  # the model section of complete.json still describes the weights
+
+
+def _layer_files(tag_dir: Path, idx: int, tp: int) -> List[Path]:
+    files = sorted(tag_dir.glob(f"layer_{idx:02d}-*model_states.pt"))
+    if len(files) != tp:
+        expected = ", ".join(f"layer_{idx:02d}-model_{r:02d}-model_states.pt" for r in range(tp))
+        raise CheckpointError(f"{tag_dir}: found {len(files)} file(s) for layer {idx}, expected {tp}: {expected} "
+                              "(missing files: the checkpoint is incomplete)")
+    return files
+
+
+def load_full_state_dict(ckpt: Union[str, os.PathLike]) -> LoadedCheckpoint:
+    """The whole model of a checkpoint (`DIR`, following `latest`, or `DIR/global_stepN`) as one
+    layer-indexed state dict: pipeline layer files gathered, tensor-parallel shards merged."""
+    tag_dir = resolve_tag_dir(ckpt)
+    meta = read_meta(tag_dir)  # CheckpointError when the save never finished (no complete.json)
+    try:
+        cfg = ModelConfig(**meta["model"])
+        padded = int(meta["padded_vocab"])
+        layout = meta.get("layout") or {}
+        pp, tp = int(layout.get("pp", 1)), int(layout.get("tp", 1))
+    except Exception as e:
+        raise CheckpointError(f"{tag_dir / COMPLETE}: missing or invalid model/padded_vocab/layout ({e})") from None
+
+    if pp > 1:
+        client = _load_pt(tag_dir / "mp_rank_00_model_states.pt")
+        L = cfg.num_layers
+        indices = list(range(L + 2)) + ([] if cfg.tie_embeddings else [L + 2])
+        shards: List[Dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+        for idx in indices:
+            for r, f in enumerate(_layer_files(tag_dir, idx, tp)):
+                layer_sd = _load_pt(f)
+                shards[r].update({f"{idx}.{k}": v for k, v in layer_sd.items()})
+    elif (tag_dir / "mp_rank_00_model_states.pt").exists() or not list(tag_dir.glob("zero_pp_rank_*_model_states.pt")):
+        files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+        loaded = [_load_pt(f) for f in files]
+        client = loaded[0]
+        shards = []
+        for f, sd in zip(files, loaded):
+            if not isinstance(sd, dict) or not isinstance(sd.get("module"), dict):
+                raise CheckpointError(f"{f}: no 'module' state dict (not a DeepSpeed pp=1 model file)")
+            shards.append(sd["module"])
+    else:
+        client, shards = _load_zero3(tag_dir, tp)
+
+    full = merge_state_dicts(shards, cfg)
+    check_full_state_dict(full, cfg, padded, str(tag_dir))
+    run = _client_config(client)
+    return LoadedCheckpoint(run if run is not None else dict(meta["model"]), padded, full)
+
+
+def _load_zero3(tag_dir: Path, tp: int):
+    """ZeRO-3 partitions every parameter over the data-parallel ranks; DeepSpeed's zero_to_fp32
+    puts them back together from the optimizer files."""
+    if tp > 1:
+        raise CheckpointError(f"{tag_dir}: a ZeRO-3 checkpoint with tp={tp} cannot be merged here; "
+                              "convert it with tools/reshard.py first, or save it with zero.stage <= 2")
+    model_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    client = _load_pt(model_file)
+    for f in sorted(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+        _load_pt(f, pickles=True)  # name a truncated shard before DeepSpeed trips over it
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # DeepSpeed's optimizer files are pickles (weights_only=False inside zero_to_fp32); they come
+    # from the checkpoint directory the user pointed at.
+    try:
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise CheckpointError(f"{tag_dir}: cannot gather the ZeRO-3 partitions ({e})") from None
+    return client, [dict(sd)]
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def _fit_vocab(sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded: int) -> Dict[str, torch.Tensor]:
+    """Pad (zero rows) or trim the vocab rows to `padded`. Rows past model.vocab_size are padding
+    that no token id reaches, so trimming them loses nothing; trimming real rows is refused."""
+    out = dict(sd)
+    keys = ["0.word_embeddings.weight"] + ([] if cfg.tie_embeddings else [f"{cfg.num_layers + 2}.final_linear.weight"])
+    for k in keys:
+        if k not in out:
+            continue
+        t = out[k]
+        if t.shape[0] < padded:
+            out[k] = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
+        elif t.shape[0] > padded:
+            if padded < cfg.vocab_size:
+                raise CheckpointError(f"{k}: {t.shape[0]} rows do not fit the padded vocab {padded} "
+                                      f"(model.vocab_size={cfg.vocab_size})")
+            out[k] = t[:padded]
+    return out
+
+
+def _ds_file(module, pp: int, tp: int, client: Dict[str, Any]) -> Dict[str, Any]:
+    import deepspeed
+
+    return {
+        "module": module,
+        "buffer_names": [],
+        "optimizer": None,
+        "lr_scheduler": None,
+        "skipped_steps": 0,
+        "global_steps": 0,
+        "global_samples": 0,
+        # DeepSpeed's loader asserts the number of mp_rank files equals this.
+        "dp_world_size": 1,
+        "mp_world_size": pp * tp if pp > 1 else tp,
+        "checkpoint_parallel_dimensions": {"pp_degree": pp, "tp_degree": tp},
+        "ds_version": deepspeed.__version__,
+        **client,
+    }
+
+
+def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg_dict: Dict[str, Any],
+                             out_dir: Union[str, os.PathLike], pp: int = 1, tp: int = 1, *,
+                             run_config: Optional[Dict[str, Any]] = None, extra_files: Optional[Dict[str, os.PathLike]] = None,
+                             source: Optional[str] = None, overwrite: bool = False) -> Path:
+    """Write `full_sd` (our full layer-indexed names) as a weights-only checkpoint in DeepSpeed's
+    layout for `pp` x `tp`: `OUT/global_step0/` + `OUT/latest`.
+
+    `launch/train.py --set checkpoint.load=OUT` with the same model section and parallel.pp/tp
+    loads it (any data-parallel size, ZeRO 0-2; ZeRO-3 reads only its own partitioned files).
+    `run_config` (a config dict) is stored as client state so tools find the tokenizer and data;
+    `extra_files` (name -> source path) are copied into OUT. Everything is written in a temporary
+    directory beside OUT and renamed into place, so OUT is complete or absent.
+    """
+    out_dir = Path(out_dir)
+    cfg = model_config(model_cfg_dict)
+    if pp < 1 or tp < 1:
+        raise ConfigError(f"pp={pp} and tp={tp} must be >= 1")
+    if pp > cfg.num_layers:
+        raise ConfigError(f"pp={pp} stages but the model has only {cfg.num_layers} layers")
+    for what, n in (("num_attention_heads", cfg.num_attention_heads), ("MLP width", cfg.ffn_size)):
+        if n % tp:
+            raise ConfigError(f"{what}={n} is not divisible by tp={tp}")
+    padded = cfg.padded_vocab(tp)
+    if padded % tp:
+        raise ConfigError(f"padded vocab {padded} is not divisible by tp={tp}")
+    full = _fit_vocab(full_sd, cfg, padded)
+    check_full_state_dict(full, cfg, padded, "write_weights_checkpoint")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise CheckpointError(f"{out_dir}: already exists and is not empty; choose a new output directory")
+
+    client = {CLIENT_KEY: {"iteration": 0, "weights_only": True, **({"config": run_config} if run_config else {})}}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tag_dir = tmp / WEIGHTS_TAG
+        tag_dir.mkdir()
+        shards = [shard_state_dict(full, cfg, tp, r) for r in range(tp)]
+        if pp > 1:
+            for r, shard in enumerate(shards):
+                by_layer: Dict[int, Dict[str, torch.Tensor]] = {}
+                for key, t in shard.items():
+                    idx, name = split_key(key)
+                    by_layer.setdefault(idx, {})[name] = t
+                for idx, layer_sd in by_layer.items():
+                    torch.save(layer_sd, tag_dir / f"layer_{idx:02d}-model_{r:02d}-model_states.pt")
+            for m in range(pp * tp):  # one per pipe x tensor rank, as DeepSpeed writes them
+                torch.save(_ds_file(None, pp, tp, client), tag_dir / f"mp_rank_{m:02d}_model_states.pt")
+        else:
+            for r, shard in enumerate(shards):
+                torch.save(_ds_file(shard, pp, tp, client), tag_dir / f"mp_rank_{r:02d}_model_states.pt")
+        meta = {"iteration": 0, "weights_only": True, "layout": {"pp": pp, "tp": tp, "dp": 1},
+                "model": cfg.model_dump(mode="json"), "padded_vocab": padded}
+        if source:
+            meta["source"] = source
+        (tag_dir / COMPLETE).write_text(json.dumps(meta, indent=1))
+        (tmp / "latest").write_text(WEIGHTS_TAG)
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,56 @@
+"""DeepSpeed universal checkpoints: change pp, tp or dp between save and resume.
+
+`ds_to_universal` (DeepSpeed) merges every parameter's fp32 weights and Adam moments across all
+shards into one file per parameter, using the regexes our checkpoints carry in
+`universal_checkpoint_info` (which tensors are TP-replicated, row-parallel, vocab-padded).
+A run that loads the result (its complete.json says `universal`) has DeepSpeed slice them for
+its own layout.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from megatron_neox.errors import CheckpointError
+from megatron_neox.training.checkpoint import COMPLETE, complete_tags, read_meta, verify_files
+
+
+def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str] = None, workers: int = 2) -> Path:
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    if tag is None:
+        tags = complete_tags(ckpt_dir)
+        if not tags:
+            raise CheckpointError(f"{ckpt_dir}: no complete checkpoint (global_stepN/ with {COMPLETE})")
+        tag = tags[-1]
+    src = ckpt_dir / tag
+    meta = read_meta(src)
+    if meta.get("weights_only"):
+        raise CheckpointError(f"{src}: holds weights only (no optimizer state); load it directly at any layout")
+    verify_files(src)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=out_dir))
+    try:
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
+               "--output_folder", str(tmp / tag), "--num_extract_workers", str(workers),
+               "--num_merge_workers", str(max(1, workers // 2))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+            raise CheckpointError(f"{src}: DeepSpeed's ds_to_universal failed:\n{tail}")
+        meta.update(universal=True, source=str(src))
+        (tmp / tag / COMPLETE).write_text(json.dumps(meta, indent=1))
+        final = out_dir / tag
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp / tag, final)
+        for name in ("latest", "latest_universal"):
+            marker = out_dir / f".{name}.tmp"
+            marker.write_text(tag)
+            os.replace(marker, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir / tag
