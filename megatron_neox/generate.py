@@ -1,0 +1,153 @@
+"""Text generation from a checkpoint: the merged model on one process (pp = 1, tp = 1).
+
+Decoding feeds the prompt once and then one token per step through the KV cache. The padded
+vocabulary rows (ids >= the tokenizer's size) are masked before choosing, so they can never be
+produced; temperature 0 is greedy (argmax), as Hugging Face `generate(do_sample=False)`, which
+gives the same tokens on the exported model (tools/convert_to_hf.py writes the padded ids into
+its generation_config as `suppress_tokens`).
+"""
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from megatron_neox.config import Config, ModelConfig
+from megatron_neox.convert.checkpoint_io import load_full_state_dict, model_config
+from megatron_neox.errors import ConfigError
+from megatron_neox.model.gpt_neox import GPTNeoX
+
+
+class LoadedModel(NamedTuple):
+    model: GPTNeoX
+    config: Union[Config, Dict]  # the run config when the checkpoint has one, else the model section
+    padded_vocab: int
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return model_config(self.config)
+
+
+def load_model(checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The whole model of any checkpoint layout, in eval mode (dropout off)."""
+    config, padded, sd = load_full_state_dict(checkpoint)
+    cfg = model_config(config)
+    model = GPTNeoX(cfg, padded)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+    return LoadedModel(model.to(dtype).eval(), config, padded)
+
+
+def tokenizer_path(config) -> Optional[str]:
+    """The run config's tokenizer.path, if it has one."""
+    return config.tokenizer.path if isinstance(config, Config) else None
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Ids >= vocab_size are vocab padding (no token): make them impossible to choose."""
+    if vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[..., vocab_size:] = float("-inf")
+    return logits
+
+
+def choose_next(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next ids [B] from logits [B, V] (already masked): argmax at temperature 0, else a sample from
+    softmax(logits / T) restricted to the top-k ids and to the smallest set holding top_p of the mass."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop an id when the ids ranked above it already hold top_p of the mass (the first id
+        # always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _context_limit(cfg: ModelConfig) -> Optional[int]:
+    # Learned absolute positions stop at seq_length; rotary and ALiBi extend past it (as HF's do).
+    return cfg.seq_length if cfg.position_embedding == "learned" else None
+
+
+@torch.no_grad()
+def generate_ids(model: GPTNeoX, prompt_ids: Sequence[int], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: Optional[int] = None, vocab_size: Optional[int] = None,
+                 eod_id: Optional[int] = None) -> List[int]:
+    """New token ids after `prompt_ids` (ending with `eod_id` if it was produced).
+
+    `vocab_size` (default model.vocab_size) is the number of real token ids; the rest of the padded
+    vocab is masked.
+    """
+    cfg = model.cfg
+    if not prompt_ids:
+        raise ConfigError("the prompt is empty: give at least one token")
+    vocab_size = vocab_size or cfg.vocab_size
+    limit = _context_limit(cfg)
+    if limit is not None:
+        if len(prompt_ids) >= limit:
+            raise ConfigError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {limit} "
+                              "(learned position embeddings): shorten the prompt")
+        max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator()
+        # No seed: a fresh one from the OS, leaving the global RNG alone.
+        generator.manual_seed(int(seed)) if seed is not None else generator.seed()
+    model.eval()
+    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    cache = None
+    out: List[int] = []
+    for _ in range(max_new_tokens):
+        # First step: the whole prompt; then only the newest token, its past in the cache.
+        logits, cache = model(tokens, kv_cache=cache, use_cache=True)
+        nxt = choose_next(mask_padded_vocab(logits[:, -1].float(), vocab_size), temperature=temperature,
+                          top_k=top_k, top_p=top_p, generator=generator)
+        out.append(int(nxt))
+        if eod_id is not None and out[-1] == eod_id:
+            break
+        tokens = nxt.view(1, 1)
+    return out
+
+
+def generate_text(loaded: LoadedModel, tokenizer, prompt: str, **kwargs) -> str:
+    """The prompt's continuation as text (stopping at, and leaving out, the end-of-document token)."""
+    eod = tokenizer.eod_id
+    ids = generate_ids(loaded.model, tokenizer.encode(prompt), vocab_size=tokenizer.vocab_size, eod_id=eod, **kwargs)
+    if ids and ids[-1] == eod:
+        ids = ids[:-1]
+    return tokenizer.decode(ids)
+
+
+@torch.no_grad()
+def greedy_continues_with(model: GPTNeoX, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
+                          vocab_size: Optional[int] = None, batch_size: int = 32) -> List[bool]:
+    """For each (prompt, target): would greedy generation after the prompt start with the target ids?
+
+    Greedy decoding produces target[i] exactly when it is the argmax given prompt + target[:i], so
+    one teacher-forced forward pass over prompt + target answers it for every position at once
+    (instead of len(target) decoding steps). Sequences are right-padded into batches: under the
+    causal mask, padding after a sequence cannot change its logits.
+    """
+    vocab_size = vocab_size or model.cfg.vocab_size
+    model.eval()
+    results: List[bool] = []
+    pairs = list(zip(prompts, targets))
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        seqs = [list(p) + list(t) for p, t in chunk]
+        width = max(len(s) for s in seqs)
+        tokens = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            tokens[i, :len(s)] = torch.tensor(s)
+        pred = mask_padded_vocab(model(tokens).float(), vocab_size).argmax(dim=-1)
+        for i, (p, t) in enumerate(chunk):
+            # The logits at position j predict token j + 1: the target's tokens are predicted from
+            # positions len(p) - 1 .. len(p) + len(t) - 2.
+            got = pred[i, len(p) - 1:len(p) - 1 + len(t)].tolist()
+            results.append(len(t) > 0 and got == list(t))
+    return results

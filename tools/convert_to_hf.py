@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Export a training checkpoint (any pp/tp layout) as a Hugging Face GPTNeoXForCausalLM directory.
+
+    python tools/convert_to_hf.py --checkpoint runs/20B/checkpoints --out hf/neox-20b [--dtype fp16]
+    python tools/convert_to_hf.py --checkpoint runs/demo/checkpoints/global_step300 --out hf/demo
+
+`--checkpoint` is a checkpoint directory (its `latest` is used) or one global_stepN inside it.
+Writes config.json, model.safetensors, generation_config.json (the vocab-padding ids are
+suppressed, so HF's generate never emits them) and, when a tokenizer is given or the run config
+names one that exists, tokenizer.json. Exit status 2 on a missing, partial or corrupt checkpoint.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir (follows `latest`) or DIR/global_stepN")
+    p.add_argument("--out", required=True, help="output directory for the Hugging Face model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export (default fp32)")
+    p.add_argument("--tokenizer", help="tokenizer.json to include (default: the run config's tokenizer.path)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from megatron_neox.convert.checkpoint_io import load_full_state_dict, model_config
+    from megatron_neox.convert.hf import save_hf
+    from megatron_neox.generate import tokenizer_path
+    from megatron_neox.tokenizer import load_tokenizer
+
+    try:
+        config, padded, sd = load_full_state_dict(args.checkpoint)
+        cfg = model_config(config)
+        tok_file = args.tokenizer or tokenizer_path(config)
+        if tok_file and not args.tokenizer and not os.path.isfile(tok_file):
+            print(f"note: the run's tokenizer {tok_file} does not exist here; exporting without a tokenizer "
+                  "(pass --tokenizer to include one)", file=sys.stderr)
+            tok_file = None
+        tok = load_tokenizer(tok_file, verify=False) if tok_file else None
+        eod = tok.eod_id if tok is not None else 0
+        vocab = tok.vocab_size if tok is not None else cfg.vocab_size
+        out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,
+                      dtype=getattr(torch, DTYPES[args.dtype]))
+        _write_generation_config(out, eod, vocab, padded)
+    except MegatronNeoxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in sd.values())
+    print(f"wrote {out}: {n:,} parameters ({args.dtype}), vocab {vocab} padded to {padded}"
+          + (f", tokenizer {tok_file}" if tok_file else ", no tokenizer"))
+    return 0
+
+
+def _write_generation_config(out: Path, eod: int, vocab: int, padded: int) -> None:
+    from transformers import GenerationConfig
+
+    # The padded rows are not tokens: our generate masks them, and so will HF's.
+    GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
+                     suppress_tokens=list(range(vocab, padded)) or None).save_pretrained(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
