@@ -1,0 +1,294 @@
+"""The launch paths, end to end on CPU: the SLURM batch script on localhost, a stop signal's save and
+the resume after it, the real deepspeed launcher, and tools/plot_metrics.py.
+
+Every launch starts real processes (10-30 s each on this machine), so there are four: each test
+checks everything its launch can show.
+"""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from _train import REPO, config_dict, make_dataset
+
+PYTHON = sys.executable
+DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
+TRAIN = os.path.join(REPO, "launch", "train.py")
+SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
+PLOT = os.path.join(REPO, "tools", "plot_metrics.py")
+
+# The keys megatron_neox/training/metrics.py documents for a training and an eval record.
+TRAIN_KEYS = {"step", "total_steps", "consumed_samples", "tokens", "loss", "lr", "grad_norm", "loss_scale",
+              "skipped_steps", "global_batch_size", "tokens_per_sec", "tflops_per_rank", "mfu", "mem_gb", "eta_s"}
+EVAL_KEYS = {"step", "eval_loss", "eval_ppl"}
+
+# Stand-ins for SLURM's commands, first on PATH. srun runs its command once per task with the
+# variables srun sets (all "nodes" are this machine) and records each task's pid and exit status;
+# scontrol expands a plain comma-separated node list and records every other call (the requeue).
+FAKE_SRUN = r"""#!/bin/bash
+per_node=1
+while [[ $1 == -* ]]; do
+    [[ $1 == --ntasks-per-node=* ]] && per_node=${1#*=}
+    shift
+done
+nnodes=${SLURM_NNODES:-1}
+pids=()
+for ((node = 0; node < nnodes; node++)); do
+    for ((local = 0; local < per_node; local++)); do
+        SLURM_NODEID=$node SLURM_PROCID=$((node * per_node + local)) SLURM_LOCALID=$local \
+            SLURM_NTASKS=$((nnodes * per_node)) "$@" &
+        pids+=($!)
+        echo $! >>"$FAKE_SLURM_LOG.pids"
+    done
+done
+rc=0
+for pid in "${pids[@]}"; do
+    wait "$pid"; status=$?
+    echo "task $pid exit $status" >>"$FAKE_SLURM_LOG"
+    ((status)) && rc=$status
+done
+exit $rc
+"""
+FAKE_SCONTROL = r"""#!/bin/bash
+if [[ $1 == show && $2 == hostnames ]]; then tr , '\n' <<<"$3"; else echo "scontrol $*" >>"$FAKE_SLURM_LOG"; fi
+"""
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra) -> dict:
+    """This environment without any launcher's or SLURM's variables, one thread per rank."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                       "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".cache", "torch_extensions")))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _write_config(tmp: Path, pp: int = 1, **overrides) -> Path:
+    make_dataset(str(tmp / "data" / "rand"))
+    # A fixed peak skips the matmul probe that 'auto' runs on a CPU.
+    cfg = config_dict(str(tmp), pp=pp, log__peak_tflops=1.0, **overrides)
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def _records(log_dir: Path) -> list:
+    path = log_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # The last line may be mid-write while a run is going.
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def _train_steps(log_dir: Path) -> list:
+    return [r["step"] for r in _records(log_dir) if "loss" in r]
+
+
+def _start(cmd, env, out: Path) -> subprocess.Popen:
+    # A session of its own: on failure the test kills the process and everything it started.
+    with open(out, "ab") as f:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+
+
+def _kill_all(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else "(no output)"
+
+
+def _wait_for_step(log_dir: Path, step: int, procs, out: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(s >= step for s in _train_steps(log_dir)):
+            return
+        if any(p.poll() is not None for p in procs):
+            pytest.fail(f"a process exited before step {step}:\n{_tail(out)}")
+        time.sleep(0.05)
+    pytest.fail(f"no step {step} within {timeout} s:\n{_tail(out)}")
+
+
+def _wait_all(procs, out: Path, timeout: float) -> list:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout} s after the signal:\n{_tail(out)}")
+    return codes
+
+
+def _latest_checkpoint(ckpt: Path) -> tuple:
+    """(iteration, complete.json) of the checkpoint `latest` names; asserts it is complete."""
+    tag = (ckpt / "latest").read_text().strip()
+    meta_file = ckpt / tag / "complete.json"
+    assert meta_file.is_file(), f"{ckpt / 'latest'} names {tag}, which has no complete.json"
+    meta = json.loads(meta_file.read_text())
+    assert tag == f"global_step{meta['iteration']}"
+    return meta["iteration"], meta
+
+
+# ---- (a) the SLURM batch script ------------------------------------------------------------------
+
+
+def test_sbatch_two_nodes_train_with_dp2_save_on_usr1_and_requeue(tmp_path):
+    """train.sbatch on two 'nodes' of one rank each (both this machine): one deepspeed launcher per
+    node with --no_ssh --node_rank, a world of 2. SIGUSR1 to the srun tasks (what slurmstepd sends
+    before the time limit) reaches the ranks through the launchers, the run saves and exits 0, and
+    the batch script requeues the job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    cfg = _write_config(tmp_path, train__iters=300)
+    slurm_log = tmp_path / "slurm.log"
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=slurm_log, SLURM_JOB_ID=4242,
+               SLURM_JOB_NAME="mnx", SLURM_JOB_NODELIST="node0,node1", SLURM_NNODES=2, GPUS_PER_NODE=1,
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), STATE_DIR=tmp_path / "state",
+               PYTHON=PYTHON, DEEPSPEED=DEEPSPEED)
+    out = tmp_path / "job.out"
+    job = _start(["bash", SBATCH, str(cfg)], env, out)
+    try:
+        _wait_for_step(tmp_path / "log", 2, [job], out, timeout=90)
+        tasks = [int(pid) for pid in Path(f"{slurm_log}.pids").read_text().split()]
+        assert len(tasks) == 2
+        for pid in tasks:
+            os.kill(pid, signal.SIGUSR1)
+        (rc,) = _wait_all([job], out, timeout=60)
+    finally:
+        _kill_all([job])
+
+    text = out.read_text(errors="replace")
+    assert rc == 0, _tail(out)
+    calls = slurm_log.read_text().splitlines()
+    assert sorted(line.split()[-1] for line in calls if line.startswith("task")) == ["0", "0"], calls
+    assert "scontrol requeue 4242" in calls, text
+    assert (tmp_path / "state" / "mnx-4242.hostfile").read_text() == "node0 slots=1\nnode1 slots=1\n"
+    assert "--node_rank=0" in text and "--node_rank=1" in text  # each runner logs the launch it made
+    assert "pp=1 tp=1 dp=2" in text
+    steps = _train_steps(tmp_path / "log")
+    assert steps == list(range(1, len(steps) + 1)) and 2 <= len(steps) < 300
+    iteration, meta = _latest_checkpoint(tmp_path / "ckpt")
+    assert iteration == steps[-1]
+    assert meta["layout"] == {"pp": 1, "tp": 1, "dp": 2}
+
+
+# ---- (b) SIGTERM: finish the step, save, exit 0; the next launch resumes ---------------------------
+
+
+def _launch_two_ranks(cfg: Path, out: Path, *extra) -> list:
+    port = _free_port()
+    return [_start([PYTHON, TRAIN, "--config", str(cfg), *extra],
+                   _env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
+                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port), out)
+            for rank in range(2)]
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_the_next_launch_resumes_after_it(tmp_path):
+    cfg = _write_config(tmp_path, train__iters=300)
+    log_dir, out = tmp_path / "log", tmp_path / "ranks.out"
+    ranks = _launch_two_ranks(cfg, out)
+    try:
+        _wait_for_step(log_dir, 2, ranks, out, timeout=90)
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        codes = _wait_all(ranks, out, timeout=60)
+    finally:
+        _kill_all(ranks)
+    assert codes == [0, 0], _tail(out)
+    steps = _train_steps(log_dir)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 300
+    iteration, meta = _latest_checkpoint(tmp_path / "ckpt")
+    assert iteration == steps[-1]  # the step in flight was finished and saved, none after it
+    assert meta["layout"]["dp"] == 2
+
+    ranks = _launch_two_ranks(cfg, out, "--set", "train.exit_interval=1")
+    try:
+        codes = _wait_all(ranks, out, timeout=90)
+    finally:
+        _kill_all(ranks)
+    assert codes == [0, 0], _tail(out)
+    assert _train_steps(log_dir)[len(steps)] == iteration + 1
+    assert f"(iteration {iteration})" in out.read_text()  # checkpoint.py's "resumed from ..." line
+    assert _latest_checkpoint(tmp_path / "ckpt")[0] == iteration + 1
+
+
+# ---- (c) the real deepspeed launcher, (d) plot_metrics on its output ------------------------------
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(tmp_path_factory):
+    """`deepspeed --num_gpus 2` with pp=2 for 2 steps: (log dir, launcher output)."""
+    tmp = tmp_path_factory.mktemp("deepspeed_pp2")
+    cfg = _write_config(tmp, pp=2, train__iters=2)
+    out = tmp / "deepspeed.out"
+    proc = _start([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN, "--config", str(cfg)],
+                  _env(), out)
+    try:
+        (rc,) = _wait_all([proc], out, timeout=120)
+    finally:
+        _kill_all([proc])
+    assert rc == 0, _tail(out)
+    return tmp / "log", out.read_text(errors="replace")
+
+
+def test_deepspeed_launcher_pp2_logs_every_documented_metric(deepspeed_run):
+    log_dir, text = deepspeed_run
+    assert "pp=2 tp=1 dp=1" in text
+    records = _records(log_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
+    for r in train:
+        assert set(r) == TRAIN_KEYS
+        for key in ("loss", "lr", "tokens"):
+            assert isinstance(r[key], (int, float)) and not isinstance(r[key], bool) and math.isfinite(r[key]), (key, r)
+        assert r["total_steps"] == 2 and r["tokens"] == r["step"] * 8 * 16  # global batch 8 x seq 16
+    assert set(evals[0]) == EVAL_KEYS
+
+
+def test_plot_metrics_writes_a_png_and_names_a_malformed_line(deepspeed_run, tmp_path):
+    log_dir, _ = deepspeed_run
+    png = tmp_path / "loss.png"
+    r = subprocess.run([PYTHON, PLOT, str(log_dir), "--out", str(png)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines()
+    bad = tmp_path / "bad" / "metrics.jsonl"
+    bad.parent.mkdir()
+    bad.write_text("\n".join([lines[0], '{"step": 2, "loss": 4.7', *lines[1:]]) + "\n")
+    r = subprocess.run([PYTHON, PLOT, str(bad.parent), "--out", str(tmp_path / "bad.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert f"{bad}:2:" in r.stderr and "malformed JSON" in r.stderr
+    assert not (tmp_path / "bad.png").exists()

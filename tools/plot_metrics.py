@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Plot a run's metrics.jsonl: training and eval loss, learning rate and throughput.
+
+    python tools/plot_metrics.py runs/125M/log --out loss.png
+    python tools/plot_metrics.py runs/125M/log --x tokens          # x axis in tokens, not steps
+
+LOGDIR is the run's `log.dir` (or the metrics.jsonl file itself). A resumed run appends to the
+same file; when it logs a step at or before one already seen (it resumed from an older checkpoint
+than the last step logged), the records it replays win and the abandoned ones are dropped.
+Exit status 2 with FILE:LINE on a malformed line.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+Record = Dict[str, object]
+
+
+class MetricsFileError(Exception):
+    pass
+
+
+def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
+    """(training records, eval records) of one timeline, in step order."""
+    train: List[Record] = []
+    evals: List[Record] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise MetricsFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MetricsFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line[:80]!r}; "
+                                   "fix or delete the line") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise MetricsFileError(f"{where}: expected a JSON object with an integer 'step', found {line[:80]!r}")
+        if "eval_loss" in rec:
+            evals.append(rec)
+            continue
+        if "loss" not in rec:
+            raise MetricsFileError(f"{where}: a record with neither 'loss' nor 'eval_loss': {line[:80]!r}")
+        step = rec["step"]
+        if train and step <= train[-1]["step"]:
+            # A restart replays steps after its checkpoint: keep the replayed timeline.
+            train = [r for r in train if r["step"] < step]
+            evals = [r for r in evals if r["step"] < step]
+        train.append(rec)
+    if not train:
+        raise MetricsFileError(f"{path}: no training records (lines with 'loss'); has the run logged a step yet?")
+    return train, evals
+
+
+def _num(value) -> float:
+    """Logged non-finite values are null: plot them as gaps."""
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
+
+
+def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "step", title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    def xs(records):
+        if x_axis == "step":
+            return [r["step"] for r in records]
+        # Eval records carry no token count: take the training record's at the same step.
+        tokens_at = {r["step"]: r.get("tokens") for r in train}
+        return [_num(tokens_at.get(r["step"], r.get("tokens"))) for r in records]
+
+    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 9), sharex=True,
+                                                    gridspec_kw={"height_ratios": [2, 1, 1]})
+    x_train = xs(train)
+    ax_loss.plot(x_train, [_num(r["loss"]) for r in train], lw=1.2, label="train loss")
+    if evals:
+        ax_loss.plot(xs(evals), [_num(r["eval_loss"]) for r in evals], "o-", ms=4, lw=1.2, label="eval loss")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="upper right")
+    ax_lr.plot(x_train, [_num(r.get("lr")) for r in train], color="tab:green", lw=1.2)
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax_speed.plot(x_train, [_num(r.get("tokens_per_sec")) for r in train], color="tab:purple", lw=1.2)
+    ax_speed.set_ylabel("tokens / s")
+    ax_speed.set_xlabel("tokens" if x_axis == "tokens" else "step")
+    if x_axis == "step":
+        ax_speed.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in (ax_loss, ax_lr, ax_speed):
+        ax.grid(alpha=0.3)
+    last = train[-1]
+    fig.suptitle(f"{title}  (step {last['step']}/{last.get('total_steps', '?')})".strip())
+    fig.tight_layout()
+    # Write beside the target and rename: a reader (or a crash) never sees half a PNG.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logdir", help="the run's log.dir (holding metrics.jsonl), or the file itself")
+    parser.add_argument("--out", default=None, help="PNG to write (default LOGDIR/metrics.png)")
+    parser.add_argument("--x", dest="x_axis", choices=["step", "tokens"], default="step", help="x axis")
+    args = parser.parse_args(argv)
+
+    src = Path(args.logdir)
+    path = src / "metrics.jsonl" if src.is_dir() else src
+    out = Path(args.out) if args.out else path.with_name("metrics.png")
+    try:
+        train, evals = read_metrics(path)
+    except MetricsFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    plot(train, evals, out, args.x_axis, title=str(path.parent))
+    print(f"wrote {out} ({len(train)} training and {len(evals)} eval records)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
