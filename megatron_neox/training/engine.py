@@ -154,7 +154,8 @@ class _GlobalNormClipper:
                     yield p
 
     def step(self, *args, **kwargs):
-        sq = torch.zeros(1, dtype=torch.float64)
+        # On the accelerator: NCCL reduces device tensors only, and grads live there.
+        sq = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         for p in self._params():
             # DeepSpeed marks the non-owner copies of a tied weight (embedding/head on two stages).
             if not getattr(p, "ds_pipe_replicated", False):

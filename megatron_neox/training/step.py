@@ -29,6 +29,11 @@ def _pipe_items(micro_batches: List[MicroBatch]):
         yield (mb["tokens"], mb["position_ids"]), (mb["labels"], mb["loss_mask"])
 
 
+def _to_device(mb: MicroBatch, device) -> MicroBatch:
+    # The pipeline engine moves its inputs itself; the plain engine's forward does not.
+    return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+
+
 def _dp_mean(value: torch.Tensor, topo: Topology) -> float:
     if topo.dp > 1:
         value = value.clone()
@@ -58,8 +63,9 @@ def train_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> StepR
         loss = engine.train_batch(data_iter=_pipe_items(micro_batches))
         loss_value = float(loss)
     else:
-        total = torch.zeros(())
+        total = torch.zeros((), device=engine.device)
         for mb in micro_batches:
+            mb = _to_device(mb, engine.device)
             loss = engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"])
             engine.backward(loss)
             engine.step()
@@ -83,8 +89,9 @@ def eval_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> float:
         return float(loss)
     engine.eval()
     try:
-        total = torch.zeros(())
+        total = torch.zeros((), device=engine.device)
         for mb in micro_batches:
+            mb = _to_device(mb, engine.device)
             total += engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"]).float()
     finally:
         engine.train()

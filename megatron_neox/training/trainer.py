@@ -64,7 +64,10 @@ class _StopSignal:
 
     def any_rank(self) -> bool:
         """True on every rank once any rank got a signal (ranks may be signalled at different times)."""
-        flag = torch.tensor([1 if self.received is not None else 0])
+        from deepspeed.accelerator import get_accelerator
+
+        # A device tensor: NCCL cannot reduce CPU tensors.
+        flag = torch.tensor([1 if self.received is not None else 0], device=get_accelerator().current_device_name())
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
