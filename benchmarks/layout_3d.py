@@ -9,11 +9,13 @@ per step are printed with their relative difference, and the script exits 1 when
 both runs hold the same model.
 
 32 processes on 2 cores: every rank runs 1 thread (OMP_NUM_THREADS=1) and the model is tiny, so
-memory is the interpreter + torch + DeepSpeed per process. Printed: wall time of each run (start
-of the first process to exit of the last), rank 0's time to join the world / build the engine /
-train, the per-rank peak RSS (max and sum over ranks: the sum counts shared library pages once
+memory and start-up are the interpreter + torch + DeepSpeed per process. By default (--start fork)
+this script imports them once and forks the ranks, which then share those pages copy-on-write;
+--start exec runs 32 fresh interpreters as a launcher would. Printed: wall time of each run
+(first process started to last one exited), rank 0's time to import / join the world / build the
+engine / train, the per-rank peak RSS (max and sum over ranks: the sum counts shared pages once
 per process) and the peak of the summed PSS (each shared page split among the processes mapping
-it: what the run really takes from the machine's RAM).
+it, the forking parent included: what the run really takes from the machine's RAM).
 """
 from __future__ import annotations
 
@@ -30,6 +32,21 @@ MODEL = {
     "vocab_size": 500, "make_vocab_size_divisible_by": 128, "rotary_pct": 0.25,
 }
 TOLERANCE = 1e-5
+
+
+def preload() -> None:
+    """Import here what every rank needs, before forking them (no torch op may run before fork)."""
+    import deepspeed  # noqa: F401
+    import deepspeed.pipe  # noqa: F401
+    import torch._dynamo  # noqa: F401  torch.optim's constructors import it lazily (~100 MiB)
+
+    import megatron_neox.training.engine  # noqa: F401
+    import megatron_neox.training.step  # noqa: F401
+
+    try:  # deepspeed.initialize imports it lazily (ZeRO's optimizer check); version dependent
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:
+        pass
 
 
 def worker(job: dict) -> None:
@@ -64,7 +81,7 @@ def worker(job: dict) -> None:
 def _run(world: int, pp: int, tp: int, args) -> dict:
     job = {"pp": pp, "tp": tp, "micro": args.micro, "global_batch": args.global_batch, "steps": args.steps}
     return po.run_ranks(os.path.abspath(__file__), world, job, threads=1, timeout=args.timeout,
-                        sample_memory=True)
+                        sample_memory=True, fork_target=worker if args.start == "fork" else None)
 
 
 def _summary(name: str, out: dict) -> None:
@@ -85,16 +102,20 @@ def main(argv=None) -> int:
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=16, help="sequences per step (grad_accum 4 at dp=2)")
     ap.add_argument("--timeout", type=float, default=1200)
+    ap.add_argument("--start", choices=["fork", "exec"], default="fork",
+                    help="fork ranks from this process after importing torch/DeepSpeed, or exec fresh ones")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
         return 0
     world = args.pp * args.tp * args.dp
+    if args.start == "fork":
+        preload()
     m = MODEL
     print(f"model: L={m['num_layers']} d={m['hidden_size']} heads={m['num_attention_heads']} "
           f"seq={m['seq_length']} vocab {m['vocab_size']} (padded 512); global batch {args.global_batch} "
-          f"sequences, micro {args.micro}; fp32, ZeRO-1, AdamW, clip 1.0; {args.steps} steps; 1 thread per rank")
+          f"sequences, micro {args.micro}; fp32, ZeRO-1, AdamW, clip 1.0; {args.steps} steps; 1 thread per rank; ranks started by {args.start}")
     ref = _run(1, 1, 1, args)
     _summary("1 rank", ref)
     big = _run(world, args.pp, args.tp, args)

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -107,35 +107,47 @@ class RanksFailed(RuntimeError):
 
 
 def run_ranks(script: str, world: int, job: dict, threads: int = 1, timeout: float = 900,
-              sample_memory: bool = False) -> dict:
-    """Run `python script --worker JOB_JSON` as `world` ranks; return their results and the wall time.
+              sample_memory: bool = False, fork_target: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run `world` ranks of `script`'s worker on `job`; return their results and the wall time.
 
     Each rank gets RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT and OMP_NUM_THREADS=`threads`,
-    and must write a JSON result to $MNX_RESULT_DIR/rank{RANK}.json (see `write_result`). If a
-    rank fails or the time runs out, the other ranks are killed (only the processes started here)
-    and RanksFailed carries the tail of the first failing rank's log. With `sample_memory` the
-    summed PSS of all ranks (each shared page counted once across them) is sampled every ~0.5 s.
+    and must write a JSON result to $MNX_RESULT_DIR/rank{RANK}.json (see `write_result`).
+    By default a rank is a fresh `python script --worker JOB_JSON`. With `fork_target` this process
+    forks the ranks instead and each calls `fork_target(job)`: the modules already imported here
+    (torch, DeepSpeed: ~4 s of CPU and ~250 MiB per process) are shared copy-on-write rather than
+    loaded 32 times. The caller must not have run any torch op or started a thread before (OpenMP
+    and locks do not survive fork).
+
+    If a rank fails or the time runs out, the other ranks are killed (only the processes started
+    here) and RanksFailed carries the tail of the failing rank's log. With `sample_memory` the
+    summed PSS of the ranks (and of this process when it forked them; each shared page is counted
+    once across all of them) is sampled every ~0.5 s.
     """
     with tempfile.TemporaryDirectory(prefix="mnx_bench_") as tmp:
-        base = dict(os.environ)
-        base.update(
-            WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-            MNX_RESULT_DIR=tmp, PYTHONPATH=str(REPO) + os.pathsep + base.get("PYTHONPATH", ""),
-        )
-        procs, logs = [], []
+        base = {
+            "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "MNX_RESULT_DIR": tmp, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        }
+        log_paths = [os.path.join(tmp, f"rank{rank}.log") for rank in range(world)]
         t0 = time.perf_counter()
-        for rank in range(world):
-            env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
-            log = open(os.path.join(tmp, f"rank{rank}.log"), "w+")
-            logs.append(log)
-            procs.append(subprocess.Popen([sys.executable, script, "--worker", json.dumps(job)],
-                                          env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)))
-        sampler = _PssSampler([p.pid for p in procs]) if sample_memory else None
+        if fork_target is None:
+            procs = []
+            for rank in range(world):
+                env = dict(os.environ, **base, RANK=str(rank), LOCAL_RANK=str(rank))
+                with open(log_paths[rank], "w") as log:
+                    procs.append(subprocess.Popen([sys.executable, script, "--worker", json.dumps(job)],
+                                                  env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(REPO)))
+            ranks = [_Child(p.pid, p) for p in procs]
+        else:
+            ranks = [_Child(_fork_rank(fork_target, job, dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                                       threads, log_paths[r])) for r in range(world)]
+        pids = [c.pid for c in ranks] + ([os.getpid()] if fork_target is not None else [])
+        sampler = _PssSampler(pids) if sample_memory else None
         failed = None
         try:
             while True:
-                codes = [p.poll() for p in procs]
+                codes = [c.poll() for c in ranks]
                 bad = [r for r, c in enumerate(codes) if c not in (None, 0)]
                 if bad:
                     failed = bad[0]
@@ -150,25 +162,71 @@ def run_ranks(script: str, world: int, job: dict, threads: int = 1, timeout: flo
             wall = time.perf_counter() - t0
             if sampler is not None:
                 sampler.stop()
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
+            for c in ranks:
+                c.kill()
         if failed is not None:
-            which = failed if failed >= 0 else 0
-            logs[which].seek(0)
-            tail = "".join(logs[which].readlines()[-40:])
-            what = f"rank {failed} exited with code {procs[failed].returncode}" if failed >= 0 \
+            which = max(failed, 0)
+            with open(log_paths[which]) as f:
+                tail = "".join(f.readlines()[-40:])
+            what = f"rank {failed} exited with code {ranks[failed].poll()}" if failed >= 0 \
                 else f"ranks did not finish within {timeout:.0f} s"
             raise RanksFailed(f"{script} {job}: {what}; log of rank {which}:\n{tail}")
-        for log in logs:
-            log.close()
         results = []
         for rank in range(world):
             with open(os.path.join(tmp, f"rank{rank}.json")) as f:
                 results.append(json.load(f))
         return {"ranks": results, "wall_s": wall,
                 "peak_pss_total_mib": sampler.peak_mib if sampler is not None else None}
+
+
+def _fork_rank(target: Callable[[dict], None], job: dict, env: dict, threads: int, log_path: str) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # the child: never return into the parent's code
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.update(env)
+        import torch
+
+        torch.set_num_threads(threads)
+        target(job)
+        code = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _Child:
+    """A rank process, started by Popen or by os.fork: poll() and kill() for both."""
+
+    def __init__(self, pid: int, popen: Optional[subprocess.Popen] = None):
+        self.pid, self._popen, self._code = pid, popen, None
+
+    def poll(self) -> Optional[int]:
+        if self._popen is not None:
+            return self._popen.poll()
+        if self._code is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self._code = os.waitstatus_to_exitcode(status)
+        return self._code
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, 9)
+            if self._popen is not None:
+                self._popen.wait()
+            else:
+                os.waitpid(self.pid, 0)
+                self._code = -9
 
 
 class _PssSampler:

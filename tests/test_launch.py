@@ -109,13 +109,20 @@ def _start(cmd, env, out: Path) -> subprocess.Popen:
 
 
 def _kill_all(procs) -> None:
+    """SIGKILL what the test started and is still running: every process in the sessions of `procs`
+    (the batch script puts its ranks in process groups of their own, and a launcher that died leaves
+    its ranks orphaned, so neither the process group nor the tree finds them all)."""
+    import psutil
+
+    sessions = {p.pid for p in procs}
+    for pid in psutil.pids():
+        try:
+            if os.getsid(pid) in sessions:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait()
+        p.wait()
 
 
 def _tail(path: Path, n: int = 40) -> str:
@@ -157,37 +164,55 @@ def _latest_checkpoint(ckpt: Path) -> tuple:
 # ---- (a) the SLURM batch script ------------------------------------------------------------------
 
 
-def test_sbatch_two_nodes_train_with_dp2_save_on_usr1_and_requeue(tmp_path):
-    """train.sbatch on two 'nodes' of one rank each (both this machine): one deepspeed launcher per
-    node with --no_ssh --node_rank, a world of 2. SIGUSR1 to the srun tasks (what slurmstepd sends
-    before the time limit) reaches the ranks through the launchers, the run saves and exits 0, and
-    the batch script requeues the job."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+def _fake_slurm(tmp: Path, nodes: int, **extra) -> dict:
+    """The environment of a batch job on `nodes` nodes of one rank each, all on this machine."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
+    env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=tmp / "slurm.log", SLURM_JOB_ID=4242,
+               SLURM_JOB_NAME="mnx", SLURM_JOB_NODELIST=",".join(f"node{i}" for i in range(nodes)),
+               SLURM_NNODES=nodes, GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(),
+               STATE_DIR=tmp / "state", PYTHON=PYTHON, DEEPSPEED=DEEPSPEED)
+    return _env(**{**env, **extra})
+
+
+def _slurm_calls(tmp: Path) -> list:
+    log = tmp / "slurm.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+def _srun_tasks(tmp: Path) -> list:
+    pids = tmp / "slurm.log.pids"
+    return [int(pid) for pid in pids.read_text().split()] if pids.exists() else []
+
+
+def test_sbatch_two_nodes_train_with_dp2_save_on_usr1_and_requeue(tmp_path):
+    """train.sbatch on two 'nodes' of one rank each (both this machine): one deepspeed launcher per
+    node with --no_ssh --node_rank, a world of 2. SIGUSR1 to every process of the srun step (what
+    slurmstepd does under proctrack/cgroup before the time limit) must leave the launchers alive and
+    stop the ranks after a save; the job exits 0 and requeues itself."""
+    import psutil
+
     cfg = _write_config(tmp_path, train__iters=300)
-    slurm_log = tmp_path / "slurm.log"
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=slurm_log, SLURM_JOB_ID=4242,
-               SLURM_JOB_NAME="mnx", SLURM_JOB_NODELIST="node0,node1", SLURM_NNODES=2, GPUS_PER_NODE=1,
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(), STATE_DIR=tmp_path / "state",
-               PYTHON=PYTHON, DEEPSPEED=DEEPSPEED)
     out = tmp_path / "job.out"
-    job = _start(["bash", SBATCH, str(cfg)], env, out)
+    job = _start(["bash", SBATCH, str(cfg)], _fake_slurm(tmp_path, 2), out)
     try:
         _wait_for_step(tmp_path / "log", 2, [job], out, timeout=90)
-        tasks = [int(pid) for pid in Path(f"{slurm_log}.pids").read_text().split()]
+        tasks = _srun_tasks(tmp_path)
         assert len(tasks) == 2
-        for pid in tasks:
-            os.kill(pid, signal.SIGUSR1)
+        step = [p for t in tasks for p in [psutil.Process(t), *psutil.Process(t).children(recursive=True)]]
+        assert len(step) >= 8  # per node: wrapper, deepspeed runner, deepspeed.launcher.launch, rank
+        for p in step:
+            p.send_signal(signal.SIGUSR1)
         (rc,) = _wait_all([job], out, timeout=60)
     finally:
         _kill_all([job])
 
     text = out.read_text(errors="replace")
     assert rc == 0, _tail(out)
-    calls = slurm_log.read_text().splitlines()
+    calls = _slurm_calls(tmp_path)
     assert sorted(line.split()[-1] for line in calls if line.startswith("task")) == ["0", "0"], calls
     assert "scontrol requeue 4242" in calls, text
     assert (tmp_path / "state" / "mnx-4242.hostfile").read_text() == "node0 slots=1\nnode1 slots=1\n"
@@ -198,6 +223,59 @@ def test_sbatch_two_nodes_train_with_dp2_save_on_usr1_and_requeue(tmp_path):
     iteration, meta = _latest_checkpoint(tmp_path / "ckpt")
     assert iteration == steps[-1]
     assert meta["layout"] == {"pp": 1, "tp": 1, "dp": 2}
+
+
+# A stand-in for the deepspeed launcher and its ranks, for the batch script's own logic: records its
+# arguments, and with FAKE_WAIT=1 waits for SIGUSR1 (handled as the trainer does) and exits FAKE_RC.
+FAKE_DEEPSPEED = """#!{python}
+import json, os, signal, sys, time
+log = os.environ["FAKE_SLURM_LOG"]
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+with open(log + ".args", "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if os.environ.get("FAKE_WAIT") == "1":
+    open(log + ".ready." + os.environ["SLURM_NODEID"], "w").close()
+    deadline = time.monotonic() + 60  # the signal never came: exit rather than linger
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not got:
+        sys.exit(99)
+sys.exit(int(os.environ.get("FAKE_RC", "0")))
+"""
+
+
+@pytest.mark.parametrize("signalled, exit_code, requeued", [(False, 0, False), (True, 0, True), (True, 3, False)],
+                         ids=["finished", "usr1-saved", "usr1-failed"])
+def test_sbatch_requeues_only_after_usr1_and_a_clean_exit(tmp_path, signalled, exit_code, requeued):
+    """SIGUSR1 sent to the srun task alone (proctrack/pgid, linuxproc) is forwarded to the ranks; the
+    job is requeued only when a stop signal came and the run exited 0."""
+    fake = tmp_path / "deepspeed"
+    fake.write_text(FAKE_DEEPSPEED.format(python=PYTHON))
+    fake.chmod(0o755)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(config_dict(str(tmp_path))))
+    env = _fake_slurm(tmp_path, 2, DEEPSPEED=fake, FAKE_WAIT=int(signalled), FAKE_RC=exit_code)
+    out = tmp_path / "job.out"
+    job = _start(["bash", SBATCH, str(cfg), "--set", "comment=two words", "train.iters=7"], env, out)
+    try:
+        if signalled:
+            deadline = time.monotonic() + 30
+            while len(list(tmp_path.glob("slurm.log.ready.*"))) < 2:
+                assert time.monotonic() < deadline and job.poll() is None, _tail(out)
+                time.sleep(0.02)
+            for pid in _srun_tasks(tmp_path):
+                os.kill(pid, signal.SIGUSR1)
+        (rc,) = _wait_all([job], out, timeout=30)
+    finally:
+        _kill_all([job])
+    assert rc == exit_code, _tail(out)
+    assert ("scontrol requeue 4242" in _slurm_calls(tmp_path)) == requeued, _tail(out)
+    args = sorted(json.loads(line) for line in (tmp_path / "slurm.log.args").read_text().splitlines())
+    port = env["MASTER_PORT"]
+    assert args == [[f"--hostfile={tmp_path}/state/mnx-4242.hostfile", "--no_ssh", f"--node_rank={node}",
+                     "--master_addr=127.0.0.1", f"--master_port={port}", TRAIN,
+                     "--config", str(cfg), "--set", "comment=two words", "train.iters=7"] for node in (0, 1)]
 
 
 # ---- (b) SIGTERM: finish the step, save, exit 0; the next launch resumes ---------------------------
