@@ -30,7 +30,8 @@ def load_model(checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The whole model of any checkpoint layout, in eval mode (dropout off)."""
     config, padded, sd = load_full_state_dict(checkpoint)
     cfg = model_config(config)
-    model = GPTNeoX(cfg, padded)
+    with torch.random.fork_rng(devices=[]):  # the constructor seeds the global RNG for its init
+        model = GPTNeoX(cfg, padded)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
     return LoadedModel(model.to(dtype).eval(), config, padded)
 
@@ -38,6 +39,13 @@ def load_model(checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
 def tokenizer_path(config) -> Optional[str]:
     """The run config's tokenizer.path, if it has one."""
     return config.tokenizer.path if isinstance(config, Config) else None
+
+
+def check_tokenizer_fits(tokenizer, padded_vocab: int) -> None:
+    """A tokenizer with more ids than the model has rows is the wrong one for this model."""
+    if tokenizer.vocab_size > padded_vocab:
+        raise ConfigError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
+                          f"{padded_vocab} vocab rows: wrong tokenizer?")
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -20,12 +20,12 @@ from _dist import run_distributed
 from _layouts import micro_batches
 from _train import REPO, config_dict, make_dataset
 
-transformers = pytest.importorskip("transformers")
-
 from megatron_neox.config import ModelConfig
 from megatron_neox.convert.checkpoint_io import load_full_state_dict, write_weights_checkpoint
 from megatron_neox.errors import CheckpointError
 from megatron_neox.generate import generate_ids, greedy_continues_with, load_model
+
+transformers = pytest.importorskip("transformers")
 
 
 def _tool(name: str):
@@ -183,7 +183,8 @@ def test_greedy_generation_equals_hf_generate_token_for_token(world, run, export
     padded_picks, stopped = 0, 0
     for n in (1, 2, 4, 9):
         prompt = torch.randint(1, vocab, (n,), generator=g).tolist()
-        ours = generate_ids(loaded.model, prompt, max_new_tokens=20, vocab_size=vocab, eod_id=0 if stop_at_eod else None)
+        eod = 0 if stop_at_eod else None
+        ours = generate_ids(loaded.model, prompt, max_new_tokens=20, vocab_size=vocab, eod_id=eod)
         kwargs = {} if stop_at_eod else {"eos_token_id": None}
         theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, **kwargs)[0, n:].tolist()
         assert ours == theirs, f"prompt {prompt}"
@@ -213,7 +214,8 @@ def test_generate_cli_prints_the_greedy_continuation(world, capsys):
     from megatron_neox.tokenizer import load_tokenizer
 
     ckpt = world["hf_run_ckpt"]
-    assert generate_tool.main(["--checkpoint", str(ckpt), "--prompt", "Rosalind was born", "--max-new-tokens", "6"]) == 0
+    assert generate_tool.main(["--checkpoint", str(ckpt), "--prompt", "Rosalind was born",
+                               "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.rstrip("\n")
     tok = load_tokenizer(world["tmp"] / "from_hf" / "tokenizer.json")  # what the run config names
     ids = generate_ids(load_model(ckpt).model, tok.encode("Rosalind was born"), max_new_tokens=6,

@@ -1,8 +1,8 @@
 """The launch paths, end to end on CPU: the SLURM batch script on localhost, a stop signal's save and
 the resume after it, the real deepspeed launcher, and tools/plot_metrics.py.
 
-Every launch starts real processes (10-30 s each on this machine), so there are four: each test
-checks everything its launch can show.
+A real launch costs 10-30 s on this machine, so there are four, and each test checks everything its
+launch can show; the batch script's requeue decision is also tested with a stand-in launcher (< 1 s).
 """
 import json
 import math
@@ -147,7 +147,7 @@ def _wait_all(procs, out: Path, timeout: float) -> list:
         try:
             codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            pytest.fail(f"still running {timeout} s after the signal:\n{_tail(out)}")
+            pytest.fail(f"still running after {timeout} s:\n{_tail(out)}")
     return codes
 
 
@@ -202,10 +202,13 @@ def test_sbatch_two_nodes_train_with_dp2_save_on_usr1_and_requeue(tmp_path):
         _wait_for_step(tmp_path / "log", 2, [job], out, timeout=90)
         tasks = _srun_tasks(tmp_path)
         assert len(tasks) == 2
-        step = [p for t in tasks for p in [psutil.Process(t), *psutil.Process(t).children(recursive=True)]]
-        assert len(step) >= 8  # per node: wrapper, deepspeed runner, deepspeed.launcher.launch, rank
-        for p in step:
-            p.send_signal(signal.SIGUSR1)
+        step_procs = [p for t in tasks for p in [psutil.Process(t), *psutil.Process(t).children(recursive=True)]]
+        assert len(step_procs) >= 8  # per node: wrapper, deepspeed runner, deepspeed.launcher.launch, rank
+        for p in step_procs:
+            try:
+                p.send_signal(signal.SIGUSR1)
+            except psutil.NoSuchProcess:  # a short-lived helper process that is gone already
+                pass
         (rc,) = _wait_all([job], out, timeout=60)
     finally:
         _kill_all([job])

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
 
     from megatron_neox.convert.checkpoint_io import load_full_state_dict, model_config
     from megatron_neox.convert.hf import save_hf
-    from megatron_neox.generate import tokenizer_path
+    from megatron_neox.generate import check_tokenizer_fits, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
                   "(pass --tokenizer to include one)", file=sys.stderr)
             tok_file = None
         tok = load_tokenizer(tok_file, verify=False) if tok_file else None
+        if tok is not None:
+            check_tokenizer_fits(tok, padded)
         eod = tok.eod_id if tok is not None else 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
         out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,

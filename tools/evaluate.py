@@ -5,8 +5,10 @@
     python tools/evaluate.py --checkpoint DIR --data data/other_text_document --split test --iters 20
     python tools/evaluate.py --checkpoint DIR --facts data/sample/bios_facts.jsonl --people 200
 
-Perplexity: `--iters` batches of the run's global batch size from the split (the same samples and
-mean as the trainer's evaluation of that many batches), on one CPU process with the merged model.
+Perplexity: `--iters` batches of the run's global batch size from the split, on one CPU process with
+the merged model; the mean is over tokens. The sample order depends on how many samples are drawn,
+so with --iters = eval.iters (the default) and a run without eval.interval, these are the batches of
+the trainer's final evaluation and the loss is the one it logged.
 `--data` replaces the run config's data.prefixes (required when the checkpoint has no run config).
 
 Knowledge probe (`--facts`, written by tools/make_sample_corpus.py): for each of the first
@@ -41,7 +43,8 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
     if data_prefixes:
         data = DataConfig(**{**data.model_dump(), "prefixes": list(data_prefixes), "weights": None})
     if not data.prefixes:
-        raise ConfigError("no dataset to evaluate on: the checkpoint's run config has no data.prefixes; pass --data PREFIX")
+        raise ConfigError("no dataset to evaluate on: the checkpoint's run config has no data.prefixes; "
+                          "pass --data PREFIX")
     if run is not None:
         micro = run.train.micro_batch_size
         global_batch = run.layout(run.parallel.pp * run.parallel.tp).global_batch_size
@@ -50,7 +53,8 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
     else:
         micro, global_batch, iters, seed = 4, 4, iters or 10, 1234
     if data.eod_mask_loss and tok is None:
-        raise ConfigError("data.eod_mask_loss=true needs the tokenizer (to know the end-of-document id): pass --tokenizer")
+        raise ConfigError("data.eod_mask_loss=true needs the tokenizer (to know the end-of-document id): "
+                          "pass --tokenizer")
     index = SPLITS.index(split)
     sizes = tuple(iters * global_batch if i == index else 0 for i in range(3))
     datasets = build_datasets(data, seq_length=loaded.model_config.seq_length, seed=seed, num_samples=sizes)
@@ -131,7 +135,7 @@ def main(argv=None) -> int:
 
     from megatron_neox.config import Config
     from megatron_neox.errors import ConfigError
-    from megatron_neox.generate import load_model, tokenizer_path
+    from megatron_neox.generate import check_tokenizer_fits, load_model, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
@@ -140,6 +144,8 @@ def main(argv=None) -> int:
         tok = load_tokenizer(tok_file, verify=False) if tok_file and Path(tok_file).is_file() else None
         if args.tokenizer and tok is None:
             raise ConfigError(f"{args.tokenizer}: tokenizer file not found")
+        if tok is not None:
+            check_tokenizer_fits(tok, loaded.padded_vocab)
         has_data = bool(args.data) or (isinstance(loaded.config, Config) and loaded.config.data.prefixes)
         if has_data or not args.facts:
             r = perplexity(loaded, args.data, args.split, args.iters, tok)

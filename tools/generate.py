@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
     from megatron_neox.errors import ConfigError
-    from megatron_neox.generate import generate_text, load_model, tokenizer_path
+    from megatron_neox.generate import check_tokenizer_fits, generate_text, load_model, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
@@ -41,9 +41,7 @@ def main(argv=None) -> int:
         if not tok_file:
             raise ConfigError(f"{args.checkpoint}: the checkpoint names no tokenizer; pass --tokenizer tokenizer.json")
         tok = load_tokenizer(tok_file, verify=False)
-        if tok.vocab_size > loaded.padded_vocab:
-            raise ConfigError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, more than the model's "
-                              f"{loaded.padded_vocab} vocab rows: wrong tokenizer?")
+        check_tokenizer_fits(tok, loaded.padded_vocab)
         text = generate_text(loaded, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except MegatronNeoxError as e:

@@ -71,12 +71,18 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    import numpy as np
+
     def xs(records):
+        steps = [r["step"] for r in records]
         if x_axis == "step":
-            return [r["step"] for r in records]
-        # Eval records carry no token count: take the training record's at the same step.
-        tokens_at = {r["step"]: r.get("tokens") for r in train}
-        return [_num(tokens_at.get(r["step"], r.get("tokens"))) for r in records]
+            return steps
+        # Eval records carry no token count: interpolate the training records' (exact at a logged
+        # step; between two, exact too unless the batch size is ramping up).
+        known = [(r["step"], _num(r.get("tokens"))) for r in train if math.isfinite(_num(r.get("tokens")))]
+        if not known:
+            raise MetricsFileError("--x tokens: no training record has a 'tokens' value")
+        return np.interp(steps, [k[0] for k in known], [k[1] for k in known])
 
     fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 9), sharex=True,
                                                     gridspec_kw={"height_ratios": [2, 1, 1]})
@@ -125,7 +131,11 @@ def main(argv=None) -> int:
     except MetricsFileError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    plot(train, evals, out, args.x_axis, title=str(path.parent))
+    try:
+        plot(train, evals, out, args.x_axis, title=str(path))
+    except MetricsFileError as e:
+        print(f"error: {path}: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out} ({len(train)} training and {len(evals)} eval records)")
     return 0
 

@@ -7,8 +7,10 @@ What DeepSpeed 0.19 writes into `DIR/global_stepN/` (measured; see training/chec
               mp_rank_ZZ_model_states.pt          one per pipe x tensor rank: `module` is None, client
                                                   state (our `megatron_neox` key) at the top level
     pp = 1    mp_rank_YY_model_states.pt          `module` = the TP rank's whole layer-indexed state dict
-    ZeRO-3    zero_pp_rank_D_mp_rank_YY_model_states.pt  parameters partitioned over data-parallel
-                                                  ranks; only the optimizer files hold them whole
+    ZeRO-3    zero_pp_rank_D_mp_rank_YY_model_states.pt  empty placeholders: the values are partitioned
+                                                  over data-parallel ranks in the optimizer files
+    universal zero/NAME/fp32.pt                   tools/reshard.py's output (`"universal": true` in
+                                                  complete.json): each parameter whole, in fp32
     all       complete.json (ours, written last), zero_pp_rank_*_optim_states.pt
 
 Model files hold only tensors, plain containers and strings, so they load with
@@ -31,12 +33,12 @@ from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Union
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from megatron_neox.config import Config, ModelConfig, config_from_dict
 from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, split_key
 from megatron_neox.errors import CheckpointError, ConfigError
-from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta
+from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta, verify_files
 
 _TAG_RE = re.compile(r"^global_step(\d+)$")
 WEIGHTS_TAG = "global_step0"
@@ -62,8 +64,8 @@ def model_config(config: Union[Config, Dict[str, Any], ModelConfig]) -> ModelCon
         return config.model
     try:
         return ModelConfig(**config)
-    except Exception as e:  # pydantic's ValidationError: report it as a bad checkpoint
-        raise CheckpointError(f"complete.json: invalid model section ({e})") from None
+    except ValidationError as e:
+        raise ConfigError(f"invalid model section: {e}") from None
 
 
 # ---- locating a checkpoint ---------------------------------------------------------------------
@@ -97,14 +99,15 @@ def resolve_tag_dir(path: Union[str, os.PathLike]) -> Path:
     return tags[-1][1]
 
 
-def _load_pt(path: Path, *, pickles: bool = False) -> Any:
-    """torch.load with the failure named: missing, truncated or corrupt."""
+def _load_pt(path: Path) -> Any:
+    """torch.load (tensors and plain containers only) with the failure named: missing, truncated or corrupt."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint's layout says this file must exist)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not pickles)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/zip errors
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        first_line = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {first_line}); "
                               "the file is truncated or corrupt") from None
 
 
@@ -115,7 +118,8 @@ def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Size
     """Key -> shape of the full (tp=1) state dict, from a model built on the meta device (no memory)."""
     from megatron_neox.model.gpt_neox import GPTNeoX
 
-    with torch.device("meta"):
+    # The constructor seeds the global RNG for its init; leave the caller's RNG as it was.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = GPTNeoX(cfg, padded_vocab)
     return {k: v.shape for k, v in model.state_dict().items()}
 
@@ -182,7 +186,10 @@ def load_full_state_dict(ckpt: Union[str, os.PathLike]) -> LoadedCheckpoint:
     except Exception as e:
         raise CheckpointError(f"{tag_dir / COMPLETE}: missing or invalid model/padded_vocab/layout ({e})") from None
 
-    if pp > 1:
+    if meta.get("universal"):
+        client = _load_pt(tag_dir / "mp_rank_00_model_states.pt")
+        shards = [_load_universal(tag_dir, cfg, padded)]
+    elif pp > 1:
         client = _load_pt(tag_dir / "mp_rank_00_model_states.pt")
         L = cfg.num_layers
         indices = list(range(L + 2)) + ([] if cfg.tie_embeddings else [L + 2])
@@ -209,20 +216,37 @@ def load_full_state_dict(ckpt: Union[str, os.PathLike]) -> LoadedCheckpoint:
     return LoadedCheckpoint(run if run is not None else dict(meta["model"]), padded, full)
 
 
+def _load_universal(tag_dir: Path, cfg: ModelConfig, padded: int) -> Dict[str, torch.Tensor]:
+    """A universal checkpoint (tools/reshard.py) holds every parameter whole, in fp32, as
+    `zero/NAME/fp32.pt` = {"param": tensor}, NAME being the engine's parameter name: our
+    layer-indexed key, except a pipeline's tied embedding, which lives in `tied_modules.embed`."""
+    out = {}
+    for key in expected_shapes(cfg, padded):
+        idx, name = split_key(key)
+        candidates = [key] + ([f"tied_modules.embed.{name}"] if idx == 0 else [])
+        path = next((tag_dir / "zero" / c / "fp32.pt" for c in candidates if (tag_dir / "zero" / c).is_dir()), None)
+        if path is None:
+            raise CheckpointError(f"{tag_dir / 'zero' / key}: missing (a universal checkpoint has one directory "
+                                  "per parameter)")
+        out[key] = _load_pt(path)["param"]
+    return out
+
+
 def _load_zero3(tag_dir: Path, tp: int):
     """ZeRO-3 partitions every parameter over the data-parallel ranks; DeepSpeed's zero_to_fp32
     puts them back together from the optimizer files."""
     if tp > 1:
-        raise CheckpointError(f"{tag_dir}: a ZeRO-3 checkpoint with tp={tp} cannot be merged here; "
-                              "convert it with tools/reshard.py first, or save it with zero.stage <= 2")
+        raise CheckpointError(f"{tag_dir}: merging a ZeRO-3 checkpoint with tp={tp} is not supported (DeepSpeed's "
+                              "zero_to_fp32 gathers one tensor-parallel rank); train with zero.stage <= 2 to export")
     model_file = tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     client = _load_pt(model_file)
-    for f in sorted(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
-        _load_pt(f, pickles=True)  # name a truncated shard before DeepSpeed trips over it
+    # Name a truncated shard before DeepSpeed trips over it (checking the zip directory is enough
+    # and does not read the optimizer states twice).
+    verify_files(tag_dir)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # DeepSpeed's optimizer files are pickles (weights_only=False inside zero_to_fp32); they come
-    # from the checkpoint directory the user pointed at.
+    # DeepSpeed's optimizer files are pickles, which zero_to_fp32 loads with weights_only=False;
+    # they come from the checkpoint directory the user pointed at.
     try:
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     except (ValueError, FileNotFoundError, KeyError) as e:
@@ -281,8 +305,9 @@ def _chmod_like_mkdir(path: Path) -> None:
 
 def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg_dict: Dict[str, Any],
                              out_dir: Union[str, os.PathLike], pp: int = 1, tp: int = 1, *,
-                             run_config: Optional[Dict[str, Any]] = None, extra_files: Optional[Dict[str, os.PathLike]] = None,
-                             source: Optional[str] = None, overwrite: bool = False) -> Path:
+                             run_config: Optional[Dict[str, Any]] = None,
+                             extra_files: Optional[Dict[str, os.PathLike]] = None, source: Optional[str] = None,
+                             overwrite: bool = False) -> Path:
     """Write `full_sd` (our full layer-indexed names) as a weights-only checkpoint in DeepSpeed's
     layout for `pp` x `tp`: `OUT/global_step0/` + `OUT/latest`.
 

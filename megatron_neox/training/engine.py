@@ -35,7 +35,8 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = _first_slurm_host()
-        os.environ.setdefault("MASTER_PORT", "29500")
+        # Per job, so two jobs sharing a node do not collide.
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -13,7 +13,13 @@ def configure_threads() -> int:
     if "OMP_NUM_THREADS" in os.environ:
         n = max(1, int(os.environ["OMP_NUM_THREADS"]))
     else:
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "1")) or 1)
-        n = max(1, (os.cpu_count() or 1) // max(1, local))
+        # torchrun sets LOCAL_WORLD_SIZE, DeepSpeed's per-node launcher LOCAL_SIZE.
+        local = next((os.environ[k] for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+                      if os.environ.get(k, "").isdigit()), "1")
+        try:
+            cores = len(os.sched_getaffinity(0))  # respects cgroup/affinity limits (SLURM, taskset)
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        n = max(1, cores // max(1, int(local)))
     torch.set_num_threads(n)
     return n

@@ -101,6 +101,16 @@ def _check_tokenizer(cfg: Config):
 
 
 def train(cfg: Config) -> RunResult:
+    """Train (or resume) the run `cfg` describes on the ranks of this world."""
+    # First thing: a preemption signal during set-up is honoured after the first step.
+    stop = _StopSignal()
+    try:
+        return _train(cfg, stop)
+    finally:
+        stop.restore()
+
+
+def _train(cfg: Config, stop: "_StopSignal") -> RunResult:
     from megatron_neox.data.loader import BatchLoader, build_datasets
 
     topo = build_topology(cfg)
@@ -145,7 +155,6 @@ def train(cfg: Config) -> RunResult:
                  f"{layout.global_batch_size} | {cfg.precision} | ZeRO-{cfg.zero.stage} | "
                  f"{iters} steps from step {state.iteration}")
 
-    stop = _StopSignal()
     result = RunResult(state=state)
     seq = cfg.model.seq_length
     consecutive_bad = 0
@@ -171,7 +180,6 @@ def train(cfg: Config) -> RunResult:
     if state.iteration >= iters:
         if rank0:
             log_info(f"nothing to do: the checkpoint is at step {state.iteration} of {iters}")
-        stop.restore()
         metrics.close()
         return result
     try:
@@ -232,5 +240,4 @@ def train(cfg: Config) -> RunResult:
         save()
         return result
     finally:
-        stop.restore()
         metrics.close()
