@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from megatron_neox.config import Config, ModelConfig, config_from_dict
+from megatron_neox.convert.hf import chmod_like_umask
 from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, split_key
 from megatron_neox.errors import CheckpointError, ConfigError
 from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta, verify_files
@@ -296,13 +297,6 @@ def _ds_file(module, pp: int, tp: int, client: Dict[str, Any]) -> Dict[str, Any]
     }
 
 
-def _chmod_like_mkdir(path: Path) -> None:
-    """mkdtemp makes a 0700 directory; the renamed output should have the permissions mkdir gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-
-
 def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg_dict: Dict[str, Any],
                              out_dir: Union[str, os.PathLike], pp: int = 1, tp: int = 1, *,
                              run_config: Optional[Dict[str, Any]] = None,
@@ -338,7 +332,7 @@ def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg_dict: D
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _chmod_like_mkdir(tmp)
+        chmod_like_umask(tmp)
         tag_dir = tmp / WEIGHTS_TAG
         tag_dir.mkdir()
         shards = [shard_state_dict(full, cfg, tp, r) for r in range(tp)]

@@ -189,7 +189,7 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        hf_cfg.torch_dtype = str(dtype).replace("torch.", "")
+        hf_cfg.dtype = str(dtype).replace("torch.", "")
         hf_cfg.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_path is not None:
@@ -198,6 +198,7 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
                 "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
                 "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
             }, indent=2))
+        chmod_like_umask(tmp)  # mkdtemp and safetensors create owner-only files
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -205,6 +206,16 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def chmod_like_umask(root: Path) -> None:
+    """Give a finished output tree the modes plain mkdir/open would (mkdtemp and safetensors
+    create owner-only files) before it is renamed into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for p in root.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def load_hf(hf_dir: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:

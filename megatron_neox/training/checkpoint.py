@@ -191,6 +191,12 @@ def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir
     lay = meta.get("layout", {})
     saved_layout = (lay.get("pp"), lay.get("tp"), lay.get("dp"))
     now_layout = (topo.pp, topo.tp, topo.dp)
+    if weights_only and cfg.zero.stage == 3:
+        raise CheckpointError(
+            f"{tag_dir}: loading weights alone (a converted checkpoint or checkpoint.finetune) is not supported "
+            "with zero.stage=3, whose loader reads only its own partitioned files; start the run at zero.stage 1 "
+            "or 2 (pp=1), save, and resume that checkpoint at ZeRO-3"
+        )
     if weights_only:  # no optimizer state: any data-parallel size can load the weights
         saved_layout, now_layout = saved_layout[:2], now_layout[:2]
     if not universal and lay and saved_layout != now_layout:
