@@ -1,0 +1,135 @@
+"""From dataset prefixes to train/valid/test datasets, and resumable data-parallel batches."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megatron_neox.data.blended import BlendedDataset, blend_counts, parse_split, pile_weights
+from megatron_neox.data.gpt_dataset import GPTDataset
+from megatron_neox.data.indexed import IndexedDataset
+from megatron_neox.errors import ConfigError
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def _split_weights(data_cfg, prefixes, tokens) -> list[float]:
+    """Mixture weights of one split: explicit, the Pile preset, or proportional to tokens."""
+    preset = getattr(data_cfg, "preset", None)
+    weights = getattr(data_cfg, "weights", None)
+    if preset is not None and weights is not None:
+        raise ConfigError("data: set either `weights` or `preset`, not both")
+    if preset is not None:
+        if preset != "pile":
+            raise ConfigError(f"data.preset: unknown preset {preset!r}; expected 'pile' or null")
+        return pile_weights(prefixes, tokens)
+    if weights is not None:
+        if len(weights) != len(prefixes):
+            raise ConfigError(f"data.weights: {len(weights)} weights for {len(prefixes)} prefixes; give one per prefix")
+        return [float(w) for w in weights]
+    return [float(t) for t in tokens]
+
+
+def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[int, int, int],
+                   cache_dir: Optional[str] = None):
+    """(train, valid, test): a GPTDataset, a BlendedDataset of several, or None for an empty split.
+
+    Every prefix is split by its own documents (`data_cfg.split`), so each dataset contributes
+    to every split; a split's mixture is built from the prefixes that have documents in it.
+    """
+    prefixes = [str(p) for p in getattr(data_cfg, "prefixes", None) or []]
+    if not prefixes:
+        raise ConfigError("data.prefixes: no dataset given; expected prefixes of .bin/.idx pairs (without extension)")
+    if len(num_samples) != 3:
+        raise ConfigError(f"num_samples: expected (train, valid, test), got {num_samples!r}")
+    cache_dir = cache_dir or getattr(data_cfg, "cache_dir", None) or os.path.join(
+        os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    split = getattr(data_cfg, "split", None) or "969,30,1"
+    indexed = [IndexedDataset(p) for p in prefixes]
+    ranges = [parse_split(split, ds.num_documents) for ds in indexed]
+
+    out = []
+    for s, name in enumerate(SPLIT_NAMES):
+        n = int(num_samples[s])
+        parts = [(p, ds, r[s]) for p, ds, r in zip(prefixes, indexed, ranges)]
+        tokens = [int(ds.document_sizes()[a:b].sum(dtype=np.int64)) for _, ds, (a, b) in parts]
+        if n <= 0 or sum(tokens) == 0:
+            out.append(None)
+            continue
+        weights = _split_weights(data_cfg, prefixes, tokens)
+        keep = [i for i in range(len(parts)) if weights[i] > 0 and tokens[i] > 0]
+        if not keep:
+            out.append(None)
+            continue
+        weights = [weights[i] for i in keep]
+        parts = [parts[i] for i in keep]
+        counts = blend_counts(weights, n) if len(parts) > 1 else [n]
+        datasets = [
+            GPTDataset(ds, rng, int(c), seq_length, seed, cache_dir, f"{os.path.basename(p)}_{name}")
+            for (p, ds, rng), c in zip(parts, counts)
+        ]
+        out.append(datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, weights, n))
+    return tuple(out)
+
+
+class BatchLoader:
+    """Micro-batches for one data-parallel rank. Global batch j covers samples [consumed, consumed+G)
+    (Megatron's pretraining sampler order); this rank takes its contiguous share of each micro-step.
+
+    Micro-step m of a global batch covers samples consumed + m*B*dp + [0, B*dp), and rank r reads
+    the B samples starting at consumed + m*B*dp + r*B. Nothing here depends on the tensor- or
+    pipeline-parallel rank, so every rank of a tensor-parallel group reads the same batch. The
+    only state is `consumed_samples`, so resuming from it continues the exact sequence, and the
+    global batch size may change between calls (batch-size ramp-up). Past the end of the
+    dataset, indices wrap around (another pass) rather than raise.
+    """
+
+    def __init__(self, dataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
+                 eod_token_id: Optional[int] = None, eod_mask_loss: bool = False):
+        if len(dataset) == 0:
+            raise ConfigError("BatchLoader: the dataset is empty")
+        if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ConfigError(f"BatchLoader: need micro_batch_size >= 1 and 0 <= dp_rank < dp_size; got "
+                              f"micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}")
+        if eod_mask_loss and eod_token_id is None:
+            raise ConfigError("BatchLoader: eod_mask_loss needs eod_token_id")
+        self.dataset = dataset
+        self.micro_batch_size = int(micro_batch_size)
+        self.dp_rank = int(dp_rank)
+        self.dp_size = int(dp_size)
+        self.consumed_samples = int(consumed_samples)
+        self.eod_token_id = eod_token_id
+        self.eod_mask_loss = bool(eod_mask_loss)
+
+    def next_global_batch(self, global_batch_size: int) -> list[dict]:
+        B, dp = self.micro_batch_size, self.dp_size
+        if global_batch_size < 1 or global_batch_size % (B * dp):
+            raise ConfigError(f"global batch size {global_batch_size} is not a positive multiple of "
+                              f"micro_batch_size x data-parallel size = {B} x {dp} = {B * dp}")
+        n = len(self.dataset)
+        batches = []
+        for m in range(global_batch_size // (B * dp)):
+            first = self.consumed_samples + m * B * dp + self.dp_rank * B
+            rows = [self.dataset[(first + j) % n] for j in range(B)]
+            batches.append(self._micro_batch(np.stack(rows)))
+        self.consumed_samples += global_batch_size
+        return batches
+
+    def _micro_batch(self, samples: np.ndarray) -> dict:
+        tokens = torch.from_numpy(np.ascontiguousarray(samples[:, :-1], dtype=np.int64))
+        labels = torch.from_numpy(np.ascontiguousarray(samples[:, 1:], dtype=np.int64))
+        loss_mask = torch.ones(tokens.shape, dtype=torch.float32)
+        if self.eod_mask_loss:
+            # Megatron's rule: where the input is EOD, the label is the first token of an unrelated
+            # document, which the model cannot predict; leave it out of the loss.
+            loss_mask[tokens == self.eod_token_id] = 0.0
+        position_ids = torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous()
+        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
