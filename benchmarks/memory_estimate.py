@@ -1,0 +1,285 @@
+"""Measured CPU training memory against `megatron_neox.plan.estimate_memory`, per component.
+
+    python benchmarks/memory_estimate.py            # all configs below (~5 min on 2 cores)
+    python benchmarks/memory_estimate.py --only 0   # one of them
+
+An 82M-parameter fp32 model (8 layers, d=768, seq 512, micro-batch 2, 16k vocab) trains a few
+steps in fresh processes for each config (pp=1 and pp=2, ZeRO 0 and 1, with and without
+activation checkpointing); every pipeline stage measures itself. What is measured, in bytes of
+live torch tensors (each storage counted once) unless said otherwise:
+
+  weights      the model parameters' storages.
+  optimizer    the innermost torch optimizer's state, plus its parameters when they are not the
+               model's (ZeRO's fp32 master partition).
+  gradients    tensors alive when the optimizer step starts and freed by the end of the step.
+  buffers      every other tensor alive between steps (ZeRO's reduce bucket, rotary caches...).
+  activations  one profiled step (torch.profiler memory timeline): the peak over forward and
+               backward of (live bytes - gradient bytes), above the level at the step's start.
+  total        what is alive between steps plus the highest point of the profiled step above it.
+  RSS          peak resident set during an unprofiled step minus the process's RSS after imports
+               and joining the world (includes malloc slack and fragmentation; an upper bound).
+
+The estimate is `estimate_memory(cfg, layout, stage)`. Ratios are measured / estimated; ones off
+by more than 25% are flagged. The script's exit status is 0 either way (it reports, it does not
+gate).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import threading
+import time
+from typing import Dict, Iterable
+
+import parallel_overhead as po  # rank launcher, config and batch helpers
+
+MODEL = {
+    "num_layers": 8, "hidden_size": 768, "num_attention_heads": 12, "seq_length": 512,
+    "vocab_size": 16384, "make_vocab_size_divisible_by": 64, "rotary_pct": 0.25,
+}
+MICRO = 2
+# (label, pp, ZeRO stage, activation checkpoint interval, global batch)
+CONFIGS = [
+    ("pp=1 ZeRO-0", 1, 0, 0, 2),
+    ("pp=1 ZeRO-1 ckpt=1", 1, 1, 1, 2),
+    ("pp=2 ZeRO-1 (grad_accum 2)", 2, 1, 0, 4),
+    ("pp=2 ZeRO-0 ckpt=1 (grad_accum 2)", 2, 0, 1, 4),
+]
+TOLERANCE = 0.25
+COMPONENTS = ["weights", "gradients", "optimizer", "buffers", "activations", "total"]
+MiB = 2**20
+
+
+# ---- measuring (inside a rank) ---------------------------------------------------------------------
+
+
+def _storage_bytes(tensors: Iterable, into: Dict[int, int]) -> Dict[int, int]:
+    """{storage address: bytes}, so views of one buffer (ZeRO's flat groups) count once."""
+    for t in tensors:
+        if t is None or t.device.type != "cpu":
+            continue
+        s = t.untyped_storage()
+        if s.data_ptr():
+            into[s.data_ptr()] = s.nbytes()
+    return into
+
+
+def _live_storages(model) -> Dict[int, int]:
+    """Every tensor reachable from Python, plus the gradients (which have no Python object until
+    someone asks for `.grad`)."""
+    import torch
+
+    gc.collect()
+    found = _storage_bytes((o for o in gc.get_objects() if isinstance(o, torch.Tensor)), {})
+    return _storage_bytes((p.grad for p in model.parameters()), found)
+
+
+def _inner_optimizer(engine):
+    """The torch.optim optimizer under DeepSpeed's wrappers (ZeRO keeps it as `.optimizer`)."""
+    import torch
+
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _optimizer_storages(engine, model) -> Dict[int, int]:
+    import torch
+
+    opt = _inner_optimizer(engine)
+    own = _storage_bytes(model.parameters(), {})
+    tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    tensors += [p for g in opt.param_groups for p in g["params"]]
+    return {k: v for k, v in _storage_bytes(tensors, {}).items() if k not in own}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class _RssPeak:
+    """Highest RSS seen by a thread sampling /proc/self/statm every 2 ms."""
+
+    def __init__(self):
+        self.peak = _rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, _rss())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, _rss())
+
+
+def _profiled_step(engine, batches, topo, marker: str):
+    """Run one step under the profiler; return (timeline, the optimizer step's start in ns)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megatron_neox.training.step import train_step
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        train_step(engine, batches, topo)
+    start = prof.profiler.kineto_results.trace_start_ns()
+    marks = [e.time_range.start for e in prof.events() if e.name == marker]
+    return prof._memory_profile(), start + int(min(marks) * 1000)
+
+
+def _step_peaks(memory_profile, opt_start_ns: int) -> Dict[str, float]:
+    """From the memory timeline: the activation peak before the optimizer step and the highest
+    point of the whole step, both relative to the live bytes when the step began."""
+    from torch.profiler._memory_profiler import Action, Category, TensorKey
+
+    def is_grad(key, version) -> bool:
+        return isinstance(key, TensorKey) and memory_profile._categories.get(key, version) == Category.GRADIENT
+
+    live = grads = 0
+    base = None
+    act_peak = step_peak = 0
+    # Sizes are positive for every action; a tensor's category can change with its version
+    # (e.g. a buffer that autograd then accumulates a gradient into).
+    for t, action, (key, version), nbytes in memory_profile.timeline:
+        if key.device.type != "cpu":
+            continue
+        if action == Action.INCREMENT_VERSION:
+            grads += nbytes * (is_grad(key, version + 1) - is_grad(key, version))
+        else:
+            sign = -1 if action == Action.DESTROY else 1
+            live += sign * nbytes
+            grads += sign * nbytes * is_grad(key, version)
+        if action == Action.PREEXISTING:
+            continue  # alive before profiling began: part of the starting level, not a peak
+        if base is None:
+            base = (live, grads)  # the first event is tiny: close enough to the level before it
+        step_peak = max(step_peak, live - base[0])
+        if t < opt_start_ns:
+            act_peak = max(act_peak, (live - grads) - (base[0] - base[1]))
+    return {"activations": act_peak, "step_transient": step_peak}
+
+
+def worker(job: dict) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    from layout_3d import preload
+
+    preload()  # lazily imported modules (~150 MiB) must not count as training memory
+    from megatron_neox.plan import estimate_memory
+    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.step import train_step
+
+    cfg = po.make_config(pp=job["pp"], zero=job["zero"], micro=MICRO, global_batch=job["global_batch"],
+                         model=MODEL, activation_checkpointing={"interval": job["ckpt"]})
+    topo = build_topology(cfg)
+    rss_base = _rss()
+    engine, model = build_engine(cfg, topo)
+
+    marker = "mnx_optimizer_step"
+    snapshot = {}
+    inner_step = engine.optimizer.step
+
+    def step_with_snapshot(*args, **kwargs):
+        # Entered after the last backward: what is alive now and gone after the step is gradients.
+        if snapshot.get("take"):
+            snapshot["entry"] = _live_storages(model)
+        with torch.profiler.record_function(marker):
+            return inner_step(*args, **kwargs)
+
+    engine.optimizer.step = step_with_snapshot
+    batches = lambda s: po.micro_batches(cfg, s, topo.dp, topo.dp_rank)  # noqa: E731
+    train_step(engine, batches(0), topo)  # warm-up: creates the optimizer state
+
+    snapshot["take"] = True
+    sampler = _RssPeak()
+    train_step(engine, batches(1), topo)
+    rss_peak = sampler.stop()
+    snapshot["take"] = False
+    after = _live_storages(model)
+    weights = sum(_storage_bytes(model.parameters(), {}).values())
+    optimizer = sum(_optimizer_storages(engine, model).values())
+    static = sum(after.values())
+    gradients = sum(v for k, v in snapshot["entry"].items() if k not in after)
+
+    timeline, opt_start = _profiled_step(engine, batches(2), topo, marker)
+    peaks = _step_peaks(timeline, opt_start)
+    measured = {
+        "weights": weights, "gradients": gradients, "optimizer": optimizer,
+        "buffers": static - weights - optimizer, "activations": peaks["activations"],
+        "total": static + peaks["step_transient"], "rss": rss_peak - rss_base,
+    }
+    estimate = estimate_memory(cfg, cfg.layout(topo.world_size), stage=topo.pp_rank)
+    po.write_result({"stage": topo.pp_rank, "measured": measured, "estimate": estimate})
+
+
+# ---- the report -------------------------------------------------------------------------------------
+
+
+def _ratio(m: float, e: float) -> str:
+    if e == 0:
+        return "     -" if m < MiB else "   inf"
+    r = m / e
+    return f"{r:5.2f}{'!' if abs(r - 1) > TOLERANCE else ' '}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=int, nargs="*", help="indices into CONFIGS")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per process (split over ranks)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    from megatron_neox.model.gpt_neox import count_parameters
+
+    cfg0 = po.make_config(model=MODEL)
+    m = cfg0.model
+    print(f"model: {count_parameters(m)['total'] / 1e6:.1f}M parameters (L={m.num_layers} d={m.hidden_size} "
+          f"heads={m.num_attention_heads} seq={m.seq_length} V={m.padded_vocab(1)}), micro-batch {MICRO}, "
+          f"fp32 AdamW; MiB per rank; ratio = measured / estimated ('!' when off by more than "
+          f"{TOLERANCE:.0%})")
+    worst = []
+    for i, (label, pp, zero, ckpt, G) in enumerate(CONFIGS):
+        if args.only and i not in args.only:
+            continue
+        job = {"pp": pp, "zero": zero, "ckpt": ckpt, "global_batch": G}
+        t0 = time.perf_counter()
+        out = po.run_ranks(os.path.abspath(__file__), pp, job, threads=max(1, args.threads // pp), timeout=1800)
+        ranks = sorted(out["ranks"], key=lambda r: r["stage"])
+        print(f"\n{label}  ({time.perf_counter() - t0:.0f} s)")
+        head = "".join(f"  | stage {r['stage']}: measured  estimate  ratio" for r in ranks)
+        print(f"  {'':12s}{head}")
+        for comp in COMPONENTS + ["rss"]:
+            cells = []
+            for r in ranks:
+                mv = r["measured"][comp]
+                ev = r["estimate"]["total" if comp == "rss" else comp]
+                cells.append(f"  | {'':8s}{mv / MiB:9.1f} {ev / MiB:9.1f}  {_ratio(mv, ev)}")
+                if comp not in ("rss",) and ev > 0:
+                    worst.append((abs(mv / ev - 1), f"{label} stage {r['stage']} {comp}", mv / ev))
+            name = "RSS vs total" if comp == "rss" else comp
+            print(f"  {name:12s}{''.join(cells)}")
+        est = ranks[0]["estimate"]
+        print(f"  (estimate: in-flight micro-batches {est['in_flight_microbatches']}, activations per "
+              f"micro-batch {est['activations_per_microbatch'] / MiB:.1f} MiB, checkpointed "
+              f"{est['activations_per_microbatch_checkpointed'] / MiB:.1f} MiB)")
+    off = [w for w in worst if w[0] > TOLERANCE]
+    print(f"\n{len(off)} of {len(worst)} estimated components are off by more than {TOLERANCE:.0%}"
+          + (":" if off else ""))
+    for _, where, r in sorted(off, reverse=True):
+        print(f"  {where}: measured/estimated = {r:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
