@@ -12,10 +12,15 @@ live torch tensors (each storage counted once) unless said otherwise:
   optimizer    the innermost torch optimizer's state, plus its parameters when they are not the
                model's (ZeRO's fp32 master partition).
   gradients    tensors alive when the optimizer step starts and freed by the end of the step.
-  buffers      every other tensor alive between steps (ZeRO's reduce bucket, rotary caches...).
+  buffers      every other tensor alive between steps (rotary caches, what DeepSpeed's pipeline
+               buffers keep), plus the peak of ZeRO's reduce buckets during a step (tensors of
+               exactly zero.reduce_bucket_size elements, allocated at each step).
   activations  one profiled step (torch.profiler memory timeline): the peak over forward and
-               backward of (live bytes - gradient bytes), above the level at the step's start.
-  total        what is alive between steps plus the highest point of the profiled step above it.
+               backward (up to the last gradient reduce) of the live bytes that are neither
+               gradients nor buckets, above the level when the step began.
+  total        bytes alive between steps plus the highest point of the profiled step above them:
+               allocator bytes, as a GPU's caching allocator would have to hold them (pages
+               that are allocated but never written count here, not in RSS).
   RSS          peak resident set during an unprofiled step minus the process's RSS after imports
                and joining the world (includes malloc slack and fragmentation; an upper bound).
 
@@ -121,8 +126,8 @@ class _RssPeak:
         return max(self.peak, _rss())
 
 
-def _profiled_step(engine, batches, topo, marker: str):
-    """Run one step under the profiler; return (timeline, the optimizer step's start in ns)."""
+def _profiled_step(engine, batches, topo, markers):
+    """Run one step under the profiler; return (memory profile, {marker: start times in ns})."""
     from torch.profiler import ProfilerActivity, profile
 
     from megatron_neox.training.step import train_step
@@ -131,21 +136,29 @@ def _profiled_step(engine, batches, topo, marker: str):
                  with_stack=True) as prof:
         train_step(engine, batches, topo)
     start = prof.profiler.kineto_results.trace_start_ns()
-    marks = [e.time_range.start for e in prof.events() if e.name == marker]
-    return prof._memory_profile(), start + int(min(marks) * 1000)
+    times = {m: sorted(start + int(e.time_range.start * 1000) for e in prof.events() if e.name == m)
+             for m in markers}
+    return prof._memory_profile(), times
 
 
-def _step_peaks(memory_profile, opt_start_ns: int) -> Dict[str, float]:
-    """From the memory timeline: the activation peak before the optimizer step and the highest
-    point of the whole step, both relative to the live bytes when the step began."""
+PHASES = ("forward/backward", "gradient reduce", "optimizer step")
+
+
+def _step_peaks(memory_profile, reduce_ns: float, step_ns: float, bucket_bytes: int) -> Dict:
+    """Walk the memory timeline of one step. Live bytes are split into gradients (the profiler's
+    GRADIENT category), ZeRO reduce buckets (tensors of exactly `bucket_bytes`) and the rest.
+    Returns, relative to the level when the step began: the activation peak (the rest, during
+    forward/backward, i.e. before the last gradient reduce and the optimizer step), the highest
+    bucket level, and the step's highest total with the phase it happened in."""
     from torch.profiler._memory_profiler import Action, Category, TensorKey
 
     def is_grad(key, version) -> bool:
         return isinstance(key, TensorKey) and memory_profile._categories.get(key, version) == Category.GRADIENT
 
-    live = grads = 0
+    live = grads = buckets = 0
     base = None
-    act_peak = step_peak = 0
+    act_peak = bucket_peak = step_peak = 0
+    peak_phase = PHASES[0]
     # Sizes are positive for every action; a tensor's category can change with its version
     # (e.g. a buffer that autograd then accumulates a gradient into).
     for t, action, (key, version), nbytes in memory_profile.timeline:
@@ -156,15 +169,21 @@ def _step_peaks(memory_profile, opt_start_ns: int) -> Dict[str, float]:
         else:
             sign = -1 if action == Action.DESTROY else 1
             live += sign * nbytes
-            grads += sign * nbytes * is_grad(key, version)
+            if nbytes == bucket_bytes:
+                buckets += sign * nbytes
+            elif is_grad(key, version):
+                grads += sign * nbytes
         if action == Action.PREEXISTING:
             continue  # alive before profiling began: part of the starting level, not a peak
         if base is None:
-            base = (live, grads)  # the first event is tiny: close enough to the level before it
-        step_peak = max(step_peak, live - base[0])
-        if t < opt_start_ns:
-            act_peak = max(act_peak, (live - grads) - (base[0] - base[1]))
-    return {"activations": act_peak, "step_transient": step_peak}
+            base = (live, grads, buckets)  # the first event is tiny: close enough to the level before it
+        if live - base[0] > step_peak:
+            step_peak = live - base[0]
+            peak_phase = PHASES[(t >= reduce_ns) + (t >= step_ns)]
+        bucket_peak = max(bucket_peak, buckets - base[2])
+        if t < reduce_ns:
+            act_peak = max(act_peak, (live - grads - buckets) - (base[0] - base[1] - base[2]))
+    return {"activations": act_peak, "buckets": bucket_peak, "step_transient": step_peak, "peak_phase": peak_phase}
 
 
 def worker(job: dict) -> None:
@@ -184,18 +203,23 @@ def worker(job: dict) -> None:
     rss_base = _rss()
     engine, model = build_engine(cfg, topo)
 
-    marker = "mnx_optimizer_step"
     snapshot = {}
-    inner_step = engine.optimizer.step
+    inner_step, inner_reduce = engine.optimizer.step, engine.allreduce_gradients
 
     def step_with_snapshot(*args, **kwargs):
         # Entered after the last backward: what is alive now and gone after the step is gradients.
         if snapshot.get("take"):
             snapshot["entry"] = _live_storages(model)
-        with torch.profiler.record_function(marker):
+        with torch.profiler.record_function("mnx_optimizer_step"):
             return inner_step(*args, **kwargs)
 
+    def reduce_with_marker(*args, **kwargs):
+        # The DeepSpeed engine (and the pipeline engine) reduces gradients after each backward.
+        with torch.profiler.record_function("mnx_grad_reduce"):
+            return inner_reduce(*args, **kwargs)
+
     engine.optimizer.step = step_with_snapshot
+    engine.allreduce_gradients = reduce_with_marker
     batches = lambda s: po.micro_batches(cfg, s, topo.dp, topo.dp_rank)  # noqa: E731
     train_step(engine, batches(0), topo)  # warm-up: creates the optimizer state
 
@@ -210,15 +234,69 @@ def worker(job: dict) -> None:
     static = sum(after.values())
     gradients = sum(v for k, v in snapshot["entry"].items() if k not in after)
 
-    timeline, opt_start = _profiled_step(engine, batches(2), topo, marker)
-    peaks = _step_peaks(timeline, opt_start)
+    timeline, marks = _profiled_step(engine, batches(2), topo, ("mnx_grad_reduce", "mnx_optimizer_step"))
+    step_ns = marks["mnx_optimizer_step"][0]
+    # The last reduce of the step (one per micro-batch at pp=1; one per step under a pipeline).
+    reduce_ns = min([t for t in marks["mnx_grad_reduce"] if t < step_ns][-1:] + [step_ns])
+    peaks = _step_peaks(timeline, reduce_ns, step_ns, cfg.zero.reduce_bucket_size * 4)
     measured = {
         "weights": weights, "gradients": gradients, "optimizer": optimizer,
-        "buffers": static - weights - optimizer, "activations": peaks["activations"],
+        "buffers": static - weights - optimizer + peaks["buckets"], "activations": peaks["activations"],
         "total": static + peaks["step_transient"], "rss": rss_peak - rss_base,
     }
-    estimate = estimate_memory(cfg, cfg.layout(topo.world_size), stage=topo.pp_rank)
-    po.write_result({"stage": topo.pp_rank, "measured": measured, "estimate": estimate})
+    layout = cfg.layout(topo.world_size)
+    estimate = estimate_memory(cfg, layout, stage=topo.pp_rank)
+    po.write_result({"stage": topo.pp_rank, "measured": measured, "estimate": estimate,
+                     "corrected": corrected_estimate(cfg, layout, topo.pp_rank, estimate),
+                     "peak_phase": peaks["peak_phase"], "persistent_other": static - weights - optimizer})
+
+
+# ---- the corrections this benchmark proposes for plan.py ---------------------------------------
+
+
+def corrected_estimate(cfg, layout, stage: int, est: Dict) -> Dict:
+    """`estimate_memory` with the three changes the measurements call for (see the report):
+
+    1. ZeRO 1/2 reduce buckets: DeepSpeed 0.19.8 allocates the whole `reduce_bucket_size` each
+       step (stage_1_and_2.py `setup_buckets`, twice with overlap_comm) and, under a pipeline,
+       one more in `reduce_gradients(pipeline_parallel=True)`, not min(bucket, P).
+    2. Last pipeline stage: the pipeline engine keeps each buffer's stage output -- the logits,
+       s*b*V/t*e bytes -- in pipe_buffers['outputs'] (its backward returns early on the last
+       stage without clearing it): max(2, min(pp - stage, grad_accum)) of them between steps, and
+       during forward/backward the current one is alive on top of the estimate.
+    3. Checkpointing on the stage that holds the head: the loss's softmax and logits are freed
+       before the first block is recomputed, so the peak is the kept block inputs plus the larger
+       of the head and one recomputed block (+ its output grad), not their sum.
+    """
+    from megatron_neox.plan import head_activation_bytes, layer_activation_bytes, partition
+
+    m, z = cfg.model, cfg.zero
+    e = 4 if cfg.precision == "fp32" else 2
+    out = dict(est)
+    last = stage == layout.pp - 1
+    tokens = m.seq_length * layout.micro_batch_size
+    logits = tokens * layout.padded_vocab / layout.tp * e
+    if z.stage in (1, 2) and z.contiguous_gradients:
+        out["buffers"] = z.reduce_bucket_size * e * ((2 if z.overlap_comm else 1) + (layout.pp > 1))
+    retained = 0.0
+    if layout.pp > 1 and last:
+        out["buffers"] += max(2, min(layout.pp - stage, layout.grad_accum)) * logits
+        retained = logits
+    interval = cfg.activation_checkpointing.interval
+    if interval and last:
+        parts = partition(cfg) if layout.pp > 1 else [0, m.num_layers + 3]
+        per = [layer_activation_bytes(m, layout.micro_batch_size, layout.tp, cfg.precision,
+                                      cfg.parallel.sequence_parallel, i - 1)
+               for i in range(parts[stage], parts[stage + 1]) if 1 <= i <= m.num_layers]
+        blocks = [per[i:i + interval] for i in range(0, len(per), interval)]
+        N = tokens * m.hidden_size * e
+        kept = len(blocks) * N / (layout.tp if cfg.activation_checkpointing.partition_activations else 1)
+        head = head_activation_bytes(m, layout.micro_batch_size, layout.tp, cfg.precision, layout.padded_vocab)
+        working = max((sum(b) for b in blocks), default=0.0)
+        out["activations"] = kept + max(head, working + N)
+    out["activations"] += retained
+    out["total"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "buffers", "activations"))
+    return out
 
 
 # ---- the report -------------------------------------------------------------------------------------
@@ -248,7 +326,7 @@ def main(argv=None) -> int:
           f"heads={m.num_attention_heads} seq={m.seq_length} V={m.padded_vocab(1)}), micro-batch {MICRO}, "
           f"fp32 AdamW; MiB per rank; ratio = measured / estimated ('!' when off by more than "
           f"{TOLERANCE:.0%})")
-    worst = []
+    worst, fixed = [], []
     for i, (label, pp, zero, ckpt, G) in enumerate(CONFIGS):
         if args.only and i not in args.only:
             continue
@@ -258,17 +336,23 @@ def main(argv=None) -> int:
         ranks = sorted(out["ranks"], key=lambda r: r["stage"])
         print(f"\n{label}  ({time.perf_counter() - t0:.0f} s)")
         head = "".join(f"  | stage {r['stage']}: measured  estimate  ratio" for r in ranks)
-        print(f"  {'':12s}{head}")
-        for comp in COMPONENTS + ["rss"]:
+        print(f"  {'':20s}{head}")
+        rows = [(c, c, "estimate") for c in COMPONENTS] + [("RSS vs total", "rss", "estimate")]
+        rows += [(f"{c} (fixed)", c, "corrected") for c in ("buffers", "activations", "total")]
+        for name, comp, which in rows:
             cells = []
             for r in ranks:
                 mv = r["measured"][comp]
-                ev = r["estimate"]["total" if comp == "rss" else comp]
+                ev = r[which]["total" if comp == "rss" else comp]
                 cells.append(f"  | {'':8s}{mv / MiB:9.1f} {ev / MiB:9.1f}  {_ratio(mv, ev)}")
-                if comp not in ("rss",) and ev > 0:
+                if which == "estimate" and comp != "rss" and ev > 0:
                     worst.append((abs(mv / ev - 1), f"{label} stage {r['stage']} {comp}", mv / ev))
-            name = "RSS vs total" if comp == "rss" else comp
-            print(f"  {name:12s}{''.join(cells)}")
+                if which == "corrected" and ev > 0:
+                    fixed.append(abs(mv / ev - 1))
+            print(f"  {name:20s}{''.join(cells)}")
+        print("  (measured: peak of the step during " + ", ".join(
+            f"stage {r['stage']}: {r['peak_phase']}" for r in ranks) + "; buffers alive between steps " + ", ".join(
+            f"stage {r['stage']}: {r['persistent_other'] / MiB:.1f} MiB" for r in ranks) + ")")
         est = ranks[0]["estimate"]
         print(f"  (estimate: in-flight micro-batches {est['in_flight_microbatches']}, activations per "
               f"micro-batch {est['activations_per_microbatch'] / MiB:.1f} MiB, checkpointed "
@@ -278,6 +362,9 @@ def main(argv=None) -> int:
           + (":" if off else ""))
     for _, where, r in sorted(off, reverse=True):
         print(f"  {where}: measured/estimated = {r:.2f}")
+    if fixed:
+        print(f"with the corrections of `corrected_estimate` ('(fixed)' rows): worst buffers/activations/total "
+              f"off by {max(fixed):.0%}")
     return 0
 
 
