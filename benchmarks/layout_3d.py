@@ -34,21 +34,6 @@ MODEL = {
 TOLERANCE = 1e-5
 
 
-def preload() -> None:
-    """Import here what every rank needs, before forking them (no torch op may run before fork)."""
-    import deepspeed  # noqa: F401
-    import deepspeed.pipe  # noqa: F401
-    import torch._dynamo  # noqa: F401  torch.optim's constructors import it lazily (~100 MiB)
-
-    import megatron_neox.training.engine  # noqa: F401
-    import megatron_neox.training.step  # noqa: F401
-
-    try:  # deepspeed.initialize imports it lazily (ZeRO's optimizer check); version dependent
-        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
-    except ImportError:
-        pass
-
-
 def worker(job: dict) -> None:
     t0 = time.perf_counter()
     import torch
@@ -111,11 +96,12 @@ def main(argv=None) -> int:
         return 0
     world = args.pp * args.tp * args.dp
     if args.start == "fork":
-        preload()
+        po.preload()
     m = MODEL
     print(f"model: L={m['num_layers']} d={m['hidden_size']} heads={m['num_attention_heads']} "
           f"seq={m['seq_length']} vocab {m['vocab_size']} (padded 512); global batch {args.global_batch} "
-          f"sequences, micro {args.micro}; fp32, ZeRO-1, AdamW, clip 1.0; {args.steps} steps; 1 thread per rank; ranks started by {args.start}")
+          f"sequences, micro {args.micro}; fp32, ZeRO-1, AdamW, clip 1.0; {args.steps} steps; "
+          f"1 thread per rank; ranks started by {args.start}")
     ref = _run(1, 1, 1, args)
     _summary("1 rank", ref)
     big = _run(world, args.pp, args.tp, args)
