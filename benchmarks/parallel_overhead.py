@@ -8,12 +8,10 @@
     against Hugging Face `GPTNeoXForCausalLM` (SDPA attention) trained by a plain torch AdamW loop
     with `clip_grad_norm_(1.0)`: same shapes, same weights (copied from ours, so the losses agree:
     printed as a check), same thread count, in the same process. Contenders:
-      ours ZeRO-1          the default config (DeepSpeed's flat fp32 partition and reduce buckets)
-      ours ZeRO-0          our global-norm clipper, DeepSpeed's plain optimizer path
-      ours ZeRO-0 + fixes  what this benchmark proposes for build_engine on CPU (the library
-                           is not changed: `_apply_proposed_fixes` patches the built engine):
-                           skip DeepSpeed's gradient all-reduce when dp == 1, a chunked float64
-                           norm in the clipper, torch's fused AdamW
+      ours ZeRO-1          the default config (DeepSpeed's flat fp32 partition and reduce buckets,
+                           which at dp=1 shard nothing and only copy)
+      ours ZeRO-0          the 1-rank configuration: our global-norm clipper (chunked float64
+                           norm), no gradient all-reduce at dp=1, torch's fused AdamW on CPU
       HF default / fused   torch.optim.AdamW as is (a per-parameter loop on CPU), and fused=True
     Steps are interleaved round-robin so that load from other processes on this shared machine
     hits every contender alike; warm-up rounds are dropped; the median and the fastest step are
@@ -333,62 +331,6 @@ def _hf_step(hf, opt, batches, clip: float):
     return total, float(norm)
 
 
-def _proposed_clip_step(clipper, *args, **kwargs):
-    """engine.py `_GlobalNormClipper.step` with the gradient norm this benchmark proposes.
-
-    The library converts each whole gradient to float64 and squares it: two full-size temporaries
-    (a 64 MiB and a 128 MiB one for a 16k x 512 matrix), which the allocator takes fresh from the
-    OS at every step. Squaring and summing in float64 over 256k-element chunks keeps the temporaries
-    in cache: the same float64 sum up to rounding (~1e-16 relative) at ~7x less time. The rest of
-    the step is the library's: all-reduce over pipe and tensor groups, skip on inf/nan, clip.
-    """
-    import math
-
-    import torch
-    import torch.distributed as dist
-
-    sq = torch.zeros(1, dtype=torch.float64)
-    for p in clipper._params():
-        if not getattr(p, "ds_pipe_replicated", False):
-            for chunk in p.grad.detach().reshape(-1).split(_NORM_CHUNK):
-                sq += chunk.double().square().sum()
-    for group in (clipper.topo.pp_group, clipper.topo.tp_group):
-        if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(sq, group=group)
-    total = sq.item()
-    norm = math.sqrt(total) if math.isfinite(total) else float("inf")
-    clipper.last_norm = norm
-    params = [p for g in clipper.engine.optimizer.param_groups for p in g["params"]]
-    if not math.isfinite(norm):
-        clipper.skipped += 1
-        for p in params:
-            p.grad = None
-        return None
-    if clipper.max_norm > 0 and norm > clipper.max_norm:
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], clipper.max_norm / (norm + 1e-6))
-    return clipper._step(*args, **kwargs)
-
-
-# 256k fp32 elements = a 2 MiB float64 temporary: stays in L2/L3 and is reused by the allocator.
-_NORM_CHUNK = 1 << 18
-
-# torch's fused AdamW kernel (CPU since torch 2.4) instead of the per-parameter loop that
-# torch.optim picks on CPU: ~5x faster, and within 1 ulp of it. DeepSpeed passes `fused` through to
-# torch.optim.AdamW when `torch_adam` is set (as build_engine does on CPU).
-FUSED_ADAM = {"deepspeed": {"optimizer": {"params": {"fused": True}}}}
-
-
-def _apply_proposed_fixes(engine, topo) -> None:
-    """Patch a built ZeRO-0 engine (made with FUSED_ADAM) into what this benchmark proposes
-    build_engine should build on CPU; the patches stand in for library changes, see the report."""
-    from functools import partial
-
-    if topo.dp == 1:
-        # DeepSpeed would flatten every gradient, all-reduce it over a 1-rank group and copy it back.
-        engine.enable_backward_allreduce = False
-    engine.optimizer.step = partial(_proposed_clip_step, engine.neox_clipper)
-
-
 def part_a(args) -> None:
     import torch
 
@@ -399,18 +341,15 @@ def part_a(args) -> None:
 
     contenders = []  # (label, step(round) -> (loss, grad norm))
 
-    def ours(label, zero, proposed=False):
-        cfg = make_config(zero=zero, micro=args.micro, global_batch=args.micro, **(FUSED_ADAM if proposed else {}))
+    def ours(label, zero):
+        cfg = make_config(zero=zero, micro=args.micro, global_batch=args.micro)
         topo = build_topology(cfg)
         engine, model = build_engine(cfg, topo)
-        if proposed:
-            _apply_proposed_fixes(engine, topo)
         contenders.append((label, lambda s: _as_pair(train_step(engine, micro_batches(cfg, s, 1, 0), topo))))
         return cfg, model
 
     cfg, model = ours("ours ZeRO-1 (default config)", 1)
     ours("ours ZeRO-0 (own clipper)", 0)
-    ours("ours ZeRO-0 + proposed fixes", 0, proposed=True)
     clip = cfg.optimizer.clip_grad
     for label, fused in (("HF + torch AdamW (default)", None), ("HF + torch AdamW fused", True)):
         hf, opt = _hf_twin(cfg, model, fused)

@@ -19,8 +19,20 @@ that is what a run measures:
   (`stage_1_and_2.py`, `single_partition_of_fp32_groups`): optimizer = (4 + 8) / dp, not 8 / dp.
 * bf16 + ZeRO 0/1 with fp32 gradient accumulation (what `Config.deepspeed_config` emits) runs
   `BF16_Optimizer`: a full fp32 gradient accumulator (4 bytes) next to the bf16 .grad (2 bytes).
-* ZeRO 1/2 with `contiguous_gradients` allocate a reduce bucket of `reduce_bucket_size` elements
-  (two with `overlap_comm`); we count min(bucket, P) elements, the part a step actually fills.
+* ZeRO 1/2 with `contiguous_gradients` allocate the whole reduce bucket of `reduce_bucket_size`
+  elements every step, however few gradients fill it (`stage_1_and_2.py` `setup_buckets`; a second
+  one with `overlap_comm`) and, under a pipeline, one more in `reduce_gradients(pipeline_parallel=
+  True)`: reduce_bucket_size * grad bytes * (1 + overlap_comm + (pp > 1)). Measured by
+  benchmarks/memory_estimate.py (buckets of exactly reduce_bucket_size elements, fp32: 500M x 4 B
+  = 1907 MiB each).
+* ZeRO-0 (and BF16_Optimizer) at dp > 1 all-reduce through `buffered_allreduce_fallback`, which
+  flattens the gradients into a temporary of up to 500M elements (`MEMORY_OPT_ALLREDUCE_SIZE`);
+  it exists after the backward pass, so the total counts max(activations, temporary). At dp = 1
+  `build_engine` turns that all-reduce off: no temporary.
+* The last pipeline stage keeps its stage output -- the logits, s*b*V/t * e bytes -- in
+  `pipe_buffers['outputs']` between steps (`pipe/engine.py` `_exec_backward_pass` returns early on
+  the last stage without clearing it): one per pipe buffer used, min(grad_accum, 2) (the last
+  stage has `TrainSchedule.num_pipe_buffers()` = max(2, 1) buffers).
 * The fp32 gradient partition made at `step()` is not counted: activations are freed by then, so
   it never adds to the backward-pass peak we report.
 
@@ -53,7 +65,11 @@ block's input (N, or N/t with partition_activations) plus one block's working se
 backward. Under 1F1B pipeline stage k holds min(pp - k, grad_accum) micro-batches in flight
 (DeepSpeed `TrainSchedule.num_pipe_buffers`); a non-last stage also keeps each in-flight output.
 The last stage adds the final norm and the loss: the cross entropy's fp32 softmax s*b*V/t * 4
-bytes plus, at its peak, the logits (e bytes) and in half precision the fp32 copy `lm_loss` makes.
+bytes plus, at its peak, the e-byte logits and in half precision the fp32 copy the cross entropy
+makes of them (`logits.to(float32)` is alive while `shifted` is allocated; `lm_loss` passes the
+logits as they are). With checkpointing, the stage holding the head peaks at its kept block inputs
+plus the larger of the loss (forward) and one recomputed block with its output gradient
+(backward): the loss's tensors are freed before the first block is recomputed.
 """
 from __future__ import annotations
 
@@ -217,8 +233,11 @@ def head_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precisi
     """Final norm and loss of the last stage for one micro-batch.
 
     Autograd keeps the final norm's input and output and the cross entropy's fp32 softmax
-    (s*b*V/t * 4 bytes). With `peak` the transient logits are added: the e-byte logits and, in
-    half precision, the fp32 copy `lm_loss` makes before the cross entropy makes its own.
+    (s*b*V/t * 4 bytes; `parallel/cross_entropy.py` computes `shifted` in place into it). With
+    `peak` the transient logits are added: the e-byte logits and, in half precision, the fp32 copy
+    `logits.to(float32)` the cross entropy subtracts from (fp32 logits are not copied; `lm_loss`
+    no longer upcasts). The backward peaks at the same 4 + 4 (+ e in half precision) bytes per
+    logit: the softmax, the fp32 gradient and its cast to the logits' dtype.
     """
     e = 4 if precision == "fp32" else 2
     tokens = model.seq_length * micro_batch
@@ -262,10 +281,13 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     """Bytes per rank of pipeline stage `stage`, by component (see the module docstring).
 
     Keys: params (count), weights, gradients, optimizer, optimizer_cpu (ZeRO-Offload),
-    buffers (ZeRO reduce bucket), activations_per_microbatch (no recomputation),
+    buffers (ZeRO reduce buckets, the ZeRO-0 all-reduce temporary at dp > 1, the logits the last
+    pipeline stage keeps between steps), activations_per_microbatch (no recomputation),
     activations_per_microbatch_checkpointed (full recomputation every `interval` layers, 1 when
     the config has none), in_flight_microbatches, activations (peak under the config's setting or
-    `checkpoint_interval`; 0 means off) and total (what the rank needs on the device).
+    `checkpoint_interval`; 0 means off) and total (what the rank needs on the device: the
+    all-reduce temporary, allocated after the backward pass, counts only where it exceeds the
+    activations).
     """
     m = cfg.model
     if parts is None:
@@ -278,42 +300,60 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     out["optimizer_cpu"] = 0.0
     if cfg.zero.offload_optimizer == "cpu" and cfg.zero.stage >= 1:
         out["optimizer_cpu"], out["optimizer"] = out["optimizer"], 0.0
-    buffers = 0.0
-    bf16_optimizer = cfg.precision == "bf16" and cfg.zero.stage <= 1
-    if cfg.zero.stage in (1, 2) and cfg.zero.contiguous_gradients and not bf16_optimizer:
-        grad_e = 4 if cfg.precision == "fp32" else 2  # the bucket holds model-dtype gradients
-        buffers = min(cfg.zero.reduce_bucket_size, P) * grad_e * (2 if cfg.zero.overlap_comm else 1)
-    out["buffers"] = buffers
+    z = cfg.zero
+    e = 4 if cfg.precision == "fp32" else 2
+    grad_e = e  # reduce buckets and the all-reduce temporary hold model-dtype gradients
+    bf16_optimizer = cfg.precision == "bf16" and z.stage <= 1
+    buckets = 0.0  # allocated at the first backward hook: alive with the activations
+    reduce_temp = 0.0  # allocated after the backward pass: never alive with the activations
+    if z.stage in (1, 2) and z.contiguous_gradients and not bf16_optimizer:
+        # The whole bucket every step (setup_buckets), twice with overlap_comm, plus the one
+        # reduce_gradients(pipeline_parallel=True) appends under a pipeline (see module doc).
+        buckets = z.reduce_bucket_size * grad_e * ((2 if z.overlap_comm else 1) + (1 if layout.pp > 1 else 0))
+    elif (z.stage == 0 or bf16_optimizer) and layout.dp > 1:
+        # buffered_allreduce_fallback flattens the gradients into buckets of up to 500M elements
+        # (MEMORY_OPT_ALLREDUCE_SIZE); build_engine disables it at dp = 1.
+        reduce_temp = min(P, 500_000_000) * grad_e
 
     # Activations of this stage for one micro-batch.
     b, t, prec, sp = layout.micro_batch_size, layout.tp, cfg.precision, cfg.parallel.sequence_parallel
     layer_idx = [i - 1 for i in range(start, stop) if 1 <= i <= m.num_layers]  # transformer layers here
     per_layer = [layer_activation_bytes(m, b, t, prec, sp, li) for li in layer_idx]
-    e = 4 if prec == "fp32" else 2
-    N = m.seq_length * b * m.hidden_size
+    tokens = m.seq_length * b
+    N = tokens * m.hidden_size
     last = stop == m.num_layers + 3
     head = head_activation_bytes(m, b, t, prec, layout.padded_vocab) if last else 0.0
     # A non-last stage also keeps its output tensor in DeepSpeed's pipe buffers until backward.
     pipe_out = N * e if (layout.pp > 1 and not last) else 0.0
+    # The last stage of a pipeline keeps its outputs (the logits) between steps, one per pipe
+    # buffer used: min(grad_accum, num_pipe_buffers = max(2, 1)) (see module doc).
+    kept_logits = min(layout.grad_accum, 2) * tokens * layout.padded_vocab / t * e if (layout.pp > 1 and last) else 0.0
+    out["buffers"] = buckets + reduce_temp + kept_logits
     full = sum(per_layer) + head + pipe_out
 
     interval = cfg.activation_checkpointing.interval if checkpoint_interval is None else checkpoint_interval
     n = interval or 1
     block_input = N * e / (t if cfg.activation_checkpointing.partition_activations else 1)
     blocks = [per_layer[i:i + n] for i in range(0, len(per_layer), n)]
-    kept = len(blocks) * block_input + head + pipe_out
+    kept = len(blocks) * block_input + pipe_out  # per micro-batch in flight
     working = max((sum(blk) for blk in blocks), default=0.0)
-    ckpt = kept + working
-
     flight = in_flight_microbatches(layout.pp, stage, layout.grad_accum)
+    if last:
+        # The loss's softmax and logits are freed before the first block is recomputed, so the
+        # head and a recomputed block (+ the gradient of its output, N*e) do not coexist.
+        ckpt = kept + max(head, working + N * e)
+        ckpt_peak = flight * kept + max(head, working + N * e)
+    else:
+        ckpt = kept + working
+        ckpt_peak = flight * kept + working  # only one block is recomputed at a time
+
     out["activations_per_microbatch"] = full
     out["activations_per_microbatch_checkpointed"] = ckpt
     out["in_flight_microbatches"] = flight
-    if interval:
-        out["activations"] = flight * kept + working  # only one block is recomputed at a time
-    else:
-        out["activations"] = flight * full
-    out["total"] = out["weights"] + out["gradients"] + out["optimizer"] + out["buffers"] + out["activations"]
+    out["activations"] = ckpt_peak if interval else flight * full
+    # The all-reduce temporary comes after the activations are freed: the peak is the larger.
+    out["total"] = (out["weights"] + out["gradients"] + out["optimizer"] + buckets + kept_logits
+                    + max(out["activations"], reduce_temp))
     return out
 
 

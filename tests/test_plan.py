@@ -246,3 +246,95 @@ def test_per_rank_counts_shard_matrices_and_replicate_norms_and_row_biases():
     d = cfg.hidden_size
     replicated = 2 * 2 * d + d + d  # two LayerNorms, attention.dense and dense_4h_to_h biases
     assert 2 * tp2 - tp1 == replicated
+
+
+# ---- DeepSpeed 0.19.8 allocations measured by benchmarks/memory_estimate.py ---------------------
+
+
+def test_zero1_allocates_whole_reduce_buckets_plus_one_under_a_pipeline():
+    # setup_buckets allocates reduce_bucket_size elements per buffer (two with overlap_comm),
+    # however few parameters the rank has; reduce_gradients(pipeline_parallel=True) adds one.
+    fp32 = ("precision=fp32", "zero.reduce_bucket_size=1000000")
+    small = _memory("pythia-70M", 8, *fp32, "zero.overlap_comm=false")
+    assert small["buffers"] == 1_000_000 * 4  # not min(bucket, P): P is 70M here
+    assert _memory("pythia-70M", 8, *fp32, "zero.overlap_comm=true")["buffers"] == 2 * 1_000_000 * 4
+    big = _memory("pythia-70M", 8, "precision=fp32", "zero.overlap_comm=false")
+    assert big["buffers"] == 500_000_000 * 4 > 4 * big["params"]  # the whole default bucket, 1907 MiB
+    assert _memory("pythia-70M", 8, "zero.overlap_comm=false")["buffers"] == 500_000_000 * 2  # fp16 gradients
+    cfg = load_config("pythia-70M", [*fp32, "zero.overlap_comm=false", "parallel.pp=2"])
+    first = estimate_memory(cfg, cfg.layout(8), stage=0)
+    assert first["buffers"] == 2 * 1_000_000 * 4
+    assert first["total"] == pytest.approx(sum(first[k] for k in
+                                               ("weights", "gradients", "optimizer", "buffers", "activations")))
+
+
+def test_zero0_allreduce_temporary_only_with_data_parallelism():
+    one = _memory("pythia-70M", 1, "precision=fp32", "zero.stage=0")
+    assert one["buffers"] == 0  # build_engine turns the backward all-reduce off at dp=1
+    eight = _memory("pythia-70M", 8, "precision=fp32", "zero.stage=0")
+    assert eight["buffers"] == eight["params"] * 4  # every gradient flattened (P < 500M elements)
+    # Allocated after backward: the total counts the larger of it and the activations, not both.
+    static = eight["weights"] + eight["gradients"] + eight["optimizer"]
+    assert eight["total"] == pytest.approx(static + max(eight["activations"], eight["buffers"]))
+    tiny = _memory("pythia-70M", 8, "precision=fp32", "zero.stage=0", "model.seq_length=128", "train.micro_batch_size=1",
+                   "activation_checkpointing.interval=1")
+    assert tiny["activations"] < tiny["buffers"]
+    assert tiny["total"] == pytest.approx(tiny["weights"] + tiny["gradients"] + tiny["optimizer"] + tiny["buffers"])
+
+
+@pytest.mark.parametrize("global_batch,kept", [(32, 1), (64, 2), (256, 2)])
+def test_last_pipeline_stage_keeps_its_logits_between_steps(global_batch, kept):
+    # pipe_buffers['outputs'] of the last stage is never cleared: one logits tensor per pipe buffer
+    # used, min(grad_accum, num_pipe_buffers = 2).
+    cfg = load_config("pythia-70M", ["precision=fp32", "zero.stage=0", "parallel.pp=2", "train.micro_batch_size=4",
+                                     f"train.global_batch_size={global_batch}"])
+    lay = cfg.layout(16)
+    assert lay.grad_accum == global_batch // 32
+    first, last = (estimate_memory(cfg, lay, stage=s) for s in range(2))
+    logits = cfg.model.seq_length * 4 * lay.padded_vocab * 4
+    assert first["buffers"] == 4 * first["params"]  # the dp=2 all-reduce temporary only
+    assert last["buffers"] == 4 * last["params"] + kept * logits
+
+
+def test_checkpointing_with_the_head_takes_the_larger_of_loss_and_recomputed_block():
+    cfg = load_config("pythia-70M", ["precision=fp32", "activation_checkpointing.interval=1"])
+    lay = cfg.layout(8)
+    m, b = cfg.model, lay.micro_batch_size
+    est = estimate_memory(cfg, lay)
+    layer = layer_activation_bytes(m, b, 1, "fp32", layer_index=0)
+    head = head_activation_bytes(m, b, 1, "fp32", lay.padded_vocab)
+    N = m.seq_length * b * m.hidden_size * 4
+    kept = m.num_layers * N
+    assert head > layer + N  # 50k-vocab logits dominate
+    assert est["activations"] == pytest.approx(kept + head)  # not kept + head + layer
+    vocab_small = load_config("pythia-70M", ["precision=fp32", "activation_checkpointing.interval=1",
+                                             "model.vocab_size=512"])
+    lay2 = vocab_small.layout(8)
+    small = estimate_memory(vocab_small, lay2)
+    head2 = head_activation_bytes(vocab_small.model, b, 1, "fp32", lay2.padded_vocab)
+    assert head2 < layer + N
+    assert small["activations"] == pytest.approx(kept + layer + N)  # the recomputed block and its output grad
+
+
+def test_loss_saves_one_fp32_softmax_for_half_precision_logits():
+    # lm_loss passes bf16 logits to the cross entropy, which upcasts internally: autograd keeps the
+    # fp32 softmax and the target ids / mask (9 bytes a token), no fp32 copy of the logits.
+    from megatron_neox.model.gpt_neox import lm_loss
+
+    cfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, seq_length=128, vocab_size=500)
+    V = cfg.padded_vocab(1)
+    logits = torch.randn(2, 128, V, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 500, (2, 128))
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm_loss(logits, (targets, torch.ones(2, 128)))
+    loss_part = (head_activation_bytes(cfg, 2, 1, "bf16", V, peak=False)
+                 - head_activation_bytes(cfg, 2, 1, "bf16", 0, peak=False) + 9 * 2 * 128)  # minus the final norm
+    assert loss_part == 2 * 128 * V * 4 + 9 * 2 * 128
+    # (+ 8 bytes a token of fp32 per-token losses and mask the formula leaves out: 0.2% here)
+    assert sum(seen.values()) == pytest.approx(loss_part, rel=0.005)
