@@ -79,11 +79,11 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
 def probe_prefixes() -> dict:
     """attribute -> the part before the value of its first template that names the person in full
     and needs no pronoun (the facts file does not record gender)."""
-    from megatron_neox.data.corpus import _TEMPLATES, ATTRIBUTES
+    from megatron_neox.data.corpus import BIO_TEMPLATES, ATTRIBUTES
 
     out = {}
     for attr in ATTRIBUTES:
-        for template in _TEMPLATES[attr]:
+        for template in BIO_TEMPLATES[attr]:
             head = template[: template.index("{v}")]
             if head.startswith("{s} ") and head.count("{") == 1:
                 out[attr] = head.rstrip()

@@ -175,7 +175,7 @@ _MONTHS = (
 # Several phrasings per attribute (the paper uses ~50 each; a handful already forces the model to
 # separate the fact from its wording). {s} is the subject (full name or pronoun), {p} the
 # possessive, {v} the value.
-_TEMPLATES = {
+BIO_TEMPLATES = {
     "birth_date": (
         "{s} was born on {v}.",
         "{s} came into this world on {v}.",
@@ -225,7 +225,7 @@ _TEMPLATES = {
         "{s} has a career in {v}.",
     ),
 }
-ATTRIBUTES = tuple(_TEMPLATES)  # the six facts, in the order bios_facts.jsonl lists them
+ATTRIBUTES = tuple(BIO_TEMPLATES)  # the six facts, in the order bios_facts.jsonl lists them
 
 
 @dataclass
@@ -279,7 +279,7 @@ def write_bio(person: Person, rng: random.Random) -> str:
         full = i == 0 or rng.random() < 0.15
         subject = person.name if full else pronoun
         subject_poss = f"{person.name}'s" if full else possessive.capitalize()
-        template = rng.choice(_TEMPLATES[attr])
+        template = rng.choice(BIO_TEMPLATES[attr])
         sentence = template.format(s=subject, p=possessive, S_p=subject_poss, v=getattr(person, attr))
         sentences.append(sentence[0].upper() + sentence[1:])
     return " ".join(sentences)
