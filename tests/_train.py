@@ -1,7 +1,6 @@
 """Small datasets and configs for end-to-end training tests (tokens are random; vocab 96)."""
 import copy
 import os
-import sys
 
 import numpy as np
 
@@ -50,16 +49,3 @@ def config_dict(tmp: str, pp: int = 1, tp: int = 1, **overrides) -> dict:
             node = node.setdefault(k, {})
         node[last] = value
     return d
-
-
-def train_in_rank(rank, world_size, cfg_dict):
-    """run_distributed target: train with a config dict; returns (losses, eval_losses, state)."""
-    from megatron_neox.config import config_from_dict
-    from megatron_neox.training.trainer import train
-
-    r = train(config_from_dict(cfg_dict))
-    return r.losses, r.eval_losses, r.state.to_dict()
-
-
-def python() -> str:
-    return sys.executable

@@ -21,7 +21,7 @@ from torch import nn
 from megatron_neox.config import ModelConfig
 from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
-from megatron_neox.model.transformer import KVCache, TransformerLayer, sum_grads_over_tp
+from megatron_neox.model.transformer import KVCache, TransformerLayer
 from megatron_neox.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_neox.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megatron_neox.parallel.mappings import (
@@ -30,7 +30,7 @@ from megatron_neox.parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron_neox.parallel.random import tensor_parallel_rng
-from megatron_neox.parallel.utils import group_size
+from megatron_neox.parallel.utils import group_size, sum_grads_over_tensor_parallel_group
 
 
 def seed_layer(seed: int) -> None:
@@ -70,7 +70,7 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         if sequence_parallel and group_size(tp_group) > 1:
-            sum_grads_over_tp(self.norm.parameters(), tp_group)
+            sum_grads_over_tensor_parallel_group(self.norm.parameters(), tp_group)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h)

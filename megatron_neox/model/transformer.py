@@ -23,7 +23,7 @@ from megatron_neox.parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron_neox.parallel.random import tensor_parallel_rng
-from megatron_neox.parallel.utils import divide, group_rank, group_size
+from megatron_neox.parallel.utils import divide, group_rank, group_size, sum_grads_over_tensor_parallel_group
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]
 
@@ -139,21 +139,6 @@ class MLP(nn.Module):
         return self.dense_4h_to_h(h)
 
 
-def sum_grads_over_tp(params, tp_group) -> None:
-    """Under sequence parallelism a replicated parameter applied after the reduce-scatter (norms,
-    row-parallel biases) sees only this rank's slice of the sequence, so its gradient is a partial
-    sum over the TP group that DeepSpeed does not reduce: sum it as it is produced."""
-
-    def allreduce(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        torch.distributed.all_reduce(grad, group=tp_group)
-        return grad
-
-    for p in params:
-        p.sequence_parallel = True
-        p.register_hook(allreduce)
-
-
 class TransformerLayer(nn.Module):
     """One pre-norm block. Parallel residual: x + attn(ln1(x)) + mlp(ln2(x)); sequential:
     h = x + attn(ln1(x)); h + mlp(ln2(h))."""
@@ -174,9 +159,9 @@ class TransformerLayer(nn.Module):
             # Norms and the row-parallel output biases act on this rank's sequence slice only.
             replicated = [self.input_layernorm] + ([] if self.shared_norm else [self.post_attention_layernorm])
             for module in replicated:
-                sum_grads_over_tp(module.parameters(), tp_group)
+                sum_grads_over_tensor_parallel_group(module.parameters(), tp_group)
             row_biases = [self.attention.dense.bias, self.mlp.dense_4h_to_h.bias]
-            sum_grads_over_tp([b for b in row_biases if b is not None], tp_group)
+            sum_grads_over_tensor_parallel_group([b for b in row_biases if b is not None], tp_group)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:

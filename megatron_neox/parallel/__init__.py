@@ -18,9 +18,9 @@ from megatron_neox.parallel.mappings import (
 )
 from megatron_neox.parallel.random import get_rng_tracker, model_parallel_seed, tensor_parallel_rng
 from megatron_neox.parallel.utils import (
-    all_reduce_sequence_parallel_grads,
     divide,
     split_tensor_along_last_dim,
+    sum_grads_over_tensor_parallel_group,
     vocab_range_from_global_vocab_size,
     vocab_range_from_per_partition_vocab_size,
 )
@@ -29,7 +29,6 @@ __all__ = [
     "ColumnParallelLinear",
     "RowParallelLinear",
     "VocabParallelEmbedding",
-    "all_reduce_sequence_parallel_grads",
     "copy_to_tensor_parallel_region",
     "default_init_method",
     "divide",
@@ -42,6 +41,7 @@ __all__ = [
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_parallel_region",
     "split_tensor_along_last_dim",
+    "sum_grads_over_tensor_parallel_group",
     "tensor_parallel_rng",
     "vocab_parallel_cross_entropy",
     "vocab_range_from_global_vocab_size",

@@ -34,6 +34,7 @@ from megatron_neox.parallel.utils import (
     group_rank,
     group_size,
     set_tensor_parallel_attributes,
+    sum_grads_over_tensor_parallel_group,
     shard_rows,
     vocab_range_from_per_partition_vocab_size,
 )
@@ -126,8 +127,8 @@ class RowParallelLinear(nn.Module):
     last dim. `reduce_output=False` returns the un-reduced partial sum without the bias, so a GPT-NeoX
     parallel-residual layer can add its attention and MLP partials and all-reduce once (then add
     both biases itself). With `sequence_parallel` the reduce is a reduce-scatter along the sequence
-    dim (1) and the bias is flagged `sequence_parallel` (see
-    `parallel.utils.all_reduce_sequence_parallel_grads`).
+    dim (1) and the bias gradient is summed over the group by a hook
+    (`parallel.utils.sum_grads_over_tensor_parallel_group`).
     """
 
     def __init__(self, input_size: int, output_size: int, *, group=None, bias: bool = True,
@@ -151,8 +152,8 @@ class RowParallelLinear(nn.Module):
                                          group, params_dtype)
         if bias:
             self.bias = nn.Parameter(torch.zeros(output_size, dtype=params_dtype))
-            if self.sequence_parallel:
-                self.bias.sequence_parallel = True
+            if self.sequence_parallel:  # added after the reduce-scatter: partial gradients
+                sum_grads_over_tensor_parallel_group([self.bias], group)
         else:
             self.register_parameter("bias", None)
 

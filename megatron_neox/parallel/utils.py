@@ -72,23 +72,26 @@ def set_tensor_parallel_attributes(param: torch.nn.Parameter, partition_dim: int
     param.partition_stride = stride
 
 
-def all_reduce_sequence_parallel_grads(params: Iterable[torch.nn.Parameter], group) -> None:
-    """Sum, across the TP group, the grads of replicated params flagged `sequence_parallel`.
+def sum_grads_over_tensor_parallel_group(params: Iterable[torch.nn.Parameter], group) -> None:
+    """Make the gradients of these replicated parameters sums over the TP group.
 
     Under sequence parallelism each TP rank sees only its slice of the sequence, so a replicated
     parameter applied to the sharded activations (norm weights, row-parallel biases) gets only a
-    partial gradient. Call after backward and before the optimizer step.
+    partial gradient, which DeepSpeed does not reduce. A hook on each parameter all-reduces its
+    gradient as autograd produces it, so no step outside the engine has to remember to. The
+    parameters are flagged `sequence_parallel`.
     """
     if group_size(group) == 1:
         return
-    grads = [p.grad for p in params
-             if getattr(p, "sequence_parallel", False) and p.grad is not None]
-    if not grads:
-        return
-    flat = torch._utils._flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=group)
-    for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+
+    def all_reduce(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in params:
+        p.sequence_parallel = True
+        p.register_hook(all_reduce)
 
 
 def shard_rows(full: torch.Tensor, rank: int, world_size: int, stride: int = 1,
