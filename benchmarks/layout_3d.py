@@ -39,19 +39,20 @@ def worker(job: dict) -> None:
     import torch
 
     torch.set_num_threads(1)
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
     cfg = po.make_config(pp=job["pp"], tp=job["tp"], zero=1, micro=job["micro"],
                          global_batch=job["global_batch"], model=MODEL)
     t_import = time.perf_counter()
-    topo = build_topology(cfg)
+    layout, topo = setup(cfg)
     t_world = time.perf_counter()
-    engine, _ = build_engine(cfg, topo)
+    engine, _, clipper = build_engine(cfg, topo, layout)
     t_engine = time.perf_counter()
     losses, norms = [], []
     for step in range(job["steps"]):
-        r = train_step(engine, po.micro_batches(cfg, step, topo.dp, topo.dp_rank), topo)
+        r = train_step(engine, po.micro_batches(cfg, step, topo.dp, topo.dp_rank), topo, clipper)
         losses.append(r.loss)
         norms.append(r.grad_norm)
     t_train = time.perf_counter()

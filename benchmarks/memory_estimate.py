@@ -140,9 +140,9 @@ def _profiled_steps(engine, batches, topo, markers):
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:
-        train_step(engine, batches[0], topo)
+        train_step(engine, batches[0], topo, clipper)
         with torch.profiler.record_function("mnx_measured_step"):
-            train_step(engine, batches[1], topo)
+            train_step(engine, batches[1], topo, clipper)
     start = prof.profiler.kineto_results.trace_start_ns()
     times = {m: sorted(start + int(e.time_range.start * 1000) for e in prof.events() if e.name == m)
              for m in markers + ("mnx_measured_step",)}
@@ -202,14 +202,15 @@ def worker(job: dict) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     po.preload()  # modules that load lazily (~150 MiB) are not training memory
     from megatron_neox.plan import estimate_memory
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
     cfg = po.make_config(pp=job["pp"], zero=job["zero"], micro=MICRO, global_batch=job["global_batch"],
                          model=MODEL, activation_checkpointing={"interval": job["ckpt"]})
-    topo = build_topology(cfg)
+    layout, topo = setup(cfg)
     rss_base = _rss()
-    engine, model = build_engine(cfg, topo)
+    engine, model, clipper = build_engine(cfg, topo, layout)
 
     snapshot = {}
     inner_step, inner_reduce = engine.optimizer.step, engine.allreduce_gradients
@@ -229,11 +230,11 @@ def worker(job: dict) -> None:
     engine.optimizer.step = step_with_snapshot
     engine.allreduce_gradients = reduce_with_marker
     batches = lambda s: po.micro_batches(cfg, s, topo.dp, topo.dp_rank)  # noqa: E731
-    train_step(engine, batches(0), topo)  # warm-up: creates the optimizer state
+    train_step(engine, batches(0), topo, clipper)  # warm-up: creates the optimizer state
 
     snapshot["take"] = True
     sampler = _RssPeak()
-    train_step(engine, batches(1), topo)
+    train_step(engine, batches(1), topo, clipper)
     rss_peak = sampler.stop()
     snapshot["take"] = False
     after = _live_storages(model)

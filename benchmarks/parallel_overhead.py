@@ -336,16 +336,17 @@ def part_a(args) -> None:
 
     torch.set_num_threads(args.threads)
     from megatron_neox.model.gpt_neox import count_parameters
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
     contenders = []  # (label, step(round) -> (loss, grad norm))
 
     def ours(label, zero):
         cfg = make_config(zero=zero, micro=args.micro, global_batch=args.micro)
-        topo = build_topology(cfg)
-        engine, model = build_engine(cfg, topo)
-        contenders.append((label, lambda s: _as_pair(train_step(engine, micro_batches(cfg, s, 1, 0), topo))))
+        layout, topo = setup(cfg)
+        engine, model, clipper = build_engine(cfg, topo, layout)
+        contenders.append((label, lambda s: _as_pair(train_step(engine, micro_batches(cfg, s, 1, 0), topo, clipper))))
         return cfg, model
 
     cfg, model = ours("ours ZeRO-1 (default config)", 1)
@@ -409,19 +410,20 @@ def worker_b(job: dict) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
     cfg = make_config(pp=job["pp"], tp=job["tp"], zero=job["zero"], micro=job["micro"],
                       global_batch=job["global_batch"])
-    topo = build_topology(cfg)
-    engine, _ = build_engine(cfg, topo)
+    layout, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo, layout)
     times, losses = [], []
     for step in range(job["warmup"] + job["steps"]):
         batches = micro_batches(cfg, step, topo.dp, topo.dp_rank)
         dist.barrier()
         t0 = time.perf_counter()
-        r = train_step(engine, batches, topo)
+        r = train_step(engine, batches, topo, clipper)
         dist.barrier()  # the step is over when the slowest rank is done
         if step >= job["warmup"]:
             times.append(time.perf_counter() - t0)

@@ -13,14 +13,15 @@ import difflib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from megatron_neox.data.blended import split_weights
 from megatron_neox.errors import ConfigError
+from megatron_neox.layout import Layout, config_split_problems
 
 # Where `--config NAME` looks when NAME is not a path.
 CONFIG_DIR = Path(os.environ.get("MEGATRON_NEOX_CONFIGS", Path(__file__).resolve().parent.parent / "deepspeed_configs"))
@@ -289,7 +290,7 @@ class DataConfig(Section):
     preset: Optional[Literal["pile"]] = None
     """'pile': weight components by tokens x the Pile paper's epochs (Table 1)."""
     split: str = "969,30,1"
-    """Train/valid/test split by document ranges."""
+    """Train/valid/test split by document ranges: 1-3 weights ('969,30,1'; '100' = train only)."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; default beside the first prefix."""
     eod_mask_loss: bool = False
@@ -303,13 +304,12 @@ class DataConfig(Section):
             )
         if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
             raise ValueError(f"data.weights={self.weights}: expected non-negative numbers with a positive sum")
-        parts = self.split.split(",")
+        if self.weights is not None and self.preset is not None:
+            raise ValueError("data: set either `weights` or `preset`, not both")
         try:
-            nums = [float(p) for p in parts]
-        except ValueError:
-            nums = []
-        if len(nums) != 3 or any(n < 0 for n in nums) or sum(nums) <= 0:
-            raise ValueError(f"data.split={self.split!r}: expected three comma-separated weights like '969,30,1'")
+            split_weights(self.split)
+        except ConfigError as e:
+            raise ValueError(f"data.{e}") from None
         return self
 
 
@@ -379,60 +379,21 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
-        m, p = self.model, self.parallel
-        if m.num_attention_heads % p.tp:
-            raise ValueError(
-                f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}"
-            )
-        if m.ffn_size % p.tp:
-            raise ValueError(f"MLP width {m.ffn_size} is not divisible by parallel.tp={p.tp}")
-        if m.padded_vocab(p.tp) % p.tp:
-            raise ValueError(f"padded vocab {m.padded_vocab(p.tp)} is not divisible by parallel.tp={p.tp}")
-        if p.pp > m.num_layers:
-            raise ValueError(f"parallel.pp={p.pp} stages but only model.num_layers={m.num_layers} layers")
-        if p.pp > 1 and self.zero.stage > 1:
-            raise ValueError(
-                f"zero.stage={self.zero.stage} with parallel.pp={p.pp}: DeepSpeed supports only ZeRO 0 and 1 "
-                "with pipeline parallelism"
-            )
-        if p.sequence_parallel and m.seq_length % p.tp:
-            raise ValueError(f"sequence parallelism needs model.seq_length={m.seq_length} divisible by tp={p.tp}")
+        problems = config_split_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     # ---- derived values -------------------------------------------------------------------
 
-    def layout(self, world_size: int) -> "Layout":
-        """Data-parallel size and batch identity for `world_size` ranks; ConfigError if it does not fit."""
-        p, t = self.parallel, self.train
-        if world_size % (p.pp * p.tp):
-            raise ConfigError(
-                f"{world_size} ranks are not divisible by pp*tp = {p.pp}*{p.tp} = {p.pp * p.tp}; "
-                f"use a multiple of {p.pp * p.tp} ranks or change parallel.pp/parallel.tp"
-            )
-        dp = world_size // (p.pp * p.tp)
-        per_step = t.micro_batch_size * dp
-        if t.global_batch_size is not None:
-            if t.global_batch_size % per_step:
-                raise ConfigError(
-                    f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                    f"micro_batch_size*dp = {t.micro_batch_size}*{dp} = {per_step}"
-                )
-            gas = t.global_batch_size // per_step
-            if t.gradient_accumulation_steps is not None and t.gradient_accumulation_steps != gas:
-                raise ConfigError(
-                    f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} disagrees with "
-                    f"global_batch_size/(micro*dp) = {gas} at dp={dp}; set only one of them"
-                )
-        else:
-            gas = t.gradient_accumulation_steps or 1
-        return Layout(
-            pp=p.pp, tp=p.tp, dp=dp, micro_batch_size=t.micro_batch_size, grad_accum=gas,
-            global_batch_size=per_step * gas, padded_vocab=self.model.padded_vocab(p.tp),
-        )
+    def layout(self, world_size: int) -> Layout:
+        """This config on `world_size` ranks (see `megatron_neox.layout`); ConfigError if it does not fit."""
+        return Layout.from_config(self, world_size)
 
-    def deepspeed_config(self, world_size: int) -> Dict[str, Any]:
-        """The DeepSpeed config dict for this run (merged with the `deepspeed` passthrough section)."""
-        lay = self.layout(world_size)
+    def deepspeed_config(self, layout: Union[Layout, int]) -> Dict[str, Any]:
+        """The DeepSpeed config dict for this run on `layout` (or a world size), merged with the
+        `deepspeed` passthrough section."""
+        lay = layout if isinstance(layout, Layout) else self.layout(layout)
         o = self.optimizer
         ds: Dict[str, Any] = {
             "train_batch_size": lay.global_batch_size,
@@ -486,23 +447,6 @@ class Config(Section):
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """What a config becomes on a given number of ranks."""
-
-    pp: int
-    tp: int
-    dp: int
-    micro_batch_size: int
-    grad_accum: int
-    global_batch_size: int
-    padded_vocab: int
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.tp * self.dp
 
 
 # ---- loading --------------------------------------------------------------------------------

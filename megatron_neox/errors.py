@@ -19,3 +19,8 @@ class DataError(MegatronNeoxError, ValueError):
 
 class CheckpointError(MegatronNeoxError, RuntimeError):
     """A checkpoint is missing, partial, corrupt or does not match the model."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """An intact checkpoint that belongs to another model or layout: resuming falls back to no
+    older checkpoint (they would not match either); the user must point elsewhere or reshard."""

@@ -6,39 +6,35 @@ produced; temperature 0 is greedy (argmax), as Hugging Face `generate(do_sample=
 gives the same tokens on the exported model (tools/convert_to_hf.py writes the padded ids into
 its generation_config as `suppress_tokens`).
 """
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 
 from megatron_neox.config import Config, ModelConfig
-from megatron_neox.convert.checkpoint_io import load_full_state_dict, model_config
+from megatron_neox.convert.checkpoint_io import load_full_state_dict
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import GPTNeoX
 
 
 class LoadedModel(NamedTuple):
     model: GPTNeoX
-    config: Union[Config, Dict]  # the run config when the checkpoint has one, else the model section
+    model_config: ModelConfig
+    run: Optional[Config]  # the run config when the checkpoint has one
     padded_vocab: int
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return model_config(self.config)
 
 
 def load_model(checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The whole model of any checkpoint layout, in eval mode (dropout off)."""
-    config, padded, sd = load_full_state_dict(checkpoint)
-    cfg = model_config(config)
+    ck = load_full_state_dict(checkpoint)
     with torch.random.fork_rng(devices=[]):  # the constructor seeds the global RNG for its init
-        model = GPTNeoX(cfg, padded)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
-    return LoadedModel(model.to(dtype).eval(), config, padded)
+        model = GPTNeoX(ck.model, ck.padded_vocab)
+    model.load_state_dict({k: v.to(dtype) for k, v in ck.state_dict.items()}, strict=True)
+    return LoadedModel(model.to(dtype).eval(), ck.model, ck.run, ck.padded_vocab)
 
 
-def tokenizer_path(config) -> Optional[str]:
-    """The run config's tokenizer.path, if it has one."""
-    return config.tokenizer.path if isinstance(config, Config) else None
+def tokenizer_path(run: Optional[Config]) -> Optional[str]:
+    """The run config's tokenizer.path, if the checkpoint has a run config."""
+    return run.tokenizer.path if run is not None else None
 
 
 def check_tokenizer_fits(tokenizer, padded_vocab: int) -> None:

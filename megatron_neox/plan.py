@@ -79,7 +79,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from megatron_neox.config import Config, Layout, ModelConfig, config_from_dict
+from megatron_neox.config import Config, ModelConfig, config_from_dict
+from megatron_neox.layout import Layout
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
 

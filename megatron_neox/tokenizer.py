@@ -13,7 +13,7 @@ caller. The reference is HF `Tokenizer.encode(text, add_special_tokens=False)` w
 The fast path: for a plain byte-level BPE, tiktoken's engine gives the same ids ~5x faster
 than HF (measured on Python source). tiktoken merges the adjacent pair whose concatenation has the
 lowest rank; HF merges the pair that comes first in the merge list. These agree when token ids
-follow the merge order, which `fast_encoder_for` checks along with everything else that would
+follow the merge order, which `_fast_encoder_or_reason` checks along with everything else that would
 make the two differ (normalizer, other pre-tokenizers, added non-special tokens, ...), and then
 verifies by encoding every vocabulary token and a probe text both ways. Anything it cannot vouch
 for falls back to HF `encode_batch`, with the reason in `Tokenizer.fast_reason`.

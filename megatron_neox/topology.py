@@ -16,50 +16,7 @@ from __future__ import annotations
 import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-from megatron_neox.errors import ConfigError
-
-
-def _check_positive_ints(**values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _data_parallel_size(world_size: int, pp: int, tp: int) -> int:
-    _check_positive_ints(world_size=world_size, pp=pp, tp=tp)
-    if world_size % (pp * tp) != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by pp * tp = {pp} * {tp} = {pp * tp}: "
-            f"launch a multiple of {pp * tp} ranks or change the pipeline/tensor parallel sizes")
-    return world_size // (pp * tp)
-
-
-def validate_layout(world_size: int, pp: int, tp: int, *, num_layers: int, num_heads: int,
-                    vocab_size: int | None = None, zero_stage: int = 0) -> int:
-    """Check that a (world size, pp, tp) layout can run this model; return the data-parallel size."""
-    _check_positive_ints(num_layers=num_layers, num_heads=num_heads)
-    dp = _data_parallel_size(world_size, pp, tp)
-    if num_heads % tp != 0:
-        raise ConfigError(
-            f"num_heads {num_heads} is not divisible by tp {tp}: every tensor-parallel rank must "
-            f"hold whole attention heads; use a tp that divides {num_heads}")
-    if pp > num_layers:
-        raise ConfigError(
-            f"pp {pp} is more pipeline stages than the {num_layers} transformer layers: a stage "
-            f"needs at least one layer; use pp <= {num_layers}")
-    if vocab_size is not None:
-        _check_positive_ints(vocab_size=vocab_size)
-        if vocab_size % tp != 0:
-            raise ConfigError(
-                f"vocab_size {vocab_size} is not divisible by tp {tp}: the embedding and output "
-                f"layer split the vocabulary evenly; pad it to a multiple of 128 * tp = {128 * tp}")
-    if zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if zero_stage >= 2 and pp > 1:
-        raise ConfigError(
-            f"ZeRO stage {zero_stage} cannot be used with pipeline parallelism (pp {pp}): "
-            f"DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only; use zero_stage 1 or pp 1")
-    return dp
+from megatron_neox.layout import Layout, data_parallel_size
 
 
 class Topology:
@@ -84,7 +41,7 @@ class Topology:
             world_size = dist.get_world_size() if distributed else 1
         if rank is None:
             rank = dist.get_rank() if distributed else 0
-        dp = _data_parallel_size(world_size, pp, tp)
+        dp = data_parallel_size(world_size, pp, tp)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside a world of {world_size} ranks")
 
@@ -110,6 +67,16 @@ class Topology:
                     f"Topology world_size={world_size}, rank={rank} disagree with torch.distributed "
                     f"(world size {dist.get_world_size()}, rank {dist.get_rank()})")
             self._create_groups()
+
+    @classmethod
+    def from_layout(cls, layout: Layout) -> "Topology":
+        """This rank's grid for a validated layout (torch.distributed must be initialised, see
+        training/launch.py, and its world must be `layout.world_size` ranks)."""
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world != layout.world_size:
+            raise ValueError(f"the layout is for {layout.world_size} ranks (pp={layout.pp} tp={layout.tp} "
+                             f"dp={layout.dp}) but torch.distributed has {world}")
+        return cls(layout.pp, layout.tp)
 
     @classmethod
     def single(cls) -> "Topology":

@@ -10,11 +10,10 @@ import torch
 
 from megatron_neox.config import config_from_dict
 
+from _train import TINY_MODEL, set_keys
+
 TINY = {
-    "model": {
-        "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 96,
-        "rotary_pct": 0.5, "make_vocab_size_divisible_by": 8,
-    },
+    "model": TINY_MODEL,
     "train": {"iters": 3, "micro_batch_size": 2, "global_batch_size": 8, "seed": 1234},
     "optimizer": {"lr": 1e-2, "weight_decay": 0.1, "clip_grad": 1.0},
     "zero": {"stage": 1},
@@ -24,13 +23,7 @@ TINY = {
 def tiny_config(pp=1, tp=1, overrides=None, base=None):
     data = copy.deepcopy(base or TINY)
     data.setdefault("parallel", {}).update(pp=pp, tp=tp)
-    for key, value in (overrides or {}).items():
-        node = data
-        *path, last = key.split(".")
-        for k in path:
-            node = node.setdefault(k, {})
-        node[last] = value
-    return config_from_dict(data)
+    return config_from_dict(set_keys(data, overrides or {}))
 
 
 def sample(i: int, seq_length: int, vocab: int) -> torch.Tensor:
@@ -57,14 +50,15 @@ def micro_batches(step: int, cfg, dp: int, dp_rank: int):
 
 def run_steps(cfg, steps: int):
     """Build the engine for cfg on the current world and train `steps` steps; (losses, norms)."""
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    topo = build_topology(cfg)
-    engine, _ = build_engine(cfg, topo)
+    layout, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo, layout)
     losses, norms = [], []
     for s in range(steps):
-        r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo)
+        r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo, clipper)
         losses.append(r.loss)
         norms.append(r.grad_norm)
     return losses, norms

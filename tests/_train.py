@@ -6,11 +6,14 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The tiny model every multi-rank test trains (tests/_layouts.py too).
+TINY_MODEL = {
+    "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 96,
+    "rotary_pct": 0.5, "make_vocab_size_divisible_by": 8,
+}
+
 BASE = {
-    "model": {
-        "num_layers": 4, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16, "vocab_size": 96,
-        "rotary_pct": 0.5, "make_vocab_size_divisible_by": 8,
-    },
+    "model": TINY_MODEL,
     "train": {"iters": 6, "micro_batch_size": 2, "global_batch_size": 8, "seed": 1234},
     "optimizer": {"lr": 1e-2},
     "lr_schedule": {"warmup_iters": 2},
@@ -42,9 +45,14 @@ def config_dict(tmp: str, pp: int = 1, tp: int = 1, **overrides) -> dict:
     d["data"]["prefixes"] = [os.path.join(tmp, "data", "rand")]
     d["checkpoint"] = {"dir": os.path.join(tmp, "ckpt")}
     d["log"]["dir"] = os.path.join(tmp, "log")
+    return set_keys(d, {key.replace("__", "."): value for key, value in overrides.items()})
+
+
+def set_keys(d: dict, overrides: dict) -> dict:
+    """Set dotted keys ('optimizer.lr') of config dict `d` in place; returns `d`."""
     for key, value in overrides.items():
         node = d
-        *path, last = key.split("__")
+        *path, last = key.split(".")
         for k in path:
             node = node.setdefault(k, {})
         node[last] = value

@@ -55,14 +55,14 @@ def _world(rank, world_size, scratch_cfg, hf_config_file, hf_overrides):
     seen = {}
     build, step = trainer.build_engine, trainer.train_step
 
-    def capture_build(cfg, topo):
-        engine, model = build(cfg, topo)
-        seen.update(engine=engine, topo=topo)
-        return engine, model
+    def capture_build(cfg, topo, layout):
+        built = build(cfg, topo, layout)
+        seen.update(engine=built.engine, topo=topo)
+        return built
 
-    def capture_step(engine, micro, topo):
+    def capture_step(engine, micro, topo, clipper=None):
         seen.setdefault("batches", []).append(micro)
-        return step(engine, micro, topo)
+        return step(engine, micro, topo, clipper)
 
     trainer.build_engine, trainer.train_step = capture_build, capture_step
     try:
@@ -252,8 +252,9 @@ def test_weights_checkpoint_roundtrips_every_layout(tmp_path, pp, tp, tied):
     cfg = ModelConfig(**model)
     sd = GPTNeoX(cfg, cfg.padded_vocab(1), seed=2).state_dict()  # padded for tp=1: refit for tp
     out = write_weights_checkpoint(sd, model, tmp_path / "w", pp, tp)
-    config, padded, back = load_full_state_dict(out)
-    assert padded == cfg.padded_vocab(tp) and config["tie_embeddings"] == tied
+    ck = load_full_state_dict(out)
+    padded, back = ck.padded_vocab, ck.state_dict
+    assert padded == cfg.padded_vocab(tp) and ck.model.tie_embeddings == tied and ck.run is None
     for k, v in sd.items():
         assert torch.equal(back[k][: v.shape[0]], v), k
     names = {p.name for p in (out / "global_step0").iterdir()}

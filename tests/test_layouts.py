@@ -23,7 +23,8 @@ def _fp16_scaler_scenario():
     the scale halves, and it doubles back after `window` good steps."""
     from deepspeed.accelerator import get_accelerator
 
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
     acc = get_accelerator()
@@ -32,8 +33,8 @@ def _fp16_scaler_scenario():
         "precision": "fp16", "zero.stage": 1,
         "loss_scale.initial_scale_power": 8, "loss_scale.window": 2, "loss_scale.hysteresis": 1,
     })
-    topo = build_topology(cfg)
-    engine, model = build_engine(cfg, topo)
+    layout, topo = setup(cfg)
+    engine, model, clipper = build_engine(cfg, topo, layout)
     poison = {"on": False}
     first = next(p for p in model.parameters() if p.requires_grad)
     first.register_hook(lambda g: torch.full_like(g, float("inf")) if poison["on"] else g)
@@ -41,7 +42,7 @@ def _fp16_scaler_scenario():
     for step in range(5):
         poison["on"] = step == 1
         before = [p.detach().clone() for p in model.parameters()]
-        r = train_step(engine, micro_batches(step, cfg, topo.dp, topo.dp_rank), topo)
+        r = train_step(engine, micro_batches(step, cfg, topo.dp, topo.dp_rank), topo, clipper)
         out["scale"].append(r.loss_scale)
         out["skipped"].append(r.skipped)
         out["changed"].append(any(not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters())))
@@ -51,13 +52,14 @@ def _fp16_scaler_scenario():
 
 def _bf16_scenario(pp):
     cfg = tiny_config(pp, 1, {"precision": "bf16", "optimizer.lr": 3e-2, "optimizer.clip_grad": 0.0})
-    from megatron_neox.training.engine import build_engine, build_topology
+    from megatron_neox.training.engine import build_engine
+    from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    topo = build_topology(cfg)
-    engine, _ = build_engine(cfg, topo)
+    layout, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo, layout)
     batch = micro_batches(0, cfg, topo.dp, topo.dp_rank)
-    return [train_step(engine, batch, topo).loss for _ in range(6)]  # one batch, again and again
+    return [train_step(engine, batch, topo, clipper).loss for _ in range(6)]  # one batch, again and again
 
 
 def _world(rank, world_size, scenarios):

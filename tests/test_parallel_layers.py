@@ -28,6 +28,7 @@ from megatron_neox.parallel import (
     vocab_parallel_cross_entropy,
     vocab_range_from_global_vocab_size,
 )
+from megatron_neox.parallel.utils import shard_rows
 from megatron_neox.topology import Topology
 
 B, T, IN, OUT, VOCAB = 2, 4, 8, 16, 32
@@ -44,10 +45,7 @@ def _randn(*shape, seed):
 
 def _rows(n, rank, tp, stride=1):
     """Indices this rank owns of a dim of size n split across tp, block by block."""
-    block = n // stride
-    piece = block // tp
-    return torch.cat([torch.arange(b * block + rank * piece, b * block + (rank + 1) * piece)
-                      for b in range(stride)])
+    return shard_rows(torch.arange(n), rank, tp, stride)
 
 
 # ---------------------------------------------------------------- multi-rank checks (in children)
@@ -261,24 +259,42 @@ def _check_rng(topo):
     assert torch.equal(masks(), first), "reseeding did not reproduce the masks"
 
 
+CHECKS = {"column": _check_column, "row": _check_row, "embedding": _check_embedding,
+          "cross_entropy": _check_cross_entropy, "sequence_parallel": _check_sequence_parallel}
+
+
 def _tensor_parallel_suite(rank, world_size):
+    """Every check at tp=4 and at tp=2 (x dp=2): {(check, tp): None, or the failure's message}."""
     results = {}
     for tp in (4, 2):
         topo = Topology(pp=1, tp=tp)
-        assert dist.get_world_size(topo.tp_group) == tp
-        assert topo.tp_ranks == list(range(rank - rank % tp, rank - rank % tp + tp))
+        results[("groups", tp)] = None if (
+            dist.get_world_size(topo.tp_group) == tp
+            and topo.tp_ranks == list(range(rank - rank % tp, rank - rank % tp + tp))) else f"tp groups {topo}"
         # Each data-parallel replica gets its own data: leakage across TP groups shows up.
         data_seed = 100 + 10 * topo.dp_rank
-        for check in (_check_column, _check_row, _check_embedding, _check_cross_entropy,
-                      _check_sequence_parallel):
-            check(topo.tp_group, topo.tp_rank, tp, data_seed)
-        _check_rng(topo)
-        results[tp] = "ok"
+        runs = {name: (lambda c=check: c(topo.tp_group, topo.tp_rank, tp, data_seed)) for name, check in CHECKS.items()}
+        runs["rng"] = lambda: _check_rng(topo)
+        for name, run in runs.items():
+            try:
+                run()
+                results[(name, tp)] = None
+            except AssertionError as e:  # keep going: every check gets its own verdict
+                results[(name, tp)] = f"rank {rank}: {e}"
     return results
 
 
-def test_tensor_parallel_matches_dense_at_tp4_and_tp2_dp2():
-    assert run_distributed(_tensor_parallel_suite, 4) == [{4: "ok", 2: "ok"}] * 4
+@pytest.fixture(scope="module")
+def tp_results():
+    return run_distributed(_tensor_parallel_suite, 4)
+
+
+@pytest.mark.parametrize("tp", [4, 2])
+@pytest.mark.parametrize("check", ["groups", *CHECKS, "rng"])
+def test_tensor_parallel_layer_matches_dense(tp_results, check, tp):
+    """At tp=4, and at tp=2 with two data-parallel replicas, on every rank."""
+    failures = [r[(check, tp)] for r in tp_results if r[(check, tp)] is not None]
+    assert not failures, "\n".join(failures)
 
 
 # ---------------------------------------------------------------- single process (tp = 1)

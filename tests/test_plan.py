@@ -77,7 +77,7 @@ def test_plan_tool_20B_on_96_gpus_fits_as_trained():
 def test_plan_tool_20B_on_100_gpus_does_not_fit():
     r = _plan_tool("--config", "20B", "--gpus", "100")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "DOES NOT FIT: 100 ranks are not divisible by pp*tp = 4*2 = 8" in r.stdout
+    assert "DOES NOT FIT: world size 100 is not divisible by pp * tp = 4 * 2 = 8" in r.stdout
     assert "parameters: 20554567680" in r.stdout
     assert "Traceback" not in r.stderr
 

@@ -7,7 +7,8 @@ from deepspeed.utils import bwc
 
 from _dist import run_distributed
 from megatron_neox.errors import ConfigError
-from megatron_neox.topology import Topology, validate_layout
+from megatron_neox.layout import validate_layout
+from megatron_neox.topology import Topology
 
 
 def test_rank_coordinates_match_deepspeed_pp2_tp2_dp2():
@@ -60,13 +61,13 @@ def test_topology_refuses_indivisible_world():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(world_size=12, pp=2, tp=4), r"world size 12 is not divisible by pp \* tp = 2 \* 4 = 8"),
-    (dict(world_size=8, pp=1, tp=8, num_heads=12), r"num_heads 12 is not divisible by tp 8"),
-    (dict(world_size=8, pp=8, tp=1, num_layers=4), r"pp 8 .* 4 transformer layers"),
-    (dict(world_size=4, pp=1, tp=2, vocab_size=50277),
-     r"vocab_size 50277 is not divisible by tp 2.*128 \* tp = 256"),
-    (dict(world_size=4, pp=2, tp=1, zero_stage=2), r"ZeRO stage 2 .*pp 2.*stages 0 and 1"),
+    (dict(world_size=8, pp=1, tp=8, num_heads=12), r"num_attention_heads=12 is not divisible by parallel.tp=8"),
+    (dict(world_size=8, pp=8, tp=1, num_layers=4), r"pp=8 .*num_layers=4 transformer layers"),
+    (dict(world_size=4, pp=1, tp=2, padded_vocab=50277),
+     r"vocab 50277 is not divisible by parallel.tp=2.*128 \* 2 = 256"),
+    (dict(world_size=4, pp=2, tp=1, zero_stage=2), r"zero.stage=2 .*pp=2.*stages 0 and 1"),
     (dict(world_size=4, pp=1, tp=0), r"tp must be a positive integer, got 0"),
-    (dict(world_size=4, pp=1, tp=1, zero_stage=4), r"zero_stage must be 0, 1, 2 or 3, got 4"),
+    (dict(world_size=4, pp=1, tp=1, zero_stage=4), r"zero.stage must be 0, 1, 2 or 3, got 4"),
 ])
 def test_validate_layout_errors_name_the_numbers(kwargs, message):
     args = {"num_layers": 24, "num_heads": 16, **kwargs}
@@ -75,7 +76,7 @@ def test_validate_layout_errors_name_the_numbers(kwargs, message):
 
 
 def test_validate_layout_returns_dp():
-    assert validate_layout(96, 4, 2, num_layers=44, num_heads=64, vocab_size=50432,
+    assert validate_layout(96, 4, 2, num_layers=44, num_heads=64, padded_vocab=50432,
                            zero_stage=1) == 12
     assert validate_layout(4, 1, 1, num_layers=2, num_heads=4, zero_stage=3) == 4
 

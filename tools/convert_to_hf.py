@@ -31,15 +31,15 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_neox.convert.checkpoint_io import load_full_state_dict, model_config
+    from megatron_neox.convert.checkpoint_io import load_full_state_dict
     from megatron_neox.convert.hf import save_hf
     from megatron_neox.generate import check_tokenizer_fits, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
-        config, padded, sd = load_full_state_dict(args.checkpoint)
-        cfg = model_config(config)
-        tok_file = args.tokenizer or tokenizer_path(config)
+        ck = load_full_state_dict(args.checkpoint)
+        cfg, padded, sd = ck.model, ck.padded_vocab, ck.state_dict
+        tok_file = args.tokenizer or tokenizer_path(ck.run)
         if tok_file and not args.tokenizer and not os.path.isfile(tok_file):
             print(f"note: the run's tokenizer {tok_file} does not exist here; exporting without a tokenizer "
                   "(pass --tokenizer to include one)", file=sys.stderr)

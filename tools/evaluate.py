@@ -34,11 +34,11 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
     """{'loss', 'ppl', 'tokens', 'batches', 'batch_size'} over `iters` global batches of `split`."""
     import torch
 
-    from megatron_neox.config import Config, DataConfig
+    from megatron_neox.config import DataConfig
     from megatron_neox.data.loader import BatchLoader, build_datasets
     from megatron_neox.errors import ConfigError
 
-    run = loaded.config if isinstance(loaded.config, Config) else None
+    run = loaded.run
     data = run.data.model_copy() if run is not None else DataConfig()
     if data_prefixes:
         data = DataConfig(**{**data.model_dump(), "prefixes": list(data_prefixes), "weights": None})
@@ -133,20 +133,19 @@ def main(argv=None) -> int:
     if (args.iters is not None and args.iters < 1) or args.people < 1:
         p.error("--iters and --people must be >= 1")
 
-    from megatron_neox.config import Config
     from megatron_neox.errors import ConfigError
     from megatron_neox.generate import check_tokenizer_fits, load_model, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
         loaded = load_model(args.checkpoint)
-        tok_file = args.tokenizer or tokenizer_path(loaded.config)
+        tok_file = args.tokenizer or tokenizer_path(loaded.run)
         tok = load_tokenizer(tok_file, verify=False) if tok_file and Path(tok_file).is_file() else None
         if args.tokenizer and tok is None:
             raise ConfigError(f"{args.tokenizer}: tokenizer file not found")
         if tok is not None:
             check_tokenizer_fits(tok, loaded.padded_vocab)
-        has_data = bool(args.data) or (isinstance(loaded.config, Config) and loaded.config.data.prefixes)
+        has_data = bool(args.data) or (loaded.run is not None and loaded.run.data.prefixes)
         if has_data or not args.facts:
             r = perplexity(loaded, args.data, args.split, args.iters, tok)
             print(f"{args.split}: loss {r['loss']:.6f} | ppl {r['ppl']:.3f} | {r['tokens']:,} tokens in "

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     try:
         loaded = load_model(args.checkpoint)
-        tok_file = args.tokenizer or tokenizer_path(loaded.config)
+        tok_file = args.tokenizer or tokenizer_path(loaded.run)
         if not tok_file:
             raise ConfigError(f"{args.checkpoint}: the checkpoint names no tokenizer; pass --tokenizer tokenizer.json")
         tok = load_tokenizer(tok_file, verify=False)

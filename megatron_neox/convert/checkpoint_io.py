@@ -26,7 +26,6 @@ save so DeepSpeed's own tools recognise the files.
 """
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -39,65 +38,20 @@ from megatron_neox.config import Config, ModelConfig, config_from_dict
 from megatron_neox.convert.hf import chmod_like_umask
 from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, split_key
 from megatron_neox.errors import CheckpointError, ConfigError
-from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta, verify_files
+from megatron_neox.layout import split_problems
+from megatron_neox.model.gpt_neox import state_dict_shapes
+from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_files
 
-_TAG_RE = re.compile(r"^global_step(\d+)$")
 WEIGHTS_TAG = "global_step0"
 
 
 class LoadedCheckpoint(NamedTuple):
-    """What `load_full_state_dict` returns; unpacks as (config, padded_vocab, state_dict).
+    """What `load_full_state_dict` returns."""
 
-    `config` is the run's `Config` when the checkpoint carries it (every checkpoint the trainer
-    saves, and those written with a run config), else the `model` section dict of complete.json.
-    """
-
-    config: Union[Config, Dict[str, Any]]
+    model: ModelConfig          # the model section of complete.json: what the weights are
+    run: Optional[Config]       # the run config saved with the checkpoint (tokenizer, data), if any
     padded_vocab: int
     state_dict: Dict[str, torch.Tensor]
-
-
-def model_config(config: Union[Config, Dict[str, Any], ModelConfig]) -> ModelConfig:
-    """The ModelConfig inside whatever `load_full_state_dict` returned as its config."""
-    if isinstance(config, ModelConfig):
-        return config
-    if isinstance(config, Config):
-        return config.model
-    try:
-        return ModelConfig(**config)
-    except ValidationError as e:
-        raise ConfigError(f"invalid model section: {e}") from None
-
-
-# ---- locating a checkpoint ---------------------------------------------------------------------
-
-
-def resolve_tag_dir(path: Union[str, os.PathLike]) -> Path:
-    """`DIR/global_stepN` as given, or the tag that `DIR/latest` names (else DIR's newest complete tag)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint dir or its global_stepN/)")
-    if (path / COMPLETE).exists() or _TAG_RE.match(path.name):
-        return path
-    latest = path / "latest"
-    if latest.exists():
-        try:
-            tag = latest.read_text().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{latest}: unreadable ({e})") from None
-        if not _TAG_RE.match(tag):
-            raise CheckpointError(f"{latest}: corrupt (expected 'global_stepN', found {tag[:40]!r}); "
-                                  f"pass {path}/global_stepN explicitly")
-        if not (path / tag).is_dir():
-            raise CheckpointError(f"{path / tag}: named by {latest} but missing")
-        return path / tag
-    tags = sorted((int(m.group(1)), p) for p in path.iterdir()
-                  if (m := _TAG_RE.match(p.name)) and (p / COMPLETE).is_file())
-    if not tags:
-        raise CheckpointError(f"{path}: no checkpoint here (no 'latest', no complete global_stepN/, no {COMPLETE})")
-    return tags[-1][1]
 
 
 def _load_pt(path: Path) -> Any:
@@ -115,19 +69,9 @@ def _load_pt(path: Path) -> Any:
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Size]:
-    """Key -> shape of the full (tp=1) state dict, from a model built on the meta device (no memory)."""
-    from megatron_neox.model.gpt_neox import GPTNeoX
-
-    # The constructor seeds the global RNG for its init; leave the caller's RNG as it was.
-    with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = GPTNeoX(cfg, padded_vocab)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
 def check_full_state_dict(sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int, where: str) -> None:
     """Every key the model has, with its shape, and nothing else."""
-    want = expected_shapes(cfg, padded_vocab)
+    want = state_dict_shapes(cfg, padded_vocab)
     problems = [f"missing {k}" for k in want if k not in sd]
     problems += [f"unexpected {k}" for k in sd if k not in want]
     problems += [f"{k}: shape {tuple(sd[k].shape)}, the model needs {tuple(s)}"
@@ -213,8 +157,7 @@ def load_full_state_dict(ckpt: Union[str, os.PathLike]) -> LoadedCheckpoint:
 
     full = merge_state_dicts(shards, cfg)
     check_full_state_dict(full, cfg, padded, str(tag_dir))
-    run = _client_config(client)
-    return LoadedCheckpoint(run if run is not None else dict(meta["model"]), padded, full)
+    return LoadedCheckpoint(cfg, _client_config(client), padded, full)
 
 
 def _load_universal(tag_dir: Path, cfg: ModelConfig, padded: int) -> Dict[str, torch.Tensor]:
@@ -222,7 +165,7 @@ def _load_universal(tag_dir: Path, cfg: ModelConfig, padded: int) -> Dict[str, t
     `zero/NAME/fp32.pt` = {"param": tensor}, NAME being the engine's parameter name: our
     layer-indexed key, except a pipeline's tied embedding, which lives in `tied_modules.embed`."""
     out = {}
-    for key in expected_shapes(cfg, padded):
+    for key in state_dict_shapes(cfg, padded):
         idx, name = split_key(key)
         candidates = [key] + ([f"tied_modules.embed.{name}"] if idx == 0 else [])
         path = next((tag_dir / "zero" / c / "fp32.pt" for c in candidates if (tag_dir / "zero" / c).is_dir()), None)
@@ -297,7 +240,7 @@ def _ds_file(module, pp: int, tp: int, client: Dict[str, Any]) -> Dict[str, Any]
     }
 
 
-def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg_dict: Dict[str, Any],
+def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg: Union[ModelConfig, Dict[str, Any]],
                              out_dir: Union[str, os.PathLike], pp: int = 1, tp: int = 1, *,
                              run_config: Optional[Dict[str, Any]] = None,
                              extra_files: Optional[Dict[str, os.PathLike]] = None, source: Optional[str] = None,
@@ -312,17 +255,17 @@ def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg_dict: D
     directory beside OUT and renamed into place, so OUT is complete or absent.
     """
     out_dir = Path(out_dir)
-    cfg = model_config(model_cfg_dict)
+    try:
+        cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig(**model_cfg)
+    except ValidationError as e:
+        raise ConfigError(f"invalid model section: {e}") from None
     if pp < 1 or tp < 1:
         raise ConfigError(f"pp={pp} and tp={tp} must be >= 1")
-    if pp > cfg.num_layers:
-        raise ConfigError(f"pp={pp} stages but the model has only {cfg.num_layers} layers")
-    for what, n in (("num_attention_heads", cfg.num_attention_heads), ("MLP width", cfg.ffn_size)):
-        if n % tp:
-            raise ConfigError(f"{what}={n} is not divisible by tp={tp}")
     padded = cfg.padded_vocab(tp)
-    if padded % tp:
-        raise ConfigError(f"padded vocab {padded} is not divisible by tp={tp}")
+    problems = split_problems(pp=pp, tp=tp, num_layers=cfg.num_layers, num_heads=cfg.num_attention_heads,
+                              ffn_size=cfg.ffn_size, padded_vocab=padded, vocab_multiple=cfg.make_vocab_size_divisible_by)
+    if problems:
+        raise ConfigError(problems[0])
     full = _fit_vocab(full_sd, cfg, padded)
     check_full_state_dict(full, cfg, padded, "write_weights_checkpoint")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:

@@ -1,26 +1,50 @@
-"""Split and merge full (unsharded) state dicts across tensor-parallel ranks and pipeline stages.
+"""What is sharded across tensor-parallel ranks, along which dim, with which stride: one table.
 
 Keys are the layer-indexed names shared by `GPTNeoX` and the `PipelineModule` (see
-model/gpt_neox.py). Which tensors are sharded, along which dim and with which stride, mirrors
-the parallel layers: column-parallel weights/biases split rows (dim 0), row-parallel weights split
-columns (dim 1) and keep their bias whole, the vocab-parallel embedding and head split rows.
+model/gpt_neox.py): `IDX.NAME`. `TABLE` lists every parameter family by NAME. Everything that
+needs the rule derives from it:
+
+- checkpoint conversion (`shard_state_dict` / `merge_state_dicts`, via the one split/merge pair
+  `parallel.utils.shard_rows` / `merge_shards`);
+- the universal-checkpoint info DeepSpeed's `ds_to_universal` needs to merge and re-split a run's
+  checkpoint (`universal_patterns`, used by training/checkpoint.py);
+- the parallel layers mark their own parameters (`partition_dim`, `partition_stride`); a test
+  checks that every parameter's marks agree with the table.
+
+Column-parallel weights/biases split rows (dim 0), row-parallel weights split columns (dim 1) and
+keep their bias whole (it is added once, after the reduce), the vocab-parallel embedding and head
+split rows. A fused [gate | up] MLP input (SwiGLU) has stride 2: each half is split on its own.
 """
 import re
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from megatron_neox.config import ModelConfig
+from megatron_neox.parallel.utils import merge_shards, shard_rows
 
-# (regex on the key without its layer index, partition dim)
-_SHARDED = [
-    (r"word_embeddings\.weight", 0),
-    (r"final_linear\.weight", 0),
-    (r"attention\.query_key_value\.(weight|bias)", 0),
-    (r"attention\.dense\.weight", 1),
-    (r"mlp\.dense_h_to_4h\.(weight|bias)", 0),
-    (r"mlp\.dense_4h_to_h\.weight", 1),
-]
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str             # regex on the parameter name without its layer index
+    dim: Optional[int]       # partition dim across TP ranks; None = the same on every TP rank
+    vocab: bool = False      # rows are the (padded) vocabulary
+    fused_swiglu: bool = False  # [gate | up] under SwiGLU: stride 2
+
+
+TABLE: Tuple[Rule, ...] = (
+    Rule(r"word_embeddings\.weight", 0, vocab=True),
+    Rule(r"final_linear\.weight", 0, vocab=True),
+    Rule(r"attention\.query_key_value\.(weight|bias)", 0),
+    Rule(r"attention\.dense\.weight", 1),
+    Rule(r"mlp\.dense_h_to_4h\.(weight|bias)", 0, fused_swiglu=True),
+    Rule(r"mlp\.dense_4h_to_h\.weight", 1),
+    Rule(r"attention\.dense\.bias", None),
+    Rule(r"mlp\.dense_4h_to_h\.bias", None),
+    Rule(r"(input_layernorm|post_attention_layernorm|norm)\.(weight|bias)", None),
+    Rule(r"position_embeddings\.weight", None),
+)
 
 
 def split_key(key: str) -> Tuple[int, str]:
@@ -29,31 +53,28 @@ def split_key(key: str) -> Tuple[int, str]:
     return int(idx), rest
 
 
+def rule_of(name: str) -> Rule:
+    """The table's rule for a parameter name (without layer index); KeyError for an unknown name."""
+    for rule in TABLE:
+        if re.fullmatch(rule.pattern, name):
+            return rule
+    raise KeyError(f"{name}: no sharding rule in convert/sharding.py TABLE")
+
+
 def partition_of(name: str, cfg: ModelConfig) -> Optional[Tuple[int, int]]:
     """(dim, stride) of a sharded parameter (name without layer index), None if replicated."""
-    for pattern, dim in _SHARDED:
-        if re.fullmatch(pattern, name):
-            stride = 2 if name.startswith("mlp.dense_h_to_4h") and cfg.activation == "swiglu" else 1
-            return dim, stride
-    return None
-
-
-def _shard(t: torch.Tensor, dim: int, stride: int, tp: int, rank: int) -> torch.Tensor:
-    # With stride s the tensor is s equal sub-blocks ([gate | up]); each is split separately.
-    blocks = t.chunk(stride, dim=dim)
-    return torch.cat([b.chunk(tp, dim=dim)[rank] for b in blocks], dim=dim).clone()
-
-
-def _merge(parts: List[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    per_rank = [p.chunk(stride, dim=dim) for p in parts]
-    return torch.cat([torch.cat([pr[s] for pr in per_rank], dim=dim) for s in range(stride)], dim=dim)
+    rule = rule_of(name)
+    if rule.dim is None:
+        return None
+    return rule.dim, 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1
 
 
 def shard_state_dict(full: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> Dict[str, torch.Tensor]:
+    """TP rank `rank`'s part of a full (tp=1) state dict."""
     out = {}
     for key, t in full.items():
         part = partition_of(split_key(key)[1], cfg)
-        out[key] = t.clone() if part is None or tp == 1 else _shard(t, part[0], part[1], tp, rank)
+        out[key] = t.clone() if part is None or tp == 1 else shard_rows(t, rank, tp, part[1], dim=part[0])
     return out
 
 
@@ -65,5 +86,20 @@ def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg: ModelConfig) -
         if part is None or len(shards) == 1:
             out[key] = shards[0][key]
         else:
-            out[key] = _merge([s[key] for s in shards], part[0], part[1])
+            out[key] = merge_shards([s[key] for s in shards], part[1], dim=part[0])
     return out
+
+
+def universal_patterns(cfg: ModelConfig, keys: Iterable[str]) -> Dict[str, List[str]]:
+    """The table as DeepSpeed universal-checkpoint regexes over engine parameter names (which may
+    carry a layer index or a tied-module prefix), listing only families that `keys` (the model's
+    layer-indexed names) has: ds_to_universal insists that every pattern matches something."""
+    names = {split_key(k)[1] for k in keys}
+    present = [r for r in TABLE if any(re.fullmatch(r.pattern, n) for n in names)]
+    regex = [rf"(^|.*\.){r.pattern}$" for r in present]
+    return {
+        "replicated": [x for x, r in zip(regex, present) if r.dim is None],
+        "row_parallel": [x for x, r in zip(regex, present) if r.dim == 1],
+        "vocabulary": [x for x, r in zip(regex, present) if r.vocab],
+        "fused_swiglu": [x for x, r in zip(regex, present) if r.fused_swiglu and cfg.activation == "swiglu"],
+    }

@@ -97,12 +97,9 @@ def pile_weights(prefixes: Sequence[str], token_counts: Sequence[int]) -> list[f
 
 # -- splits ----------------------------------------------------------------------------------
 
-def parse_split(split: str, num_docs: int) -> list[tuple[int, int]]:
-    """'969,30,1' -> train/valid/test document ranges [a, b) covering [0, num_docs).
-
-    The weights are normalised; boundaries are rounded to whole documents. Fewer than three
-    weights leave the remaining splits empty ("100" = train only). '/' also separates.
-    """
+def split_weights(split: str) -> list[float]:
+    """'969,30,1' -> [969.0, 30.0, 1.0]: one to three non-negative weights separated by ',' or '/'
+    with a positive sum; missing ones are 0 ('100' = everything to train)."""
     parts = [p.strip() for p in re.split(r"[,/]", str(split))]
     try:
         w = [float(p) for p in parts]
@@ -110,7 +107,15 @@ def parse_split(split: str, num_docs: int) -> list[tuple[int, int]]:
         raise ConfigError(f"split {split!r}: expected up to three comma-separated numbers, e.g. '969,30,1'") from None
     if not 1 <= len(w) <= 3 or any(not np.isfinite(x) or x < 0 for x in w) or sum(w) <= 0:
         raise ConfigError(f"split {split!r}: expected 1 to 3 non-negative numbers with a positive sum, e.g. '969,30,1'")
-    w += [0.0] * (3 - len(w))
+    return w + [0.0] * (3 - len(w))
+
+
+def parse_split(split: str, num_docs: int) -> list[tuple[int, int]]:
+    """'969,30,1' -> train/valid/test document ranges [a, b) covering [0, num_docs).
+
+    The weights (`split_weights`) are normalised; boundaries are rounded to whole documents.
+    """
+    w = split_weights(split)
     cum = np.cumsum(w) / sum(w)
     bounds = [0] + [int(round(c * num_docs)) for c in cum[:-1]] + [int(num_docs)]
     return [(bounds[i], bounds[i + 1]) for i in range(3)]

@@ -12,7 +12,7 @@ the list under the name `str(i)`, so their state dicts use the same keys:
 Every layer is built right after seeding the RNG with `seed + i`, so a layer's initial weights do
 not depend on which stage builds it, and the sharded init under TP reproduces the unsharded one.
 """
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -254,6 +254,14 @@ class GPTNeoX(nn.Module):
 
 
 # ---- parameter counting (exact, without building the model) ----------------------------------
+
+
+def state_dict_shapes(cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Size]:
+    """Key -> shape of the full (tp=1) state dict, from a model built on the meta device (no memory)."""
+    # The constructor seeds the global RNG for its init; leave the caller's RNG as it was.
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = GPTNeoX(cfg, padded_vocab)
+    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:

@@ -105,3 +105,9 @@ def shard_rows(full: torch.Tensor, rank: int, world_size: int, stride: int = 1,
     blocks: Sequence[torch.Tensor] = torch.chunk(full, stride, dim=dim)
     pieces = [torch.chunk(block, world_size, dim=dim)[rank] for block in blocks]
     return torch.cat(pieces, dim=dim).contiguous()
+
+
+def merge_shards(parts: Sequence[torch.Tensor], stride: int = 1, dim: int = 0) -> torch.Tensor:
+    """Inverse of `shard_rows`: the full tensor from every rank's shard, in rank order."""
+    per_rank = [torch.chunk(p, stride, dim=dim) for p in parts]
+    return torch.cat([torch.cat([pr[s] for pr in per_rank], dim=dim) for s in range(stride)], dim=dim)

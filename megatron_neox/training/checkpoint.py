@@ -26,12 +26,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_neox.config import Config
-from megatron_neox.errors import CheckpointError
+from megatron_neox.errors import CheckpointError, CheckpointMismatch
 from megatron_neox.topology import Topology
 
 CLIENT_KEY = "megatron_neox"
 COMPLETE = "complete.json"
-_TAG_RE = re.compile(r"^global_step(\d+)$")
+TAG_RE = re.compile(r"^global_step(\d+)$")  # DeepSpeed's tag for the checkpoint of step N
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
                "activation", "norm", "position_embedding", "tie_embeddings", "attention_bias", "mlp_bias",
@@ -39,36 +39,29 @@ _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
 
 
 def universal_checkpoint_info(cfg: Config, padded_vocab: int) -> Dict[str, Any]:
-    """What DeepSpeed's ds_to_universal needs to merge and re-split our parameters.
-
-    Names are the layer-indexed parameter names (model/gpt_neox.py); regexes are matched against
-    them. Column-parallel tensors (QKV, h->4h, embedding, head) are split on dim 0 by default.
-    """
+    """What DeepSpeed's ds_to_universal needs to merge and re-split our parameters: the sharding
+    table (convert/sharding.py) as regexes over the engine's parameter names. Tensors in no list
+    (column-parallel QKV, h->4h) are split on dim 0, DeepSpeed's default."""
     from deepspeed.checkpoint import constants as C
 
+    from megatron_neox.convert.sharding import universal_patterns
+    from megatron_neox.model.gpt_neox import state_dict_shapes
+
     m = cfg.model
-    # ds_to_universal insists that every pattern matches some parameter: list only what exists.
-    replicated = [r".*layernorm\.(weight|bias)$", r"^\d+\.norm\.(weight|bias)$"]
-    if m.attention_bias:
-        replicated.append(r".*attention\.dense\.bias$")
-    if m.mlp_bias:
-        replicated.append(r".*mlp\.dense_4h_to_h\.bias$")
-    if m.position_embedding == "learned":
-        replicated.append(r".*position_embeddings\.weight$")
-    vocab = [r".*word_embeddings\.weight$"] + ([] if m.tie_embeddings else [r".*final_linear\.weight$"])
+    pat = universal_patterns(m, state_dict_shapes(m, padded_vocab))
     info = {
         C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
-        C.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
-        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: [r".*attention\.dense\.weight$", r".*mlp\.dense_4h_to_h\.weight$"],
-        C.VOCABULARY_PARAMETER_PATTERNS: vocab,
+        C.TP_REPLICATED_PARAMETER_PATTERNS: pat["replicated"],
+        C.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: pat["row_parallel"],
+        C.VOCABULARY_PARAMETER_PATTERNS: pat["vocabulary"],
         # Rows beyond this are padding; the padded size is kept so a reshard at the same padding
         # changes nothing.
         "original_vocab_size": padded_vocab,
     }
-    if m.tie_embeddings:
-        info[C.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = [r".*word_embeddings\.weight$"]
-    if m.activation == "swiglu":
-        info[C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = [r".*mlp\.dense_h_to_4h\.(weight|bias)$"]
+    if m.tie_embeddings:  # the head is the embedding, held by the first and the last stage
+        info[C.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = [p for p in pat["vocabulary"] if "word_embeddings" in p]
+    if pat["fused_swiglu"]:
+        info[C.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] = pat["fused_swiglu"]
     return info
 
 
@@ -147,7 +140,7 @@ def complete_tags(ckpt_dir: os.PathLike) -> List[str]:
         return []
     found = []
     for p in ckpt_dir.iterdir():
-        m = _TAG_RE.match(p.name)
+        m = TAG_RE.match(p.name)
         if m and (p / COMPLETE).is_file():
             found.append((int(m.group(1)), p.name))
     return [name for _, name in sorted(found)]
@@ -187,12 +180,12 @@ def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
              for k in _SHAPE_KEYS if saved.get(k) != now.get(k)]
     if diffs:
-        raise CheckpointError(f"{tag_dir}: checkpoint does not match the model:\n  " + "\n  ".join(diffs))
+        raise CheckpointMismatch(f"{tag_dir}: checkpoint does not match the model:\n  " + "\n  ".join(diffs))
     lay = meta.get("layout", {})
     saved_layout = (lay.get("pp"), lay.get("tp"), lay.get("dp"))
     now_layout = (topo.pp, topo.tp, topo.dp)
     if weights_only and cfg.zero.stage == 3:
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{tag_dir}: loading weights alone (a converted checkpoint or checkpoint.finetune) is not supported "
             "with zero.stage=3, whose loader reads only its own partitioned files; start the run at zero.stage 1 "
             "or 2 (pp=1), save, and resume that checkpoint at ZeRO-3"
@@ -200,38 +193,60 @@ def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir
     if weights_only:  # no optimizer state: any data-parallel size can load the weights
         saved_layout, now_layout = saved_layout[:2], now_layout[:2]
     if not universal and lay and saved_layout != now_layout:
-        raise CheckpointError(
+        raise CheckpointMismatch(
             f"{tag_dir}: saved with pp={lay.get('pp')} tp={lay.get('tp')} dp={lay.get('dp')}, this run is "
             f"pp={topo.pp} tp={topo.tp} dp={topo.dp}. To change the layout: python tools/reshard.py "
             f"--checkpoint {tag_dir.parent} --out NEW_DIR, then --set checkpoint.load=NEW_DIR"
         )
 
 
-def _latest_tag(load_dir: Path) -> Tuple[Optional[str], Optional[str]]:
-    """(tag named by `latest`, problem with it or None)."""
-    latest = load_dir / "latest"
+def read_latest(ckpt_dir: os.PathLike) -> Optional[str]:
+    """The tag that `ckpt_dir/latest` names; None when there is no `latest`; CheckpointError when
+    it is unreadable or does not name a global_stepN tag."""
+    latest = Path(ckpt_dir) / "latest"
     if not latest.exists():
-        return None, None
+        return None
     try:
         tag = latest.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
-        return None, f"{latest}: unreadable ({e})"
-    if not _TAG_RE.match(tag):
-        return None, f"{latest}: corrupt (expected 'global_stepN', found {tag[:40]!r})"
-    return tag, None
+        raise CheckpointError(f"{latest}: unreadable ({e})") from None
+    if not TAG_RE.match(tag):
+        raise CheckpointError(f"{latest}: corrupt (expected 'global_stepN', found {tag[:40]!r})")
+    return tag
+
+
+def resolve_tag_dir(path: os.PathLike) -> Path:
+    """`DIR/global_stepN` as given, or the tag that `DIR/latest` names (else DIR's newest complete tag)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (expected a checkpoint dir or its global_stepN/)")
+    if (path / COMPLETE).exists() or TAG_RE.match(path.name):
+        return path
+    try:
+        tag = read_latest(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; pass {path}/global_stepN explicitly") from None
+    if tag is not None:
+        if not (path / tag).is_dir():
+            raise CheckpointError(f"{path / tag}: named by {path / 'latest'} but missing")
+        return path / tag
+    tags = complete_tags(path)
+    if not tags:
+        raise CheckpointError(f"{path}: no checkpoint here (no 'latest', no complete global_stepN/, no {COMPLETE})")
+    return path / tags[-1]
 
 
 def _candidates(load_dir: Path) -> Tuple[List[str], List[str]]:
     """Tags to try, newest first, and the warnings met choosing them."""
-    warnings = []
-    tag, problem = _latest_tag(load_dir)
-    if problem:
-        warnings.append(problem)
-    complete = complete_tags(load_dir)
-    order = []
-    if tag is not None:
-        order.append(tag)
-    order += [t for t in reversed(complete) if t != tag]
+    warnings, tag = [], None
+    try:
+        tag = read_latest(load_dir)
+    except CheckpointError as e:
+        warnings.append(str(e))
+    order = [tag] if tag is not None else []
+    order += [t for t in reversed(complete_tags(load_dir)) if t != tag]
     return order, warnings
 
 
@@ -253,26 +268,28 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
         return None
     errors = []
     for tag in order:
-        tag_dir = load_dir / tag
-        problem, meta = None, None
-        if _rank0():
-            try:
-                if not tag_dir.is_dir():
-                    raise CheckpointError(f"{tag_dir}: named by 'latest' but missing")
-                meta = read_meta(tag_dir)
-                verify_files(tag_dir)
-                _check_compatible(meta, cfg, topo, tag_dir, bool(meta.get("universal")), _weights_only(cfg, meta))
-            except CheckpointError as e:
-                problem = str(e)
-        problem, meta = _broadcast((problem, meta if problem is None else None))
+        problem, meta = _broadcast(_check_tag(load_dir / tag, cfg, topo) if _rank0() else None)
+        if isinstance(problem, CheckpointMismatch):
+            raise problem  # a wrong checkpoint, not a damaged one: no fallback
         if problem is not None:
-            if "does not match the model" in problem or "saved with pp=" in problem:
-                raise CheckpointError(problem)  # a wrong checkpoint, not a damaged one: no fallback
-            errors.append(problem)
+            errors.append(str(problem))
             _log(f"cannot resume from {tag}: {problem}; trying an older checkpoint")
             continue
         return _load_tag(engine, cfg, load_dir, tag, _weights_only(cfg, meta), bool(meta.get("universal")))
     raise CheckpointError(f"{load_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(errors))
+
+
+def _check_tag(tag_dir: Path, cfg: Config, topo: Topology) -> Tuple[Optional[CheckpointError], Optional[dict]]:
+    """(None, complete.json's contents) when `tag_dir` can be resumed, else (the problem, None)."""
+    try:
+        if not tag_dir.is_dir():
+            raise CheckpointError(f"{tag_dir}: named by 'latest' but missing")
+        meta = read_meta(tag_dir)
+        verify_files(tag_dir)
+        _check_compatible(meta, cfg, topo, tag_dir, bool(meta.get("universal")), _weights_only(cfg, meta))
+        return None, meta
+    except CheckpointError as e:
+        return e, None
 
 
 def _broadcast(obj):

@@ -1,7 +1,18 @@
-"""Process set-up shared by the entry points."""
+"""Process set-up shared by the entry points: threads, joining the world, the layout and grid.
+
+`setup(cfg)` is the one place a rank joins torch.distributed (however it was started), computes
+the run's `Layout` once and builds its `Topology` from it; the trainer, the tests and the
+benchmarks call it before building an engine.
+"""
 import os
+from typing import Tuple
 
 import torch
+import torch.distributed as dist
+
+from megatron_neox.config import Config
+from megatron_neox.layout import Layout
+from megatron_neox.topology import Topology
 
 
 def configure_threads() -> int:
@@ -23,3 +34,57 @@ def configure_threads() -> int:
         n = max(1, cores // max(1, int(local)))
     torch.set_num_threads(n)
     return n
+
+
+def init_distributed(timeout_minutes: int = 30) -> None:
+    """Join the world however the ranks were started: the deepspeed launcher or torchrun (RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT), or `srun` (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS;
+    the master is the first host of the job unless MASTER_ADDR is set)."""
+    import deepspeed
+    from datetime import timedelta
+
+    if dist.is_initialized():  # e.g. by a test harness: let DeepSpeed's comm layer adopt it
+        deepspeed.init_distributed()
+        return
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = _first_slurm_host()
+        # Per job, so two jobs sharing a node do not collide.
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+
+
+def _first_slurm_host() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        # No scontrol (e.g. a test outside SLURM): a plain single host name is usable as is.
+        return nodelist.split(",")[0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(cfg: Config) -> Tuple[Layout, Topology]:
+    """Join the world (if not yet), validate the layout on it and build this rank's grid."""
+    init_distributed()
+    layout = cfg.layout(dist.get_world_size())  # every layout error before any group is made
+    return layout, Topology.from_layout(layout)

@@ -70,7 +70,7 @@ def resolve_peak_tflops(cfg: Config) -> float:
     peak = cfg.log.peak_tflops
     if isinstance(peak, (int, float)):
         return float(peak)
-    precision = "fp32" if cfg.precision == "fp32" else cfg.precision
+    precision = cfg.precision
     if peak == "auto" and torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for (gpu, prec), value in PEAK_TFLOPS.items():
@@ -89,12 +89,16 @@ def memory_gb() -> float:
 
 
 class MetricsLogger:
-    """One line on stdout and one JSON object in metrics.jsonl per log event (rank 0 only)."""
+    """One line on stdout and one JSON object in metrics.jsonl per log event (rank 0 only).
+
+    It also keeps the training window: `record_step` after every step, and `log_step` (when
+    `should_log`) reports the window's mean loss and throughput and the run's ETA."""
 
     def __init__(self, cfg: Config, world_size: int, enabled: bool, peak_tflops: float):
         self.cfg, self.world, self.enabled = cfg, world_size, enabled
         self.flops = flops_per_token(cfg)
         self.peak = peak_tflops
+        self.start(0, 0)
         self.file = None
         self.tb = None
         self.wandb = None
@@ -114,6 +118,41 @@ class MetricsLogger:
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             self.wandb = wandb.init(project=cfg.log.wandb_project, dir=str(log_dir or "."), mode=mode,
                                     config=cfg.to_dict())
+
+    def start(self, iteration: int, total_steps: int) -> None:
+        """The run (re)starts at `iteration` of `total_steps`: the ETA is measured from here."""
+        self.total_steps = total_steps
+        self._run_start, self._run_start_iter = time.perf_counter(), iteration
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._window_start, self._window_tokens, self._window_losses = time.perf_counter(), 0, []
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.log.interval == 0 or step == self.total_steps
+
+    def record_step(self, loss: float, tokens: int, counted: bool) -> None:
+        """One finished step: its tokens count for throughput, its loss for the window's mean
+        unless the step was skipped or non-finite (`counted` False)."""
+        self._window_tokens += tokens
+        if counted:
+            self._window_losses.append(loss)
+
+    def log_step(self, state: Dict[str, int], *, lr: float, grad_norm: Optional[float], loss_scale: Optional[float],
+                 global_batch_size: int) -> None:
+        """The training record of the window ending at `state["iteration"]`; starts a new window."""
+        now = time.perf_counter()
+        step, window = state["iteration"], self._window_losses
+        per_step = (now - self._run_start) / max(1, step - self._run_start_iter)
+        self.log({
+            "step": step, "total_steps": self.total_steps,
+            "consumed_samples": state["consumed_samples"], "tokens": state["consumed_tokens"],
+            "loss": sum(window) / len(window) if window else float("nan"), "lr": lr,
+            "grad_norm": grad_norm, "loss_scale": loss_scale, "skipped_steps": state["skipped_steps"],
+            "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, now - self._window_start),
+            "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step),
+        })
+        self._reset_window()
 
     def throughput(self, tokens: int, seconds: float) -> Dict[str, float]:
         tokens_per_sec = tokens / max(seconds, 1e-9)

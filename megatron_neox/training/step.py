@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_neox.topology import Topology
+from megatron_neox.training.clipping import GlobalNormClipper
 
 MicroBatch = Dict[str, torch.Tensor]
 
@@ -52,10 +53,13 @@ def _loss_scale(engine) -> Optional[float]:
     return float(scale) if scale is not None else None
 
 
-def train_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> StepResult:
-    """Forward + backward over all micro-batches, then the optimizer step (or a skip)."""
+def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
+               clipper: Optional[GlobalNormClipper] = None) -> StepResult:
+    """Forward + backward over all micro-batches, then the optimizer step (or a skip).
+
+    `clipper` is the one `build_engine` returned (None when DeepSpeed clips): the grad norm and
+    the skip are then read from it."""
     skipped_before = engine.skipped_steps
-    clipper = getattr(engine, "neox_clipper", None)
     clipper_skips = clipper.skipped if clipper is not None else 0
     if engine.gradient_accumulation_steps() != len(micro_batches):
         engine.set_train_batch_size(len(micro_batches) * engine.train_micro_batch_size_per_gpu() * topo.dp)

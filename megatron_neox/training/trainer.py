@@ -1,40 +1,32 @@
-"""The training loop: build -> resume -> for each step: batch, lr, train_step, log, eval, save.
+"""The training loop: build -> resume -> for each step: batch, lr, train_step, log, validate, save.
+
+The loop only orders the steps; each component decides its own "when": the metrics logger
+(`should_log`, the throughput window and ETA), the validator (`should_validate`) and the
+checkpointer (`after_step`: save interval, exit interval, preemption signals).
 
 Everything a resumed run needs to continue exactly is in the checkpoint's client state
 (iteration, consumed samples and tokens, the data position) plus DeepSpeed's engine and
 optimizer state and every rank's RNG states; the LR and batch size are functions of those.
 """
 import math
-import signal
-import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
-
-import torch
-import torch.distributed as dist
+from typing import Any, List, Optional
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
-from megatron_neox.training import checkpoint
-from megatron_neox.training.engine import build_engine, build_topology
-from megatron_neox.training.metrics import MetricsLogger, log_info, memory_gb, resolve_peak_tflops
-from megatron_neox.training.optim import BatchSchedule, LRSchedule, total_iterations
-from megatron_neox.training.step import eval_step, train_step
+from megatron_neox.layout import Layout
+from megatron_neox.topology import Topology
+from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
+from megatron_neox.training.engine import build_engine
+from megatron_neox.training.launch import setup
+from megatron_neox.training.metrics import MetricsLogger, log_info, resolve_peak_tflops
+from megatron_neox.training.schedules import BatchSchedule, LRSchedule, total_iterations
+from megatron_neox.training.step import StepResult, train_step
+from megatron_neox.training.validation import Validator
 
 
 class TrainingAborted(MegatronNeoxError, RuntimeError):
     """Training cannot go on (e.g. too many consecutive skipped or non-finite steps)."""
-
-
-@dataclass
-class TrainState:
-    iteration: int = 0
-    consumed_samples: int = 0
-    consumed_tokens: int = 0
-    skipped_steps: int = 0
-
-    def to_dict(self) -> Dict[str, int]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -47,34 +39,26 @@ class RunResult:
     stopped_by_signal: bool = False
 
 
-class _StopSignal:
-    """SIGTERM/SIGUSR1 (SLURM preemption) ask for a save and a clean exit after the current step."""
+class SkipGuard:
+    """Counts skipped (overflow) and non-finite steps; aborts after `train.max_skipped_steps` in a row."""
 
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook): signals stay as they were
-                pass
+    def __init__(self, limit: int):
+        self.limit, self.consecutive = limit, 0
 
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def any_rank(self) -> bool:
-        """True on every rank once any rank got a signal (ranks may be signalled at different times)."""
-        from deepspeed.accelerator import get_accelerator
-
-        # A device tensor: NCCL cannot reduce CPU tensors.
-        flag = torch.tensor([1 if self.received is not None else 0], device=get_accelerator().current_device_name())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    def check(self, r: StepResult, state: TrainState) -> bool:
+        """True when the step counts (its loss goes into the logged mean)."""
+        if not (r.skipped or not math.isfinite(r.loss)):
+            self.consecutive = 0
+            return True
+        state.skipped_steps += 1
+        self.consecutive += 1
+        if self.consecutive >= self.limit:
+            raise TrainingAborted(
+                f"step {state.iteration}: {self.consecutive} consecutive skipped or non-finite steps "
+                f"(loss {r.loss}, loss scale {r.loss_scale}); lower optimizer.lr, check the data, or "
+                "resume from an earlier checkpoint. Limit: train.max_skipped_steps"
+            )
+        return False
 
 
 def _dataset_sizes(cfg: Config, iters: int, batches: BatchSchedule) -> tuple:
@@ -100,144 +84,101 @@ def _check_tokenizer(cfg: Config):
     return tok
 
 
+class _Run:
+    """Everything one training run is built from, in the order it is built: the layout and data
+    first (their errors come before the model is built), then the engine, then the resume."""
+
+    def __init__(self, cfg: Config, stop: StopSignal):
+        from megatron_neox.data.loader import BatchLoader, build_datasets
+
+        self.cfg = cfg
+        self.layout, self.topo = setup(cfg)
+        tok = _check_tokenizer(cfg)
+        if cfg.data.eod_mask_loss and tok is None:
+            raise ConfigError("data.eod_mask_loss=true needs tokenizer.path (to know the end-of-document id)")
+        self.batches = BatchSchedule.from_config(cfg, self.layout)
+        self.iters = total_iterations(cfg, self.batches)
+        self.schedule = LRSchedule.from_config(cfg, self.iters)
+        train_ds, valid_ds, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
+                                               num_samples=_dataset_sizes(cfg, self.iters, self.batches))
+        if train_ds is None:
+            raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
+        eod = tok.eod_id if tok is not None else None
+
+        self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
+        self.checkpointer = Checkpointer(cfg, self.engine, self.topo, stop)
+        self.state = self.checkpointer.resume()
+        self.loader = BatchLoader(train_ds, micro_batch_size=self.layout.micro_batch_size, dp_rank=self.topo.dp_rank,
+                                  dp_size=self.topo.dp, consumed_samples=self.state.consumed_samples,
+                                  eod_token_id=eod, eod_mask_loss=cfg.data.eod_mask_loss)
+        rank0 = self.topo.rank == 0
+        self.metrics = MetricsLogger(cfg, self.topo.world_size, enabled=rank0,
+                                     peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0)
+        self.validator = Validator(cfg, self.engine, self.topo, valid_ds, micro_batch_size=self.layout.micro_batch_size,
+                                   global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics)
+        self.guard = SkipGuard(cfg.train.max_skipped_steps)
+        if rank0:
+            log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state))
+
+    def step(self) -> StepResult:
+        """One optimizer step at the batch size and learning rate of the run's position."""
+        state = self.state
+        gbs = self.batches.global_batch(state.consumed_tokens)
+        lr = self.schedule.lr(state.iteration, state.consumed_tokens)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        r = train_step(self.engine, self.loader.next_global_batch(gbs), self.topo, self.clipper)
+        tokens = gbs * self.cfg.model.seq_length
+        state.iteration += 1
+        state.consumed_samples = self.loader.consumed_samples
+        state.consumed_tokens += tokens
+        self.metrics.record_step(r.loss, tokens, counted=self.guard.check(r, state))
+        if self.metrics.should_log(state.iteration):
+            self.metrics.log_step(state.to_dict(), lr=lr, grad_norm=r.grad_norm, loss_scale=r.loss_scale,
+                                  global_batch_size=gbs)
+        return r
+
+
+def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState) -> str:
+    from megatron_neox.model.gpt_neox import count_parameters
+
+    params = count_parameters(cfg.model, topo.tp)["total"]
+    return (f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "
+            f"micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {topo.dp} = global "
+            f"{layout.global_batch_size} | {cfg.precision} | ZeRO-{cfg.zero.stage} | "
+            f"{iters} steps from step {state.iteration}")
+
+
 def train(cfg: Config) -> RunResult:
     """Train (or resume) the run `cfg` describes on the ranks of this world."""
     # First thing: a preemption signal during set-up is honoured after the first step.
-    stop = _StopSignal()
+    stop = StopSignal()
     try:
-        return _train(cfg, stop)
+        run = _Run(cfg, stop)
+        try:
+            return _loop(run)
+        finally:
+            run.metrics.close()
     finally:
         stop.restore()
 
 
-def _train(cfg: Config, stop: "_StopSignal") -> RunResult:
-    from megatron_neox.data.loader import BatchLoader, build_datasets
-
-    topo = build_topology(cfg)
-    world = dist.get_world_size()
-    rank0 = dist.get_rank() == 0
-    layout = cfg.layout(world)
-    tok = _check_tokenizer(cfg)
-    if cfg.data.eod_mask_loss and tok is None:
-        raise ConfigError("data.eod_mask_loss=true needs tokenizer.path (to know the end-of-document id)")
-    batches = BatchSchedule.from_config(cfg, layout)
-    iters = total_iterations(cfg, batches)
-    schedule = LRSchedule.from_config(cfg, iters)
-
-    engine, _ = build_engine(cfg, topo)
-    state = TrainState()
-    # Our own checkpoints win (auto-resume after preemption); checkpoint.load seeds a new run.
-    own = cfg.checkpoint.dir and checkpoint.has_checkpoint(cfg.checkpoint.dir)
-    load_dir = cfg.checkpoint.dir if own else cfg.checkpoint.load
-    if load_dir:
-        saved = checkpoint.load(engine, cfg, topo, load_dir, required=True)
-        if saved is not None:
-            state = TrainState(**{k: int(saved[k]) for k in TrainState().to_dict() if k in saved})
-
-    train_ds, valid_ds, _ = build_datasets(
-        cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed, num_samples=_dataset_sizes(cfg, iters, batches)
-    )
-    if train_ds is None:
-        raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
-    eod = tok.eod_id if tok is not None else None
-    loader = BatchLoader(train_ds, micro_batch_size=layout.micro_batch_size, dp_rank=topo.dp_rank, dp_size=topo.dp,
-                         consumed_samples=state.consumed_samples, eod_token_id=eod,
-                         eod_mask_loss=cfg.data.eod_mask_loss)
-
-    peak = resolve_peak_tflops(cfg) if rank0 else 0.0
-    metrics = MetricsLogger(cfg, world, enabled=rank0, peak_tflops=peak)
-    if rank0:
-        from megatron_neox.model.gpt_neox import count_parameters
-
-        params = count_parameters(cfg.model, topo.tp)["total"]
-        log_info(f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "
-                 f"micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {topo.dp} = global "
-                 f"{layout.global_batch_size} | {cfg.precision} | ZeRO-{cfg.zero.stage} | "
-                 f"{iters} steps from step {state.iteration}")
-
-    result = RunResult(state=state)
-    seq = cfg.model.seq_length
-    consecutive_bad = 0
-    window: List[float] = []
-    window_start, window_tokens = time.perf_counter(), 0
-    run_start, run_start_iter = time.perf_counter(), state.iteration
-    started_here = 0
-
-    def save():
-        if cfg.checkpoint.dir:
-            checkpoint.save(engine, cfg, topo, cfg.checkpoint.dir, {**state.to_dict(), "config": cfg.to_dict()})
-
-    def evaluate():
-        if valid_ds is None:
-            return
-        eval_loader = BatchLoader(valid_ds, micro_batch_size=layout.micro_batch_size, dp_rank=topo.dp_rank,
-                                  dp_size=topo.dp, eod_token_id=eod, eod_mask_loss=cfg.data.eod_mask_loss)
-        losses = [eval_step(engine, eval_loader.next_global_batch(batches.full), topo) for _ in range(cfg.eval.iters)]
-        loss = sum(losses) / len(losses)
-        result.eval_losses.append(loss)
-        metrics.log({"step": state.iteration, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
-
+def _loop(run: _Run) -> RunResult:
+    state, iters = run.state, run.iters
+    result = RunResult(state=state, eval_losses=run.validator.losses)
     if state.iteration >= iters:
-        if rank0:
+        if run.topo.rank == 0:
             log_info(f"nothing to do: the checkpoint is at step {state.iteration} of {iters}")
-        metrics.close()
         return result
-    try:
-        while state.iteration < iters:
-            gbs = batches.global_batch(state.consumed_tokens)
-            lr = schedule.lr(state.iteration, state.consumed_tokens)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            micro = loader.next_global_batch(gbs)
-            r = train_step(engine, micro, topo)
-            state.iteration += 1
-            started_here += 1
-            state.consumed_samples = loader.consumed_samples
-            state.consumed_tokens += gbs * seq
-            window_tokens += gbs * seq
-            result.losses.append(r.loss)
-            if r.skipped or not math.isfinite(r.loss):
-                state.skipped_steps += 1
-                consecutive_bad += 1
-                if consecutive_bad >= cfg.train.max_skipped_steps:
-                    raise TrainingAborted(
-                        f"step {state.iteration}: {consecutive_bad} consecutive skipped or non-finite steps "
-                        f"(loss {r.loss}, loss scale {r.loss_scale}); lower optimizer.lr, check the data, or "
-                        "resume from an earlier checkpoint. Limit: train.max_skipped_steps"
-                    )
-            else:
-                consecutive_bad = 0
-                window.append(r.loss)
-            if state.iteration % cfg.log.interval == 0 or state.iteration == iters:
-                elapsed = time.perf_counter() - window_start
-                speed = (time.perf_counter() - run_start) / max(1, state.iteration - run_start_iter)
-                record: Dict[str, Any] = {
-                    "step": state.iteration, "total_steps": iters,
-                    "consumed_samples": state.consumed_samples, "tokens": state.consumed_tokens,
-                    "loss": sum(window) / len(window) if window else float("nan"), "lr": lr,
-                    "grad_norm": r.grad_norm, "loss_scale": r.loss_scale, "skipped_steps": state.skipped_steps,
-                    "global_batch_size": gbs, **metrics.throughput(window_tokens, elapsed),
-                    "mem_gb": memory_gb(), "eta_s": speed * (iters - state.iteration),
-                }
-                metrics.log(record)
-                window, window_start, window_tokens = [], time.perf_counter(), 0
-            if cfg.eval.interval and state.iteration % cfg.eval.interval == 0:
-                evaluate()
-            signalled = stop.any_rank()
-            periodic = cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0
-            exiting = cfg.train.exit_interval and started_here >= cfg.train.exit_interval
-            if signalled or exiting:
-                save()
-                result.stopped_by_signal = bool(signalled)
-                if rank0:
-                    why = "a stop signal" if signalled else f"train.exit_interval={cfg.train.exit_interval}"
-                    log_info(f"saved at step {state.iteration} after {why}; exiting")
-                return result
-            if periodic and state.iteration < iters:
-                save()
-        if not (cfg.eval.interval and state.iteration % cfg.eval.interval == 0):
-            evaluate()
-        save()
-        return result
-    finally:
-        metrics.close()
+    run.metrics.start(state.iteration, iters)
+    while state.iteration < iters:
+        result.losses.append(run.step().loss)
+        if run.validator.should_validate(state.iteration):
+            run.validator.validate(state.iteration)
+        if run.checkpointer.after_step(state, iters):
+            result.stopped_by_signal = run.checkpointer.stopped_by_signal
+            return result
+    if not run.validator.should_validate(state.iteration):
+        run.validator.validate(state.iteration)
+    run.checkpointer.save(state)
+    return result

@@ -14,7 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_neox.config import Config, ConfigError, Layout
+from megatron_neox.config import Config, ConfigError
+from megatron_neox.layout import Layout
 
 
 @dataclass(frozen=True)
@@ -35,16 +36,14 @@ class LRSchedule:
         decay_iters = s.decay_iters or total_iters
         if s.decay_tokens is None and decay_iters is None:
             raise ConfigError("set lr_schedule.decay_iters or lr_schedule.decay_tokens (train.iters is not set)")
-        if s.warmup_iters is not None:
+        if s.warmup_tokens is not None:
+            warmup = 0  # the warm-up is measured in tokens (it wins over warmup_iters)
+        elif s.warmup_iters is not None:
             warmup = s.warmup_iters
         elif decay_iters is not None:
             warmup = int(round(s.warmup_fraction * decay_iters))
-        elif s.warmup_tokens is not None:
-            warmup = 0
         else:
             raise ConfigError("set lr_schedule.warmup_iters when the decay is measured in tokens")
-        if s.warmup_tokens is not None:
-            warmup = 0
         return cls(peak, min_lr, warmup, s.warmup_tokens, decay_iters, s.decay_tokens, s.decay_style)
 
     def lr(self, iteration: int, tokens: int) -> float:
