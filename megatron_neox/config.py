@@ -100,6 +100,10 @@ class ModelConfig(Section):
     """GPT-3's alternating dense and locally banded attention, or dense everywhere."""
     local_window: int = Field(256, gt=0)
     """Band width (tokens) of local layers when attention_pattern='alternating_local'."""
+    attention_kernel: Literal["auto", "sdpa", "flex", "flash"] = "auto"
+    """Attention kernel (model/attention.py). 'auto': SDPA on CPU, for decoding and for plain causal layers;
+    on CUDA, layers with ALiBi, the local band or documents use flash-attn (installed, fp16/bf16), else
+    FlexAttention (compiled), else SDPA with a mask. 'flex' has no attention dropout and, on CPU, no backward."""
 
     @property
     def head_dim(self) -> int:
@@ -142,6 +146,11 @@ class ModelConfig(Section):
                     f"rotary dims per head = {r} (from model.rotary_pct/rotary_dims) must be even and "
                     f"in 2..head_dim={self.head_dim}"
                 )
+        if self.attention_kernel == "flex" and self.attention_dropout > 0:
+            raise ValueError(
+                f"model.attention_kernel='flex' cannot apply model.attention_dropout={self.attention_dropout}: "
+                "use attention_kernel 'auto' (SDPA or flash-attn when dropout is on) or attention_dropout=0"
+            )
         if self.shared_norm and not self.parallel_residual:
             raise ValueError("model.shared_norm=true needs model.parallel_residual=true (GPT-J layout)")
         if self.padded_vocab_size is not None and self.padded_vocab_size < self.vocab_size:
@@ -295,6 +304,13 @@ class DataConfig(Section):
     """Where sample indices are cached; default beside the first prefix."""
     eod_mask_loss: bool = False
     """Give no loss to predicting the token after an end-of-document token."""
+    reset_position_ids: bool = False
+    """Positions restart at 0 after each end-of-document token (Megatron-LM's flag), so a packed document
+    sees the positions it would see alone. Needs tokenizer.path (the EOD id); free (computed with the batch)."""
+    reset_attention_mask: bool = False
+    """A token attends only to earlier tokens of its own document (an EOD ends its document), instead of
+    across the GPT-3 packing boundary. Needs tokenizer.path. Cost: the document ids travel with the batch
+    (and between pipeline stages); on GPUs a varlen/document kernel, on CPU an O(T^2) mask (README)."""
 
     @model_validator(mode="after")
     def _check_weights(self) -> "DataConfig":

@@ -206,20 +206,20 @@ def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precis
     norm_region = (norms + outs * N * e) / sp
     # Attention.
     local = model.attention_pattern == "alternating_local" and layer_index % 2 == 1
+    attn = 3 * N * e / t + 4 * a * tokens / t  # fused QKV output (SDPA keeps views of it), fp32 log-sum-exp
+    attn += N * e / t  # SDPA output
+    if model.position_embedding == "rotary":
+        r = model.rotary_ndims
+        # Rotated q and k are new tensors; cos and sin per position; the SDPA output then comes
+        # back head-major, so the dense layer's [b, s, h] input is another copy.
+        attn += 2 * N * e / t + 2 * tokens * r * e + N * e / t
+    # The additive mask (model/attention.py: [1, heads/t, s, s] with ALiBi, [1, 1, s, s] for a banded
+    # layer) is built once per forward and shared by every layer of the rank; each layer's SDPA
+    # saves a reference to it, counted here per layer (an overestimate by the layers that share it).
     if model.position_embedding == "alibi":
-        # A per-head float mask sends SDPA down PyTorch's math path, which (on CPU, in any precision)
-        # keeps fp32 copies of q, k, v and the fp32 softmax probabilities, plus the dense input.
-        attn = (3 * N * 4 + a * s * s * b * 4) / t + N * e / t
-    else:
-        attn = 3 * N * e / t + 4 * a * tokens / t  # fused QKV output (SDPA keeps views of it), fp32 log-sum-exp
-        attn += N * e / t  # SDPA output
-        if model.position_embedding == "rotary":
-            r = model.rotary_ndims
-            # Rotated q and k are new tensors; cos and sin per position; the SDPA output then comes
-            # back head-major, so the dense layer's [b, s, h] input is another copy.
-            attn += 2 * N * e / t + 2 * tokens * r * e + N * e / t
-        if local:
-            attn += s * s * e  # the banded mask, one per rank
+        attn += a * s * s * e / t
+    elif local:
+        attn += s * s * e
     # MLP.
     ffn = model.ffn_size * tokens
     mlp = (4 if model.activation == "swiglu" else 2) * ffn * e / t

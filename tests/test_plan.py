@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megatron_neox.config import ModelConfig, config_from_dict, load_config
 from megatron_neox.errors import ConfigError
-from megatron_neox.model.gpt_neox import GPTNeoX, count_parameters
+from megatron_neox.model.gpt_neox import GPTNeoX, attention_plan, count_parameters
 from megatron_neox.model.transformer import TransformerLayer
 from megatron_neox.plan import (
     candidate_layouts,
@@ -192,8 +192,8 @@ def test_layer_activation_formula_matches_autograd(arch, dtype, precision, tol):
                       **ARCHS[arch])
     layer = TransformerLayer(cfg, 1).to(dtype)  # layer 1: a banded one under alternating_local
     x = torch.randn(2, 128, 64, dtype=dtype, requires_grad=True)
-    pos = torch.arange(128).expand(2, -1)
-    measured = _saved_bytes(layer, x, pos)
+    ctx = attention_plan(cfg).context(torch.arange(128).expand(2, -1), dtype=dtype)  # built once per model
+    measured = _saved_bytes(layer, x, ctx)
     assert layer_activation_bytes(cfg, 2, 1, precision, layer_index=1) == pytest.approx(measured, rel=tol)
 
 

@@ -35,7 +35,7 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
     import torch
 
     from megatron_neox.config import DataConfig
-    from megatron_neox.data.loader import BatchLoader, build_datasets
+    from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options
     from megatron_neox.errors import ConfigError
 
     run = loaded.run
@@ -52,22 +52,20 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
         seed = run.train.seed
     else:
         micro, global_batch, iters, seed = 4, 4, iters or 10, 1234
-    if data.eod_mask_loss and tok is None:
-        raise ConfigError("data.eod_mask_loss=true needs the tokenizer (to know the end-of-document id): "
-                          "pass --tokenizer")
+    batch_options = loader_options(data, tok.eod_id if tok is not None else None, fix="pass --tokenizer")
     index = SPLITS.index(split)
     sizes = tuple(iters * global_batch if i == index else 0 for i in range(3))
     datasets = build_datasets(data, seq_length=loaded.model_config.seq_length, seed=seed, num_samples=sizes)
     ds = datasets[index]
     if ds is None:
         raise ConfigError(f"data.split={data.split!r} leaves no documents in the {split} split of {data.prefixes}")
-    loader = BatchLoader(ds, micro_batch_size=micro, dp_rank=0, dp_size=1,
-                         eod_token_id=tok.eod_id if tok is not None else None, eod_mask_loss=data.eod_mask_loss)
+    loader = BatchLoader(ds, micro_batch_size=micro, dp_rank=0, dp_size=1, **batch_options)
     total, count = 0.0, 0.0
     with torch.no_grad():
         for _ in range(iters):
             for mb in loader.next_global_batch(global_batch):
-                loss = loaded.model(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"])
+                loss = loaded.model(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"],
+                                    doc_ids=mb.get("doc_ids"))
                 n = float(mb["loss_mask"].sum())
                 total += float(loss) * n  # the model returns the masked mean: weight it by its tokens
                 count += n

@@ -74,6 +74,37 @@ def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[i
     return tuple(out)
 
 
+def document_ids(tokens: torch.Tensor, eod_token_id: int) -> torch.Tensor:
+    """[B, T] index of each token's document within its row. An end-of-document token belongs to the
+    document it ends (Megatron-LM's `get_ltor_masks_and_position_ids`: the token after an EOD starts
+    a new one). One cumulative sum, no loop over documents."""
+    is_eod = (tokens == eod_token_id).to(torch.int64)
+    return is_eod.cumsum(dim=1) - is_eod
+
+
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token within its document: 0 at every document start."""
+    B, T = doc_ids.shape
+    index = torch.arange(T, dtype=torch.int64, device=doc_ids.device).expand(B, T)
+    starts = torch.ones(B, T, dtype=torch.bool, device=doc_ids.device)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, index, 0).cummax(dim=1).values  # start of the document each token is in
+    return index - first
+
+
+_EOD_FLAGS = ("eod_mask_loss", "reset_position_ids", "reset_attention_mask")
+
+
+def loader_options(data_cfg, eod_token_id: Optional[int], fix: str = "set tokenizer.path") -> dict:
+    """BatchLoader keyword arguments from the `data` config section; a flag that needs the
+    end-of-document id is refused without one (no tokenizer): the message ends with `fix`."""
+    flags = {k: bool(getattr(data_cfg, k, False)) for k in _EOD_FLAGS}
+    wanted = [k for k, on in flags.items() if on]
+    if wanted and eod_token_id is None:
+        raise ConfigError(f"data.{wanted[0]}=true needs the tokenizer (to know the end-of-document id): {fix}")
+    return {"eod_token_id": eod_token_id, **flags}
+
+
 class BatchLoader:
     """Micro-batches for one data-parallel rank. Global batch j covers samples [consumed, consumed+G)
     (Megatron's pretraining sampler order); this rank takes its contiguous share of each micro-step.
@@ -84,17 +115,21 @@ class BatchLoader:
     only state is `consumed_samples`, so resuming from it continues the exact sequence, and the
     global batch size may change between calls (batch-size ramp-up). Past the end of the
     dataset, indices wrap around (another pass) rather than raise.
+
+    With `reset_position_ids` positions restart after every EOD; with `reset_attention_mask` each
+    micro-batch also carries `doc_ids` (the model then attends within a document only).
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
-                 eod_token_id: Optional[int] = None, eod_mask_loss: bool = False):
+                 eod_token_id: Optional[int] = None, eod_mask_loss: bool = False, reset_position_ids: bool = False,
+                 reset_attention_mask: bool = False):
         if len(dataset) == 0:
             raise ConfigError("BatchLoader: the dataset is empty")
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"BatchLoader: need micro_batch_size >= 1 and 0 <= dp_rank < dp_size; got "
                               f"micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}")
-        if eod_mask_loss and eod_token_id is None:
-            raise ConfigError("BatchLoader: eod_mask_loss needs eod_token_id")
+        if (eod_mask_loss or reset_position_ids or reset_attention_mask) and eod_token_id is None:
+            raise ConfigError("BatchLoader: eod_mask_loss / reset_position_ids / reset_attention_mask need eod_token_id")
         self.dataset = dataset
         self.micro_batch_size = int(micro_batch_size)
         self.dp_rank = int(dp_rank)
@@ -102,6 +137,8 @@ class BatchLoader:
         self.consumed_samples = int(consumed_samples)
         self.eod_token_id = eod_token_id
         self.eod_mask_loss = bool(eod_mask_loss)
+        self.reset_position_ids = bool(reset_position_ids)
+        self.reset_attention_mask = bool(reset_attention_mask)
 
     def next_global_batch(self, global_batch_size: int) -> list[dict]:
         B, dp = self.micro_batch_size, self.dp_size
@@ -125,8 +162,16 @@ class BatchLoader:
             # Megatron's rule: where the input is EOD, the label is the first token of an unrelated
             # document, which the model cannot predict; leave it out of the loss.
             loss_mask[tokens == self.eod_token_id] = 0.0
-        position_ids = torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous()
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+        if self.reset_position_ids or self.reset_attention_mask:
+            doc_ids = document_ids(tokens, self.eod_token_id)
+            if self.reset_attention_mask:
+                batch["doc_ids"] = doc_ids
+        if self.reset_position_ids:
+            batch["position_ids"] = document_positions(doc_ids)
+        else:
+            batch["position_ids"] = torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous()
+        return batch
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples}

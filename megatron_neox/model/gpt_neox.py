@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_neox.config import ModelConfig
+from megatron_neox.model.attention import AttentionContext, AttentionPlan
 from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
 from megatron_neox.model.transformer import KVCache, TransformerLayer
@@ -30,7 +31,7 @@ from megatron_neox.parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron_neox.parallel.random import tensor_parallel_rng
-from megatron_neox.parallel.utils import group_size, sum_grads_over_tensor_parallel_group
+from megatron_neox.parallel.utils import group_rank, group_size, sum_grads_over_tensor_parallel_group
 
 
 def seed_layer(seed: int) -> None:
@@ -100,21 +101,33 @@ def tied_lm_logits(embedding: Embedding, h: torch.Tensor) -> torch.Tensor:
     return F.linear(h, embedding.word_embeddings.weight)
 
 
+def attention_plan(cfg: ModelConfig, tp_group=None) -> AttentionPlan:
+    return AttentionPlan(cfg, group_rank(tp_group), group_size(tp_group))
+
+
 # ---- pipeline flavours: one tuple in, one tuple out ----------------------------------------
-# Between stages DeepSpeed sends tuples of tensors; the float hidden state gets a gradient and the
-# integer position ids pass through.
+# Between stages DeepSpeed sends tuples of tensors: (hidden, position_ids) or, with
+# data.reset_attention_mask, (hidden, position_ids, doc_ids). The float hidden state gets a
+# gradient; the integer ids pass through, and each stage builds its masks from them once per
+# micro-batch (AttentionPlan.cached_context), not once per layer.
 
 
 class EmbeddingPipe(Embedding):
-    def forward(self, inputs: Tuple[torch.Tensor, torch.Tensor]):
-        tokens, position_ids = inputs
-        return super().forward(tokens, position_ids), position_ids
+    def forward(self, inputs: Tuple[torch.Tensor, ...]):
+        tokens, position_ids, *doc_ids = inputs
+        return (super().forward(tokens, position_ids), position_ids, *doc_ids)
 
 
 class TransformerLayerPipe(TransformerLayer):
-    def forward(self, inputs: Tuple[torch.Tensor, torch.Tensor]):
-        h, position_ids = inputs
-        return super().forward(h, position_ids)[0], position_ids
+    def __init__(self, cfg: ModelConfig, layer_number: int, tp_group=None, sequence_parallel: bool = False,
+                 plan: Optional[AttentionPlan] = None):
+        super().__init__(cfg, layer_number, tp_group, sequence_parallel)
+        self.plan = plan or attention_plan(cfg, tp_group)  # shared by the layers of a stage
+
+    def forward(self, inputs: Tuple[torch.Tensor, ...]):
+        h, position_ids, *doc_ids = inputs
+        ctx = self.plan.cached_context(position_ids, doc_ids[0] if doc_ids else None, h.dtype)
+        return (super().forward(h, ctx)[0], position_ids, *doc_ids)
 
 
 class FinalNormPipe(FinalNorm):
@@ -159,8 +172,9 @@ def layer_specs(cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_par
         specs.append(SeededTiedLayerSpec(0, "embed", EmbeddingPipe, *emb_args, tied_weight_attr="word_embeddings.weight"))
     else:
         specs.append(SeededLayerSpec(0, EmbeddingPipe, *emb_args))
+    plan = attention_plan(cfg, tp_group)
     for i in range(cfg.num_layers):
-        specs.append(SeededLayerSpec(i + 1, TransformerLayerPipe, cfg, i, tp_group, sp))
+        specs.append(SeededLayerSpec(i + 1, TransformerLayerPipe, cfg, i, tp_group, sp, plan))
     specs.append(SeededLayerSpec(cfg.num_layers + 1, FinalNormPipe, cfg, tp_group, sp))
     if cfg.tie_embeddings:
         specs.append(SeededTiedLayerSpec(
@@ -194,6 +208,8 @@ class GPTNeoX(nn.Module):
         self.tied = cfg.tie_embeddings
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_fn = checkpoint_fn
+        # Plain attribute (not a module): picks the attention kernel, builds each forward's masks.
+        self.attention_plan = attention_plan(cfg, tp_group)
         L = cfg.num_layers
         seed_layer(seed)
         self.add_module("0", Embedding(cfg, padded_vocab, tp_group, sequence_parallel))
@@ -213,38 +229,44 @@ class GPTNeoX(nn.Module):
     def layer(self, i: int) -> TransformerLayer:
         return self._modules[str(i + 1)]
 
-    def _run_layers(self, h: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _run_layers(self, h: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         n = self.checkpoint_interval if self.training and self.checkpoint_fn is not None else 0
         if not n:
             for i in range(self.num_layers):
-                h = self.layer(i)(h, position_ids)[0]
+                h = self.layer(i)(h, ctx)[0]
             return h
         for start in range(0, self.num_layers, n):
             block = [self.layer(i) for i in range(start, min(start + n, self.num_layers))]
 
-            def run(x, pos, block=block):
+            def run(x, block=block):
+                # The context (masks, rotary angles) needs no gradient: the recompute reuses it.
                 for layer in block:
-                    x = layer(x, pos)[0]
+                    x = layer(x, ctx)[0]
                 return x
 
-            h = self.checkpoint_fn(run, h, position_ids)
+            h = self.checkpoint_fn(run, h)
         return h
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
-                kv_cache: Optional[List[KVCache]] = None, use_cache: bool = False):
+                kv_cache: Optional[List[KVCache]] = None, use_cache: bool = False,
+                doc_ids: Optional[torch.Tensor] = None):
+        """`doc_ids` [B, T] (data.reset_attention_mask): attend within a document only. Without it a
+        sequence is one document -- so is a prompt in generation."""
         L = self.num_layers
+        past = 0 if not kv_cache else kv_cache[0][0].shape[2]
         if position_ids is None:
-            past = 0 if not kv_cache else kv_cache[0][0].shape[2]
             position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         h = self.embedding(tokens, position_ids)
+        decoding = use_cache or kv_cache is not None
+        ctx = self.attention_plan.context(position_ids, doc_ids, dtype=h.dtype, past_len=past, decoding=decoding)
         presents: List[KVCache] = []
-        if use_cache or kv_cache is not None:
+        if decoding:
             for i in range(L):
-                h, present = self.layer(i)(h, position_ids, None if kv_cache is None else kv_cache[i])
+                h, present = self.layer(i)(h, ctx, None if kv_cache is None else kv_cache[i])
                 presents.append(present)
         else:
-            h = self._run_layers(h, position_ids)
+            h = self._run_layers(h, ctx)
         h = self._modules[str(L + 1)](h)
         logits = tied_lm_logits(self.embedding, h) if self.tied else self._modules[str(L + 2)](h)
         if labels is not None:

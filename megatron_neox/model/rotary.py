@@ -5,37 +5,34 @@ pairs are (i, i + rotary_ndims/2) -- the "rotate half" layout, as in HF GPTNeoX 
 interleaved (2i, 2i+1) pairs.
 """
 import torch
-from torch import nn
 
 
-class RotaryEmbedding(nn.Module):
-    def __init__(self, rotary_ndims: int, max_positions: int, base: float = 10000.0):
-        super().__init__()
+class RotaryEmbedding:
+    """cos/sin of each position's rotation angles, computed from the position ids themselves.
+
+    There is no cache sized by the largest position: looking one up needed `int(position_ids.max())`,
+    a host sync in every layer of every micro-batch and decode step. `position * inv_freq` in fp32
+    gives the same angles (the cached table held the same product), and its cost is one
+    [B, T, rotary_ndims] elementwise op per forward (the model computes it once for all layers).
+    A plain object, not a module: it holds no state a checkpoint needs; its frequencies are copied
+    to a device once, on first use there.
+    """
+
+    def __init__(self, rotary_ndims: int, base: float = 10000.0):
         self.rotary_ndims = rotary_ndims
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.float64) / rotary_ndims))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self._cache_len = 0
-        self._build_cache(max_positions)
+        self._inv_freq = {torch.device("cpu"): inv_freq.float()}
 
-    def _build_cache(self, n: int) -> None:
-        t = torch.arange(n, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(torch.float32))
-        emb = torch.cat([freqs, freqs], dim=-1)
-        # Non-persistent: derived from the config, never stored in checkpoints.
-        self.register_buffer("cos_cached", emb.cos(), persistent=False)
-        self.register_buffer("sin_cached", emb.sin(), persistent=False)
-        self._cache_len = n
+    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq:
+            self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
+        return self._inv_freq[device]
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin of shape [B, 1, T, rotary_ndims] for broadcasting over heads."""
-        need = int(position_ids.max()) + 1
-        if need > self._cache_len:
-            self._build_cache(max(need, 2 * self._cache_len))
-            self.cos_cached = self.cos_cached.to(self.inv_freq.device)
-            self.sin_cached = self.sin_cached.to(self.inv_freq.device)
-        cos = self.cos_cached[position_ids].unsqueeze(1).to(dtype)
-        sin = self.sin_cached[position_ids].unsqueeze(1).to(dtype)
-        return cos, sin
+        freqs = position_ids[..., None].to(torch.float32) * self._inv_freq_on(position_ids.device)
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -14,16 +14,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_neox.config import ModelConfig
+from megatron_neox.model.attention import AttentionContext, attend
 from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
-from megatron_neox.model.rotary import RotaryEmbedding, alibi_slopes, apply_rotary
+from megatron_neox.model.rotary import apply_rotary
 from megatron_neox.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_neox.parallel.mappings import (
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron_neox.parallel.random import tensor_parallel_rng
-from megatron_neox.parallel.utils import divide, group_rank, group_size, sum_grads_over_tensor_parallel_group
+from megatron_neox.parallel.utils import divide, group_size, sum_grads_over_tensor_parallel_group
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]
 
@@ -31,7 +32,7 @@ KVCache = Tuple[torch.Tensor, torch.Tensor]
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_number: int, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
-        tp, tp_rank = group_size(tp_group), group_rank(tp_group)
+        tp = group_size(tp_group)
         self.cfg = cfg
         self.head_dim = cfg.head_dim
         self.num_heads = divide(cfg.num_attention_heads, tp)  # heads on this rank
@@ -50,58 +51,28 @@ class Attention(nn.Module):
             cfg.hidden_size, cfg.hidden_size, group=tp_group, bias=cfg.attention_bias, input_is_parallel=True,
             init_method=out_init, skip_bias_add=True, reduce_output=False,
         )
-        self.rotary = (
-            RotaryEmbedding(cfg.rotary_ndims, cfg.seq_length, cfg.rotary_base)
-            if cfg.position_embedding == "rotary" else None
-        )
-        if cfg.position_embedding == "alibi":
-            slopes = alibi_slopes(cfg.num_attention_heads)[tp_rank * self.num_heads:(tp_rank + 1) * self.num_heads]
-            self.register_buffer("alibi_slopes", slopes, persistent=False)
-        else:
-            self.alibi_slopes = None
+        self.rotary_ndims = cfg.rotary_ndims
         # GPT-3 alternates dense and locally banded layers; the odd layers are the banded ones.
-        self.local_window = (
-            cfg.local_window if cfg.attention_pattern == "alternating_local" and layer_number % 2 == 1 else None
-        )
-
-    def _mask(self, q_len: int, k_len: int, position_offset: int, device, dtype) -> Optional[torch.Tensor]:
-        """Additive [heads|1, q, k] mask, or None when plain causal SDPA suffices."""
-        if self.alibi_slopes is None and self.local_window is None and (q_len == k_len or q_len == 1):
-            return None
-        q_pos = torch.arange(position_offset, position_offset + q_len, device=device)[:, None]
-        k_pos = torch.arange(k_len, device=device)[None, :]
-        dist = q_pos - k_pos  # >= 0 for visible keys
-        allowed = dist >= 0
-        if self.local_window is not None:
-            allowed &= dist < self.local_window
-        mask = torch.zeros(q_len, k_len, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
-        if self.alibi_slopes is not None:
-            mask = mask[None] - self.alibi_slopes.to(device=device, dtype=dtype)[:, None, None] * dist.to(dtype)[None]
-        return mask
+        self.local = cfg.attention_pattern == "alternating_local" and layer_number % 2 == 1
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, layer_past: Optional[KVCache] = None
+        self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None
     ) -> Tuple[torch.Tensor, torch.Tensor, KVCache]:
-        """Returns this rank's un-reduced output partial sum, the output bias, and the KV cache."""
+        """Returns this rank's un-reduced output partial sum, the output bias, and the KV cache.
+        `ctx` (model/attention.py) carries the rotary angles and this forward's masks."""
         qkv = self.query_key_value(x)
         B, T = qkv.shape[0], qkv.shape[1]
         qkv = qkv.view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(position_ids, q.dtype)
-            q, k = apply_rotary(q, k, cos, sin, self.rotary.rotary_ndims)
-        past_len = 0
+        if ctx.cos is not None:
+            q, k = apply_rotary(q, k, ctx.cos, ctx.sin, self.rotary_ndims)
         if layer_past is not None:
-            past_len = layer_past[0].shape[2]
             k = torch.cat([layer_past[0], k], dim=2)
             v = torch.cat([layer_past[1], v], dim=2)
-        mask = self._mask(T, k.shape[2], past_len, q.device, q.dtype)
         dropout = self.dropout if self.training else 0.0
         # Each TP rank has different heads: their dropout masks come from the rank's own stream.
         with tensor_parallel_rng() if dropout > 0 else contextlib.nullcontext():
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
-            )
+            out = attend(q, k, v, ctx.mask(self.local), dropout)
         out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         partial_out, bias = self.dense(out)
         return partial_out, bias, (k, v)
@@ -174,10 +145,10 @@ class TransformerLayer(nn.Module):
         return residual + F.dropout(x, p=self.hidden_dropout, training=self.training)
 
     def forward(
-        self, x: torch.Tensor, position_ids: torch.Tensor, layer_past: Optional[KVCache] = None
+        self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None
     ) -> Tuple[torch.Tensor, KVCache]:
         ln1 = self.input_layernorm(x)
-        attn, attn_bias, present = self.attention(ln1, position_ids, layer_past)
+        attn, attn_bias, present = self.attention(ln1, ctx, layer_past)
         if self.parallel_residual:
             ln2 = ln1 if self.shared_norm else self.post_attention_layernorm(x)
             mlp, mlp_bias = self.mlp(ln2)

@@ -1,8 +1,9 @@
 """One optimizer step (or one evaluation) over a global batch, for both engine kinds.
 
-A micro-batch is a dict with tokens, labels, loss_mask and position_ids (see data/loader.py).
-The pipeline engine pulls micro-batches from an iterator as ((tokens, position_ids),
-(labels, loss_mask)); the plain engine gets one forward/backward per micro-batch.
+A micro-batch is a dict with tokens, labels, loss_mask, position_ids and, with
+data.reset_attention_mask, doc_ids (see data/loader.py). The pipeline engine pulls micro-batches
+from an iterator as ((tokens, position_ids[, doc_ids]), (labels, loss_mask)); the plain engine gets
+one forward/backward per micro-batch.
 The reported loss is the mean over micro-batches and data-parallel ranks, on every rank.
 """
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ class StepResult:
 
 def _pipe_items(micro_batches: List[MicroBatch]):
     for mb in micro_batches:
-        yield (mb["tokens"], mb["position_ids"]), (mb["labels"], mb["loss_mask"])
+        docs = (mb["doc_ids"],) if "doc_ids" in mb else ()
+        yield (mb["tokens"], mb["position_ids"], *docs), (mb["labels"], mb["loss_mask"])
+
+
+def _forward(engine, mb: MicroBatch) -> torch.Tensor:
+    return engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"],
+                  doc_ids=mb.get("doc_ids"))
 
 
 def _to_device(mb: MicroBatch, device) -> MicroBatch:
@@ -70,7 +77,7 @@ def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
         total = torch.zeros((), device=engine.device)
         for mb in micro_batches:
             mb = _to_device(mb, engine.device)
-            loss = engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"])
+            loss = _forward(engine, mb)
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()
@@ -96,7 +103,7 @@ def eval_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> float:
         total = torch.zeros((), device=engine.device)
         for mb in micro_batches:
             mb = _to_device(mb, engine.device)
-            total += engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"]).float()
+            total += _forward(engine, mb).float()
     finally:
         engine.train()
     return _dp_mean(total / len(micro_batches), topo)

@@ -89,13 +89,13 @@ class _Run:
     first (their errors come before the model is built), then the engine, then the resume."""
 
     def __init__(self, cfg: Config, stop: StopSignal):
-        from megatron_neox.data.loader import BatchLoader, build_datasets
+        from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options
 
         self.cfg = cfg
         self.layout, self.topo = setup(cfg)
         tok = _check_tokenizer(cfg)
-        if cfg.data.eod_mask_loss and tok is None:
-            raise ConfigError("data.eod_mask_loss=true needs tokenizer.path (to know the end-of-document id)")
+        eod = tok.eod_id if tok is not None else None
+        batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
         self.batches = BatchSchedule.from_config(cfg, self.layout)
         self.iters = total_iterations(cfg, self.batches)
         self.schedule = LRSchedule.from_config(cfg, self.iters)
@@ -103,14 +103,13 @@ class _Run:
                                                num_samples=_dataset_sizes(cfg, self.iters, self.batches))
         if train_ds is None:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
-        eod = tok.eod_id if tok is not None else None
 
         self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
         self.checkpointer = Checkpointer(cfg, self.engine, self.topo, stop)
         self.state = self.checkpointer.resume()
         self.loader = BatchLoader(train_ds, micro_batch_size=self.layout.micro_batch_size, dp_rank=self.topo.dp_rank,
                                   dp_size=self.topo.dp, consumed_samples=self.state.consumed_samples,
-                                  eod_token_id=eod, eod_mask_loss=cfg.data.eod_mask_loss)
+                                  **batch_options)
         rank0 = self.topo.rank == 0
         self.metrics = MetricsLogger(cfg, self.topo.world_size, enabled=rank0,
                                      peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0)

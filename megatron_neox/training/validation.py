@@ -27,11 +27,10 @@ class Validator:
         """Mean loss over the evaluation batches (logged); None when there is no valid split."""
         if self.valid_ds is None:
             return None
-        from megatron_neox.data.loader import BatchLoader
+        from megatron_neox.data.loader import BatchLoader, loader_options
 
         loader = BatchLoader(self.valid_ds, micro_batch_size=self.micro_batch_size, dp_rank=self.topo.dp_rank,
-                             dp_size=self.topo.dp, eod_token_id=self.eod_token_id,
-                             eod_mask_loss=self.cfg.data.eod_mask_loss)
+                             dp_size=self.topo.dp, **loader_options(self.cfg.data, self.eod_token_id))
         losses = [eval_step(self.engine, loader.next_global_batch(self.global_batch_size), self.topo)
                   for _ in range(self.cfg.eval.iters)]
         loss = sum(losses) / len(losses)
