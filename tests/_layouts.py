@@ -2,7 +2,9 @@
 
 The batches follow the data loader's order (global batch = samples [step*G, (step+1)*G); micro-step
 k of data-parallel rank r takes its contiguous `micro` samples), so every layout sees the same
-global batch and the same mean loss.
+global batch and the same mean loss. A config with any of data.eod_mask_loss / reset_position_ids /
+reset_attention_mask trains on packed documents instead (every token divisible by 5 becomes the
+EOD id 0, about 3 documents per sample), batched by the real BatchLoader.
 """
 import copy
 
@@ -31,7 +33,37 @@ def sample(i: int, seq_length: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (seq_length + 1,), generator=g)
 
 
+EOD = 0
+
+
+class PackedSamples:
+    """sample(i) with every token divisible by 5 turned into EOD: a stream of short documents."""
+
+    def __init__(self, seq_length: int, vocab: int):
+        self.seq_length, self.vocab = seq_length, vocab
+
+    def __len__(self):
+        return 1 << 30
+
+    def __getitem__(self, i):
+        s = sample(i, self.seq_length, self.vocab)
+        return torch.where(s % 5 == 0, EOD, s).numpy()
+
+
+def packed(cfg) -> bool:
+    d = cfg.data
+    return d.eod_mask_loss or d.reset_position_ids or d.reset_attention_mask
+
+
 def micro_batches(step: int, cfg, dp: int, dp_rank: int):
+    if packed(cfg):
+        from megatron_neox.data.loader import BatchLoader, loader_options
+
+        G = cfg.train.global_batch_size
+        loader = BatchLoader(PackedSamples(cfg.model.seq_length, cfg.model.vocab_size),
+                             micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
+                             consumed_samples=step * G, **loader_options(cfg.data, EOD))
+        return loader.next_global_batch(G)
     lay_micro = cfg.train.micro_batch_size
     G = cfg.train.global_batch_size
     T, V = cfg.model.seq_length, cfg.model.vocab_size

@@ -74,11 +74,19 @@ def _world(rank, world_size, scenarios):
     return out
 
 
+# Packed documents (tests/_layouts.py) with positions and attention reset at every EOD.
+DOCS = {"data.reset_position_ids": True, "data.reset_attention_mask": True, "data.eod_mask_loss": True}
+ALIBI_LOCAL = {"model.position_embedding": "alibi", "model.attention_pattern": "alternating_local",
+               "model.local_window": 4}
+
 WORLDS = {
     1: {
         "ref": (1, 1, {}),
         "ckpt": (1, 1, {"activation_checkpointing.interval": 1}),
         "bf16": (1, 1, {}),
+        "docs": (1, 1, DOCS),
+        "docs_unmasked": (1, 1, {"data.eod_mask_loss": True}),  # the same tokens and loss mask, no resets
+        "docs_alibi_local": (1, 1, {**DOCS, **ALIBI_LOCAL}),
     },
     2: {
         "pp2": (2, 1, {}),
@@ -95,6 +103,13 @@ WORLDS = {
         "pp2_tied": (2, 1, {"model.tie_embeddings": True}),
         "bf16_pp2": (2, 1, {}),
         "fp16": (1, 1, {}),
+        "docs_pp2": (2, 1, DOCS),
+        "docs_tp2": (1, 2, DOCS),
+        "docs_dp2": (1, 1, DOCS),
+        "docs_tp2_sequence_parallel_ckpt": (1, 2, {**DOCS, "parallel.sequence_parallel": True,
+                                                   "activation_checkpointing.interval": 1}),
+        "docs_pp2_ckpt": (2, 1, {**DOCS, "activation_checkpointing.interval": 1}),
+        "docs_alibi_local_tp2": (1, 2, {**DOCS, **ALIBI_LOCAL}),
     },
     4: {
         "pp2_tp2": (2, 2, {}),
@@ -182,3 +197,23 @@ def test_fp16_overflow_skips_step_and_rescales(results):
     # after window=2 clean steps (steps 2 and 3), i.e. at step 4.
     assert r["scale"] == [256.0, 128.0, 128.0, 128.0, 256.0]
     assert all(math.isfinite(x) for i, x in enumerate(r["loss"]) if i != 1)
+
+
+@pytest.mark.parametrize("layout", ["docs_pp2", "docs_tp2", "docs_dp2", "docs_tp2_sequence_parallel_ckpt",
+                                    "docs_pp2_ckpt"])
+def test_document_masking_layouts_match_one_rank(results, layout):
+    _assert_same(results[layout], results["docs"], layout)
+
+
+def test_document_masking_alibi_local_tp2_matches_one_rank(results):
+    # ALiBi slopes are sliced per tensor-parallel rank; the band and documents apply to all heads.
+    _assert_same(results["docs_alibi_local_tp2"], results["docs_alibi_local"], "ALiBi + local + documents at tp=2")
+
+
+def test_document_masking_changes_the_loss(results):
+    masked, _ = results["docs"]
+    unmasked, _ = results["docs_unmasked"]
+    assert all(math.isfinite(x) for x in masked + unmasked)
+    # Same tokens, same loss mask: only positions and attention differ. From the first step on
+    # (before any update) the masked model predicts differently.
+    assert abs(masked[0] - unmasked[0]) > 1e-3, (masked, unmasked)
