@@ -121,6 +121,7 @@ class AttentionPlan:
         self.rotary = RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
         self.alibi = cfg.position_embedding == "alibi"
         self._slopes: Dict[torch.device, torch.Tensor] = {}
+        self._score_mods: Dict[torch.device, Callable] = {}
         if self.alibi:
             heads = cfg.num_attention_heads // tp_size
             self._slopes[torch.device("cpu")] = alibi_slopes(cfg.num_attention_heads)[tp_rank * heads:(tp_rank + 1) * heads]
@@ -132,6 +133,18 @@ class AttentionPlan:
         if device not in self._slopes:
             self._slopes[device] = self._slopes[torch.device("cpu")].to(device)
         return self._slopes[device]
+
+    def _alibi_score_mod(self, device: torch.device) -> Callable:
+        """FlexAttention's ALiBi: one function per device for the model's life, so the compiled
+        kernel is traced once (it captures the slopes, not a per-step tensor)."""
+        if device not in self._score_mods:
+            slopes = self.slopes(device)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                return score - slopes[h] * (q_idx - kv_idx)
+
+            self._score_mods[device] = score_mod
+        return self._score_mods[device]
 
     def kernel(self, device: torch.device, dtype: torch.dtype, *, local: bool, documents: bool,
                decoding: bool = False) -> str:
@@ -183,7 +196,8 @@ class AttentionPlan:
         slopes = self.slopes(device) if self.alibi else None
         B, T = position_ids.shape
         if kernel == "flex":
-            return _flex_mask(B, T, window=window, doc_ids=doc_ids, slopes=slopes, device=device)
+            return LayerMask("flex", block_mask=_flex_block_mask(B, T, window=window, doc_ids=doc_ids, device=device),
+                             score_mod=self._alibi_score_mod(device) if self.alibi else None)
         if kernel == "flash":
             cu = document_cu_seqlens(doc_ids) if doc_ids is not None else torch.arange(
                 0, B * T + 1, T, dtype=torch.int32, device=device)
@@ -212,8 +226,7 @@ def _sdpa_mask(q_len: int, past_len: int, *, window: Optional[int], doc_ids: Opt
     return LayerMask("sdpa", attn_mask=mask)
 
 
-def _flex_mask(B: int, T: int, *, window: Optional[int], doc_ids: Optional[torch.Tensor],
-               slopes: Optional[torch.Tensor], device) -> LayerMask:
+def _flex_block_mask(B: int, T: int, *, window: Optional[int], doc_ids: Optional[torch.Tensor], device):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -224,12 +237,8 @@ def _flex_mask(B: int, T: int, *, window: Optional[int], doc_ids: Optional[torch
             ok = ok & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
         return ok
 
-    block_mask = create_block_mask(mask_mod, B if doc_ids is not None else None, None, T, T, device=device)
-    score_mod = None
-    if slopes is not None:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score - slopes[h] * (q_idx - kv_idx)
-    return LayerMask("flex", block_mask=block_mask, score_mod=score_mod)
+    # Per batch only with documents; the causal / banded mask is the same for every row.
+    return create_block_mask(mask_mod, B if doc_ids is not None else None, None, T, T, device=device)
 
 
 def document_cu_seqlens(doc_ids: torch.Tensor) -> torch.Tensor:
