@@ -1,8 +1,8 @@
 """Tokenizers: training a byte-level BPE, the runtime wrapper, and a fast exact encoder.
 
-The file format is HF `tokenizers`' tokenizer.json, as for GPT-NeoX-20B: a BPE model with a
-ByteLevel pre-tokenizer and decoder, `<|endoftext|>` = id 0 (end of document) and `<|padding|>`
-= id 1.
+The file format is HF `tokenizers`' tokenizer.json: a BPE model with a ByteLevel pre-tokenizer
+and decoder. The end of document is the token `<|endoftext|>`, wherever it sits: id 0 in
+GPT-NeoX-20B's tokenizer and ours (with `<|padding|>` = id 1), 50256 (the last id) in GPT-2's.
 
 Encoding semantics (the same in every path): text is encoded as plain text -- special tokens
 written literally in a document ("<|endoftext|>" in a file about GPT-2) are *not* turned into
@@ -10,13 +10,16 @@ their ids, and no BOS/EOS is added. Special tokens (EOD, domain tokens) are adde
 caller. The reference is HF `Tokenizer.encode(text, add_special_tokens=False)` with
 `encode_special_tokens = True`.
 
-The fast path: for a plain byte-level BPE, tiktoken's engine gives the same ids ~5x faster
-than HF (measured on Python source). tiktoken merges the adjacent pair whose concatenation has the
-lowest rank; HF merges the pair that comes first in the merge list. These agree when token ids
-follow the merge order, which `_fast_encoder_or_reason` checks along with everything else that would
-make the two differ (normalizer, other pre-tokenizers, added non-special tokens, ...), and then
-verifies by encoding every vocabulary token and a probe text both ways. Anything it cannot vouch
-for falls back to HF `encode_batch`, with the reason in `Tokenizer.fast_reason`.
+The fast path: tiktoken's engine gives the same ids as HF 4-8x faster (measured on Python
+source and prose). tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF
+merges the pair that comes first in the merge list. These agree when token ids follow the merge
+order, which `_fast_encoder_or_reason` checks along with everything else that would make the
+two differ. Two HF steps that come before the BPE are reproduced: a Unicode normalizer (NFC for
+GPT-NeoX-20B; HF's own normalizer object is applied to each non-ASCII document), and added
+tokens that are runs of spaces (GPT-NeoX-20B's 2-24 spaces, cut out before the split regex: see
+`_space_run_pattern`). The result is then verified by encoding every vocabulary token and a
+probe text both ways. Anything it cannot vouch for falls back to HF `encode_batch`, with the
+reason in `Tokenizer.fast_reason`.
 """
 from __future__ import annotations
 
@@ -63,16 +66,18 @@ def byte_level_alphabet() -> dict[int, str]:
 BYTE_LEVEL_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 # Text that exercises every branch of the split regex and the byte map: contractions, letters
-# and digits of several scripts, combining marks, whitespace runs before words and at the end,
-# CRLF, tabs, emoji (4-byte UTF-8), and literal special-token text (must stay plain text).
+# and digits of several scripts, combining marks (NFD text), whitespace runs before words and at
+# the end, runs of 1-49 spaces (GPT-NeoX-20B's added whitespace tokens stop at 24), CRLF, tabs,
+# emoji (4-byte UTF-8), and literal special-token text (must stay plain text).
 SELF_CHECK_TEXT = (
     "Hello world! It's a test: they'll, we've, I'm, you'd, don't, O'Neil's 'quoted'.\n"
     "def f(x):\n    return x ** 2  # comment\n\n\n\tindented\ttabs \t \n"
     "Numbers 1234567890 3.14159 -42 1e-9 ١٢٣ ½ Ⅻ; email a.b@c.org http://x.y/z?q=1&r=2\n"
     "Ünïcödé café naïve résumé São Paulo Ελληνικά Кириллица 日本語のテキスト 한국어 العربية עברית हिन्दी\n"
-    "e\u0301 (combining) \u00a0nbsp \u2003em-space \u200bzwsp \u3000ideographic\n"
+    "e\u0301 (combining) Cafe\u0301 A\u030a\u0327 \u1100\u1161\u11a8 \u00a0nbsp \u2003em-space \u200bzwsp \u3000ideographic\n"
     "emoji 👍🏽 🇫🇷 👨‍👩‍👧 ∑∫√ ≠ ≤ ≥ → ← ⇒\r\n"
-    "<|endoftext|> <|padding|> <|domain:Github|>   trailing spaces   \n   \n"
+    + "".join(f"{' ' * n}x{n}\n{' ' * n}\t{' ' * n}\n\n" for n in (1, 2, 3, 23, 24, 25, 26, 47, 48, 49))
+    + "<|endoftext|> <|padding|> <|domain:Github|>   trailing spaces   \n   \n  "
 )
 
 
@@ -80,12 +85,85 @@ SELF_CHECK_TEXT = (
 # The fast path
 # ---------------------------------------------------------------------------------------------
 
+# Normalizers whose output HF computes on the whole text (before the byte-level split) and that
+# leave ASCII unchanged, so ASCII documents -- most of the Pile -- skip them.
+_UNICODE_NORMALIZERS = ("NFC", "NFD", "NFKC", "NFKD")
 
-def _fast_encoder_or_reason(spec: dict, name: str):
-    """(tiktoken.Encoding, "") when `spec` (a parsed tokenizer.json) is a plain byte-level BPE
-    whose ids tiktoken can reproduce, else (None, reason)."""
-    if spec.get("normalizer") is not None:
-        return None, f"it has a normalizer ({spec['normalizer'].get('type')})"
+
+_NOT_IN_UTF8 = frozenset((0xC0, 0xC1, *range(0xF5, 0x100)))  # RFC 3629 section 1
+
+
+def _space_run_pattern(longest: int) -> str:
+    """BYTE_LEVEL_PATTERN for a tokenizer whose added tokens are the runs of 2..`longest` spaces.
+
+    HF cuts those tokens out of the text *before* the split regex runs (leftmost-longest: a run
+    of n spaces gives n // longest tokens of `longest`, then one of the rest if it is >= 2; a
+    single leftover space stays with the text after it), and splits the pieces between them
+    separately. One regex over the whole text does the same when (1) its first branch takes up
+    to `longest` spaces at the start of a run of >= 2, and (2) its whitespace branches never
+    step into such a run: they match HF's `\\s+(?!\\S)|\\s+` over whitespace in which every
+    space stands alone, which is all HF's pieces can hold. Where HF's piece ends at a cut-out
+    token, `(?!\\S)` sees a space, as HF sees the end of its piece.
+    """
+    # A whitespace run with no two spaces in a row: single spaces each followed by another
+    # whitespace character, optionally one trailing space that is not followed by a space.
+    lone = r"(?: ?[^\S ])+"
+    return (rf" {{2,{longest}}}|'(?:[sdmt]|ll|ve|re)| ?\p{{L}}+| ?\p{{N}}+| ?[^\s\p{{L}}\p{{N}}]+"
+            rf"|{lone}(?: (?![\S ])|(?!\S))| (?![\S ])|\s")
+
+
+class _FastEncoder:
+    """tiktoken's engine, plus the HF normalizer for the non-ASCII documents when there is one."""
+
+    def __init__(self, enc, normalize=None, what: str = ""):
+        self.enc, self.normalize, self.what = enc, normalize, what
+
+    def encode(self, text: str) -> list[int]:
+        if self.normalize is not None and not text.isascii():  # isascii is O(1) in CPython
+            text = self.normalize(text)
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # A plain loop: tiktoken's own batch call starts a thread pool, which only competes
+        # with the other preprocessing workers for the same cores.
+        encode, normalize = self.enc.encode_ordinary, self.normalize
+        if normalize is None:
+            return [encode(t) for t in texts]
+        return [encode(t if t.isascii() else normalize(t)) for t in texts]
+
+
+def _space_tokens_or_reason(spec: dict, plain_added: list[dict]) -> tuple[dict[int, int], str]:
+    """({run length: id}, "") when the added non-special tokens are exactly the runs of 2..K
+    spaces (GPT-NeoX-20B: 2..24, ids 50254-50276), matched the way `_space_run_pattern`
+    reproduces; else ({}, reason)."""
+    runs: dict[int, int] = {}
+    for t in plain_added:
+        content = t["content"]
+        if set(content) != {" "} or len(content) < 2:
+            return {}, (f"it has {len(plain_added)} added non-special tokens and {content!r} is not a run "
+                        "of 2 or more spaces (the only kind the fast path reproduces)")
+        if t.get("lstrip") or t.get("rstrip") or t.get("single_word"):
+            return {}, f"its added whitespace token of {len(content)} spaces has lstrip/rstrip/single_word set"
+        kind = (spec.get("normalizer") or {}).get("type")
+        if not t.get("normalized", True) and kind in ("NFKC", "NFKD"):
+            # Matched before a normalizer that makes new spaces (U+00A0 -> U+0020).
+            return {}, f"its whitespace tokens are matched before its {kind} normalizer"
+        runs[len(content)] = t["id"]
+    if sorted(runs) != list(range(2, len(runs) + 2)):
+        return {}, f"its added whitespace tokens are runs of {sorted(runs)} spaces, not every length from 2 up"
+    for t in spec.get("added_tokens") or []:
+        if t.get("special") and "  " in t["content"]:
+            return {}, f"its special token {t['content']!r} holds a run of spaces"
+    return runs, ""
+
+
+def _fast_encoder_or_reason(spec: dict, name: str, hf=None):
+    """(_FastEncoder, "") when `spec` (a parsed tokenizer.json) is a byte-level BPE whose ids
+    tiktoken can reproduce, else (None, reason). `hf` is the loaded tokenizer, whose normalizer
+    is reused as it is (a Unicode normal form only)."""
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") not in _UNICODE_NORMALIZERS:
+        return None, f"it has a normalizer the fast path does not apply ({normalizer.get('type')})"
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") != "ByteLevel":
         return None, f"its pre-tokenizer is {pre.get('type')}, not ByteLevel"
@@ -99,16 +177,17 @@ def _fast_encoder_or_reason(spec: dict, name: str):
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback"):
         return None, "its BPE uses subword prefixes/suffixes or byte fallback"
     added = spec.get("added_tokens") or []
-    plain_added = [t["content"] for t in added if not t.get("special")]
-    if plain_added:
-        # HF matches these in the text before splitting; tiktoken knows nothing of them.
-        return None, f"it has {len(plain_added)} added non-special tokens (e.g. {plain_added[0]!r})"
+    space_runs, reason = _space_tokens_or_reason(spec, [t for t in added if not t.get("special")])
+    if reason:
+        return None, reason
 
     alphabet = byte_level_alphabet()
     char_to_byte = {c: b for b, c in alphabet.items()}
     vocab: dict[str, int] = model.get("vocab") or {}
     added_ids = {t["id"] for t in added}
-    missing = [b for b, c in alphabet.items() if c not in vocab]
+    # Bytes that never occur in UTF-8 text (0xC0, 0xC1, 0xF5-0xFF) may be missing, as 13 are
+    # from GPT-NeoX-20B's vocabulary; any other byte must have a token.
+    missing = [b for b, c in alphabet.items() if c not in vocab and b not in _NOT_IN_UTF8]
     if missing:
         return None, f"its vocabulary lacks {len(missing)} of the 256 byte tokens (e.g. byte {missing[0]})"
 
@@ -137,22 +216,37 @@ def _fast_encoder_or_reason(spec: dict, name: str):
         ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items() if i not in added_ids}
     except KeyError as e:
         return None, f"a vocabulary token contains {e.args[0]!r}, not a byte-level character"
-    if len(ranks) != len(vocab) - len(added_ids & set(vocab.values())):
+    if len(ranks) != len({i for i in vocab.values() if i not in added_ids}):
         return None, "two vocabulary tokens spell the same bytes"
+    pattern = BYTE_LEVEL_PATTERN
+    what = []
+    if space_runs:
+        # A run of spaces never reaches the BPE (see _space_run_pattern), so the BPE's own
+        # multi-space tokens are unreachable and the added ids take their bytes.
+        ranks.update({b" " * n: tid for n, tid in space_runs.items()})
+        if len(set(ranks.values())) != len(ranks):
+            return None, "an added whitespace token's id is also a BPE token's id"
+        pattern = _space_run_pattern(max(space_runs))
+        what.append(f"{len(space_runs)} whitespace tokens")
+    normalize = None
+    if normalizer is not None:
+        if hf is None or hf.normalizer is None:
+            return None, "its normalizer could not be loaded"
+        normalize = hf.normalizer.normalize_str
+        what.insert(0, normalizer["type"])
     import tiktoken
 
-    enc = tiktoken.Encoding(f"megatron_neox:{name}", pat_str=BYTE_LEVEL_PATTERN, mergeable_ranks=ranks,
-                            special_tokens={})
-    return enc, ""
+    enc = tiktoken.Encoding(f"megatron_neox:{name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens={})
+    return _FastEncoder(enc, normalize, " + ".join(what)), ""
 
 
-def _self_check(hf, enc, vocab_strings: Sequence[str]) -> str:
-    """"" when tiktoken reproduces HF on the probe text and on every vocabulary token spelled
-    out as text (catches merges that tiktoken could reach by a different pair), else the reason."""
+def _self_check(hf, fast: _FastEncoder, vocab_strings: Sequence[str]) -> str:
+    """"" when the fast encoder reproduces HF on the probe text and on every vocabulary token
+    spelled out as text (catches merges that tiktoken could reach by a different pair), else
+    the reason."""
     texts = [SELF_CHECK_TEXT, *SELF_CHECK_TEXT.splitlines(keepends=True), *vocab_strings]
     want = _hf_encode_batch(hf, texts)
-    for text, ids in zip(texts, want):
-        got = enc.encode_ordinary(text)
+    for text, ids, got in zip(texts, want, fast.encode_batch(texts)):
         if got != ids:
             return f"self-check differs on {text[:40]!r}: tiktoken {got[:8]} vs HF {ids[:8]}"
     return ""
@@ -191,7 +285,7 @@ class Tokenizer:
         self._fast = None
         self.fast_reason = "HF encoder requested"
         if encoder != "hf":
-            self._fast, self.fast_reason = _fast_encoder_or_reason(spec, os.path.basename(self.path))
+            self._fast, self.fast_reason = _fast_encoder_or_reason(spec, os.path.basename(self.path), hf)
             if self._fast is not None and verify:
                 self.verify_fast_path()
             if self._fast is None and encoder == "tiktoken":
@@ -230,7 +324,8 @@ class Tokenizer:
 
     def describe_encoder(self) -> str:
         if self._fast is not None:
-            return "tiktoken fast path (verified identical to HF tokenizers)"
+            extras = f" with {self._fast.what}" if self._fast.what else ""
+            return f"tiktoken fast path{extras} (verified identical to HF tokenizers)"
         return f"HF tokenizers encode_batch (fast path off: {self.fast_reason})"
 
     @property
@@ -261,15 +356,12 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         if self._fast is not None:
-            return self._fast.encode_ordinary(text)
+            return self._fast.encode(text)
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         if self._fast is not None:
-            # A plain loop: tiktoken's own batch call starts a thread pool, which only competes
-            # with the other preprocessing workers for the same cores.
-            encode = self._fast.encode_ordinary
-            return [encode(t) for t in texts]
+            return self._fast.encode_batch(texts)
         return _hf_encode_batch(self._hf, list(texts))
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -20,6 +20,8 @@ from megatron_neox.tokenizer import (
     train_bpe,
 )
 
+from _tokenizers import gpt2_style_tokenizer, neox20b_tokenizer, whitespace_stress_documents
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
@@ -104,16 +106,48 @@ def test_special_token_text_stays_text(tokenizer_path):
 
 def test_added_plain_token_falls_back_to_hf(tmp_path, tokenizer_path):
     hf = HFTokenizer.from_file(str(tokenizer_path))
-    hf.add_tokens(["    "])  # like GPT-NeoX-20B's whitespace-run tokens: matched before BPE by HF
+    hf.add_tokens(["hello world"])  # HF matches it in the text before the BPE; tiktoken cannot
     path = save_spec(tmp_path, hf)
     tok = load_tokenizer(path)
     assert tok.encoder_name == "hf"
-    assert "added non-special tokens" in tok.fast_reason
+    assert "'hello world' is not a run of 2 or more spaces" in tok.fast_reason
     assert "fast path off" in tok.describe_encoder()
-    text = "def f():\n        return 1\n"
+    text = "say hello world twice: hello world\n"
     assert tok.encode(text) == hf_reference(path)(text)
     with pytest.raises(ConfigError, match="cannot reproduce"):
         load_tokenizer(path, encoder="tiktoken")
+
+
+@pytest.mark.parametrize("runs, flags, reason", [
+    ((4,), {}, "runs of [4] spaces, not every length from 2 up"),
+    ((2, 3, 4), {"lstrip": True}, "lstrip/rstrip/single_word"),
+])
+def test_whitespace_tokens_the_fast_path_cannot_match_fall_back(tmp_path, tokenizer_path, runs, flags, reason):
+    from tokenizers import AddedToken
+
+    hf = HFTokenizer.from_file(str(tokenizer_path))
+    hf.add_tokens([AddedToken(" " * n, normalized=True, **flags) for n in runs])
+    path = save_spec(tmp_path, hf)
+    tok = load_tokenizer(path)
+    assert tok.encoder_name == "hf" and reason in tok.fast_reason
+    text = "def f():\n        return  1\n"
+    assert tok.encode(text) == hf_reference(path)(text)
+
+
+def test_whitespace_tokens_and_nfc_keep_the_fast_path_exact(tmp_path, tokenizer_path):
+    """Our own BPE given GPT-NeoX-20B's pre-BPE steps (NFC + runs of 2..24 spaces as added tokens)."""
+    from tokenizers import AddedToken
+
+    hf = HFTokenizer.from_file(str(tokenizer_path))
+    hf.normalizer = normalizers.NFC()
+    hf.add_tokens([AddedToken(" " * n, normalized=True) for n in range(24, 1, -1)])
+    path = save_spec(tmp_path, hf)
+    tok = load_tokenizer(path)
+    assert tok.encoder_name == "tiktoken", tok.fast_reason
+    assert "NFC + 23 whitespace tokens" in tok.describe_encoder()
+    ref = hf_reference(path)
+    texts = whitespace_stress_documents(200, seed=3)
+    assert tok.encode_batch(texts) == [ref(t) for t in texts]
 
 
 def test_normalizer_falls_back_to_hf(tmp_path, tokenizer_path):
@@ -191,3 +225,49 @@ def test_train_tokenizer_tool(tmp_path, capsys):
     rc = train_tokenizer.main(["--input", str(tmp_path / "broken.jsonl"), "--vocab-size", "300", "--out", str(out)])
     assert rc == 2
     assert "broken.jsonl:2: malformed JSON" in capsys.readouterr().err
+
+
+# -- the tokenizers people use: GPT-NeoX-20B's (tests/data) and GPT-2-style ----------------------
+
+
+@pytest.fixture(scope="module")
+def neox20b(tmp_path_factory):
+    return neox20b_tokenizer(tmp_path_factory.mktemp("neox20b"))
+
+
+def test_neox20b_fast_path_ids_equal_hf_for_every_document(neox20b, corpus):
+    tok = load_tokenizer(neox20b)
+    assert tok.encoder_name == "tiktoken", tok.fast_reason
+    assert tok.describe_encoder().startswith("tiktoken fast path with NFC + 23 whitespace tokens")
+    assert (tok.eod_id, tok.pad_id, tok.vocab_size) == (0, 1, 50277)
+    ref = hf_reference(neox20b)
+    texts = whitespace_stress_documents(400) + corpus_texts(corpus)[:300] + SELF_CHECK_TEXT.splitlines()
+    got = tok.encode_batch(texts)
+    for i, text in enumerate(texts):
+        assert got[i] == ref(text), f"document {i}: {text[:80]!r}"
+        assert tok.encode(text) == got[i]
+
+
+def test_neox20b_whitespace_runs_and_nfd_text_take_hf_tokens(neox20b):
+    """The cases the fast path had to learn, pinned to HF's ids: 30 spaces are the 24-space token
+    (50254) then the 6-space one (50272), and the word after them loses its leading space; 25
+    spaces leave one space to the word; NFD text encodes as its NFC form."""
+    tok = load_tokenizer(neox20b)
+    ref = hf_reference(neox20b)
+    x, y, space_y = tok.encode("x")[0], tok.encode("y")[0], tok.encode(" y")[0]
+    assert tok.encode("x" + " " * 30 + "y") == ref("x" + " " * 30 + "y") == [x, 50254, 50272, y]
+    assert tok.encode("x" + " " * 25 + "y") == ref("x" + " " * 25 + "y") == [x, 50254, space_y]
+    assert tok.encode("Cafe\u0301") == ref("Cafe\u0301") == tok.encode("Caf\u00e9")
+    assert tok.encode("<|endoftext|>") == ref("<|endoftext|>") and 0 not in tok.encode("<|endoftext|>")
+
+
+def test_gpt2_style_tokenizer_with_eod_last_takes_the_fast_path(tmp_path, corpus):
+    texts = corpus_texts(corpus)
+    path = gpt2_style_tokenizer(texts[:200], 600, tmp_path / "gpt2_style.json")
+    tok = load_tokenizer(path)
+    assert tok.encoder_name == "tiktoken", tok.fast_reason
+    assert tok.eod_id == tok.vocab_size - 1 == 599
+    assert tok.pad_id == tok.eod_id  # no <|padding|>: padding is EOD (masked out anyway)
+    ref = hf_reference(path)
+    assert tok.encode_batch(texts) == [ref(t) for t in texts]
+    assert tok.eod_id not in tok.encode("a <|endoftext|> b")
