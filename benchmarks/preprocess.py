@@ -71,7 +71,7 @@ def run_baseline(input_path: str, tokenizer_path: str, prefix: str, workers: int
 
 def prepare(cache: Path, size_mb: float, vocab_size: int, seed: int) -> tuple[Path, Path]:
     from megatron_neox.data.corpus import make_sample_corpus
-    from megatron_neox.data.preprocess import iter_documents
+    from megatron_neox.data.readers import iter_documents
     from megatron_neox.tokenizer import save_tokenizer, train_bpe
 
     corpus_dir = cache / f"corpus_{size_mb:g}mb_seed{seed}"

@@ -15,7 +15,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from megatron_neox.data import preprocess as pp
 from megatron_neox.data.corpus import ATTRIBUTES, BIOS, GITHUB, iter_corpus, make_sample_corpus, stdlib_python_files
 from megatron_neox.data.indexed import IndexedDataset
-from megatron_neox.data.preprocess import PreprocessOptions, iter_documents, preprocess
+from megatron_neox.data.preprocess import PreprocessOptions, preprocess
+from megatron_neox.data.readers import iter_documents
 from megatron_neox.errors import DataError
 from megatron_neox.tokenizer import domain_token, save_tokenizer, train_bpe
 

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers
 
 from megatron_neox.data.corpus import iter_corpus, make_sample_corpus
-from megatron_neox.data.preprocess import iter_documents
+from megatron_neox.data.readers import iter_documents
 from megatron_neox.errors import ConfigError, DataError
 from megatron_neox.tokenizer import (
     EOD_TOKEN,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from megatron_neox.data.preprocess import iter_documents  # noqa: E402
+from megatron_neox.data.readers import iter_documents  # noqa: E402
 from megatron_neox.errors import MegatronNeoxError  # noqa: E402
 from megatron_neox.tokenizer import domain_token, load_tokenizer, save_tokenizer, train_bpe  # noqa: E402
 
