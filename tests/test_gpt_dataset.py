@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import megatron_neox.data.gpt_dataset as gd
-from megatron_neox.data.gpt_dataset import GPTDataset, build_indices
+from megatron_neox.data.gpt_dataset import GPTDataset, SampleOrder, build_indices, epoch_starts
 from megatron_neox.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megatron_neox.errors import ConfigError, DataError
 
@@ -45,28 +45,63 @@ def test_indices_match_slow_reference(monkeypatch, permutation):
         if sizes[start:start + n_docs].sum() == 0:
             sizes[start] = 1
         num_samples = int(rng.integers(1, 50))  # up to many epochs of a small range
-        doc_idx, sample_idx, shuffle_idx = build_indices(sizes, doc_range, num_samples, seq_length, seed=trial)
+        doc_idx, sample_idx, starts = build_indices(sizes, doc_range, num_samples, seq_length, seed=trial)
+        total = int(starts[-1])  # every sample of the epochs reached
+        assert total >= num_samples and len(sample_idx) == total + 1
 
         epochs = len(doc_idx) // n_docs
         for e in range(epochs):  # every full epoch visits each document once
             assert sorted(doc_idx[e * n_docs:(e + 1) * n_docs].tolist()) == list(range(*doc_range))
         assert set(doc_idx[epochs * n_docs:].tolist()) <= set(range(*doc_range))
-        assert sample_idx[num_samples, 0] == len(doc_idx) - 1  # no unused tail of documents
-        assert sorted(shuffle_idx.tolist()) == list(range(num_samples))
+        assert sample_idx[total, 0] == len(doc_idx) - 1  # no unused tail of documents
+        order = SampleOrder(starts, seed=trial)
+        for e in range(len(starts) - 1):  # each epoch serves its own samples, in some order
+            served = order.range(int(starts[e]), int(starts[e + 1]))
+            assert sorted(served.tolist()) == list(range(starts[e], starts[e + 1]))
+            assert [order[i] for i in range(starts[e], starts[e + 1])] == served.tolist()
 
-        expected = _reference_samples(sizes, doc_range, num_samples, seq_length, trial, doc_idx)
-        for i in range(num_samples):
+        expected = _reference_samples(sizes, doc_range, total, seq_length, trial, doc_idx)
+        for i in range(total):
             assert _sample_from_indices(sizes, doc_idx, sample_idx, i) == expected[i], (trial, i)
+
+
+def test_epoch_starts_are_the_samples_starting_in_each_epoch():
+    # 100 tokens per epoch, samples of 16: sample j starts at token 16 j.
+    assert epoch_starts(100, 16, 1).tolist() == [0, 7]
+    assert epoch_starts(100, 16, 7).tolist() == [0, 7]
+    assert epoch_starts(100, 16, 8).tolist() == [0, 7, 13]
+    assert epoch_starts(100, 16, 19).tolist() == [0, 7, 13, 19]
+    assert epoch_starts(10, 16, 2).tolist() == [0, 1, 2]  # an epoch shorter than a sample
+
+
+@pytest.mark.parametrize("permutation", ["table", "arithmetic"])
+def test_first_samples_do_not_depend_on_how_many_are_requested(monkeypatch, permutation):
+    """Prefix stability: the first k samples served are the same whether 1, 7, ... or 900
+    samples were asked for (one epoch here holds ~160 samples)."""
+    if permutation == "arithmetic":
+        monkeypatch.setattr(gd, "SMALL_PERMUTATION", 0)
+    sizes = np.random.default_rng(1).integers(1, 60, size=90).astype(np.int32)
+
+    def served(n):
+        doc_idx, sample_idx, starts = build_indices(sizes, (3, 83), n, 16, seed=9)
+        order = SampleOrder(starts, seed=9)
+        return [_sample_from_indices(sizes, doc_idx, sample_idx, order[i]) for i in range(n)]
+
+    longest = served(900)
+    for n in (1, 7, 100, 161, 162, 500):
+        assert served(n) == longest[:n], n
 
 
 def test_epochs_get_different_orders_and_seed_matters():
     sizes = np.full(100, 10, dtype=np.int32)
-    doc_idx, _, shuffle_idx = build_indices(sizes, (0, 100), 300, 9, seed=1)
+    doc_idx, _, starts = build_indices(sizes, (0, 100), 300, 9, seed=1)
     assert len(doc_idx) >= 250
     assert doc_idx[:100].tolist() != doc_idx[100:200].tolist()
-    other, _, other_shuffle = build_indices(sizes, (0, 100), 300, 9, seed=2)
+    order = SampleOrder(starts, seed=1).range(0, 300)
+    assert order[:100].tolist() != sorted(order[:100].tolist())  # samples are served shuffled
+    other, _, other_starts = build_indices(sizes, (0, 100), 300, 9, seed=2)
     assert doc_idx[:100].tolist() != other[:100].tolist()
-    assert shuffle_idx.tolist() != other_shuffle.tolist()
+    assert order.tolist() != SampleOrder(other_starts, seed=2).range(0, 300).tolist()
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 65, 1000, 4096, 4097, 77777])
@@ -79,6 +114,7 @@ def test_arithmetic_permutation_is_a_bijection(monkeypatch, n):
     if n >= 1000:  # and it actually shuffles: few fixed points, neighbours land far apart
         assert np.count_nonzero(out == np.arange(n)) < 10
         assert np.median(np.abs(np.diff(out))) > n / 10
+    assert [perm.at(i) for i in range(n)][:500] == out[:500].tolist()  # one position = the whole
     part = np.empty(7, dtype=np.int64)
     if n > 10:
         perm.range(3, 10, part)  # any window gives the same values as the whole
@@ -108,7 +144,7 @@ def test_samples_are_the_packed_token_stream(tmp_path):
     data = GPTDataset(ds, (1, 6), 25, 8, seed=3, cache_dir=str(tmp_path / "cache"), name="train")
     stream = np.concatenate([np.arange(sizes[d]) + 1000 * d for d in data.doc_idx])
     for i in range(len(data)):
-        j = int(data.shuffle_idx[i])
+        j = data.order[i]
         sample = data[i]
         assert sample.dtype == np.int64 and sample.shape == (9,)
         np.testing.assert_array_equal(sample, stream[j * 8: j * 8 + 9])
@@ -117,7 +153,7 @@ def test_samples_are_the_packed_token_stream(tmp_path):
 
 
 def test_cache_is_reused_and_keyed(tmp_path):
-    ds = _dataset(tmp_path, [50] * 40)
+    ds = _dataset(tmp_path, [50] * 40)  # 2000 tokens: 125 samples of 16 start in each epoch
     cache = str(tmp_path / "cache")
     first = GPTDataset(ds, (0, 40), 100, 16, seed=5, cache_dir=cache, name="train")
     assert first.built_here
@@ -125,18 +161,35 @@ def test_cache_is_reused_and_keyed(tmp_path):
     assert len(files) == 4  # three .npy arrays and the description
     again = GPTDataset(ds, (0, 40), 100, 16, seed=5, cache_dir=cache, name="train")
     assert not again.built_here  # loaded, not rebuilt
-    for a in ("doc_idx", "sample_idx", "shuffle_idx"):
+    for a in ("doc_idx", "sample_idx"):
         np.testing.assert_array_equal(getattr(first, a), getattr(again, a))
         assert isinstance(getattr(again, a), np.memmap)
     assert sorted(os.listdir(cache)) == files
+    # A longer run within the same epoch reuses the arrays, and serves the same first samples.
+    longer = GPTDataset(ds, (0, 40), 125, 16, seed=5, cache_dir=cache, name="train")
+    assert not longer.built_here and len(longer) == 125
+    assert all(np.array_equal(longer[i], first[i]) for i in range(100))
     # Anything that changes the indices changes the key.
-    for kwargs in ({"seed": 6}, {"num_samples": 101}, {"seq_length": 15}, {"doc_range": (0, 39)}):
+    for kwargs in ({"seed": 6}, {"num_samples": 126}, {"seq_length": 15}, {"doc_range": (0, 39)}):
         args = dict(doc_range=(0, 40), num_samples=100, seq_length=16, seed=5) | kwargs
         assert GPTDataset(ds, cache_dir=cache, name="train", **args).built_here, kwargs
-    # Rewriting the dataset (new mtime) invalidates the cache.
-    time.sleep(0.01)
-    ds2 = _dataset(tmp_path, [50] * 40)
-    assert GPTDataset(ds2, (0, 40), 100, 16, seed=5, cache_dir=cache, name="train").built_here
+
+
+def test_rewritten_index_of_same_size_and_mtime_misses_the_cache(tmp_path):
+    ds = _dataset(tmp_path, [50] * 40)
+    cache = str(tmp_path / "cache")
+    old = GPTDataset(ds, (0, 40), 100, 16, seed=5, cache_dir=cache, name="train")
+    idx = tmp_path / "ds.idx"
+    st = os.stat(idx)
+    ds2 = _dataset(tmp_path, [60, 40] * 20)  # same document count and .idx size, other sizes
+    os.utime(idx, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(idx).st_size == st.st_size and os.stat(idx).st_mtime_ns == st.st_mtime_ns
+    new = GPTDataset(ds2, (0, 40), 100, 16, seed=5, cache_dir=cache, name="train")
+    assert new.built_here
+    stream = np.concatenate([np.arange(ds2.document_sizes()[d]) + 1000 * d for d in new.doc_idx])
+    j = new.order[0]
+    np.testing.assert_array_equal(new[0], stream[16 * j: 16 * j + 17])
+    assert not np.array_equal(np.asarray(new.sample_idx), np.asarray(old.sample_idx))
 
 
 def _build_on_two_ranks(rank, world_size, prefix, cache):

@@ -1,22 +1,35 @@
 """GPT-3-style packed samples over a range of documents, with cached indices.
 
 The documents of the range are shuffled (one fresh order per epoch), concatenated into one token
-stream, and cut into samples of `seq_length + 1` tokens. Sample i covers stream tokens
-[i*seq_length, i*seq_length + seq_length]: consecutive samples share one token, because the
+stream, and cut into samples of `seq_length + 1` tokens. Sample j covers stream tokens
+[j*seq_length, j*seq_length + seq_length]: consecutive samples share one token, because the
 last token of a sample is only ever a label (GPT-3 / Megatron packing). Documents carry their
 own EOD token (tools/preprocess_data.py --append-eod), so the stream is EOD-separated.
 
-Three indices describe this, as in Megatron:
-    doc_idx      document id at each position of the stream (epochs back to back)
-    sample_idx   (position in doc_idx, token offset) where each sample starts; row i+1 also
-                 gives where sample i ends (inclusive)
-    shuffle_idx  the order in which samples are served
+Prefix-stable order: the first k samples served never depend on how many are requested. Sample
+j belongs to the epoch its first token lies in; the samples of epoch 0 are served first, in a
+seeded permutation of that epoch, then those of epoch 1 in another, and so on. Asking for more
+samples only adds epochs (or reaches further into one already built), so extending
+`train.iters` on resume serves exactly the samples a longer run would have served, and two runs
+of different lengths evaluate on the same validation samples. (Megatron also shuffles per
+epoch, but its last, partial epoch is shuffled over the samples requested, so its order changes
+with the request.)
 
-They are built with numpy only (no compiled helper) and cached as .npy files named by a hash of
-everything that determines them, built once by global rank 0 and memory-mapped by every rank.
+Two indices describe the stream, as in Megatron; the serving order is arithmetic:
+    doc_idx       document id at each position of the stream (epochs back to back)
+    sample_idx    (position in doc_idx, token offset) where each sample starts; row j+1 also
+                  gives where sample j ends (inclusive)
+    epoch_starts  first sample of each epoch, S_e = ceil(e * tokens_per_epoch / seq_length)
+    SampleOrder   served position -> sample, from the epoch's seeded permutation (no array)
+
+They are built with numpy only (no compiled helper), for all the samples of the epochs the
+request touches, and cached as .npy files named by a hash of everything that determines them
+(the documents' sizes themselves, not the file's name or mtime), built once by global rank 0 and
+memory-mapped by every rank.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -34,7 +47,7 @@ from megatron_neox.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 # Bump when the meaning of the cached arrays changes: old caches then miss instead of being misread.
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2  # 2: prefix-stable per-epoch order, key from the document sizes
 
 # Below this size a permutation is a numpy Fisher-Yates shuffle. Above it we use a keyed
 # arithmetic bijection: Fisher-Yates costs ~135 ns per element on our 2-core machines (a random
@@ -95,6 +108,25 @@ class _Permutation:
         np.right_shift(x, self._s1, out=tmp)
         x ^= tmp
 
+    def at(self, i: int) -> int:
+        """pi(i) for one position, in Python integers (the same arithmetic as `range`)."""
+        if self._table is not None:
+            return int(self._table[i])
+        mask, s1, s2, c1, c2 = (int(v) for v in (self._mask, self._s1, self._s2, self._c1, self._c2))
+        k0, k1, k2 = (int(k) for k in self._k)
+        x = int(i)
+        while True:
+            x ^= k0
+            x ^= x >> s1
+            x = (x * c1) & mask
+            x = (x + k1) & mask
+            x ^= x >> s2
+            x = (x * c2) & mask
+            x ^= k2
+            x ^= x >> s1
+            if x < self.n:
+                return x
+
     def range(self, start: int, stop: int, out: np.ndarray) -> None:
         """out[j] = pi(start + j) for j in [0, stop - start)."""
         if self._table is not None:
@@ -109,13 +141,6 @@ class _Permutation:
             x[todo] = y
             todo = todo[y >= self.n]
         out[:] = x
-
-
-def _fill_permutation(out: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    perm = _Permutation(len(out), rng)
-    for a in range(0, len(out), _CHUNK):
-        perm.range(a, min(a + _CHUNK, len(out)), out[a:a + _CHUNK])
-    return out
 
 
 class _Thread(threading.Thread):
@@ -138,16 +163,110 @@ def _index_dtype(limit: int):
     return np.int32 if limit < 2**31 else np.int64
 
 
+def epoch_starts(tokens_per_epoch: int, seq_length: int, num_samples: int) -> np.ndarray:
+    """S_0..S_E: the first sample of each epoch (sample j starts at token j*seq_length, which
+    lies in epoch e iff S_e <= j < S_{e+1}), for the fewest epochs E with S_E >= num_samples."""
+    T, L, N = int(tokens_per_epoch), int(seq_length), int(num_samples)
+    epochs = max(1, -(-N * L // T))
+    while epochs > 1 and -(-(epochs - 1) * T // L) >= N:
+        epochs -= 1
+    return np.array([-(-e * T // L) for e in range(epochs + 1)], dtype=np.int64)
+
+
+class SampleOrder:
+    """Served position -> sample: each epoch's samples in their own seeded permutation, epochs in
+    order. Evaluated per position (the permutations are arithmetic), so no array of the order is
+    stored and nothing about it depends on how many samples are requested."""
+
+    def __init__(self, starts: np.ndarray, seed: int):
+        self.starts = [int(v) for v in starts]
+        self.seed = int(seed)
+        self._perm: tuple[int, _Permutation] | None = None  # the current epoch's (samples are read in order)
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _epoch(self, e: int) -> _Permutation:
+        if self._perm is None or self._perm[0] != e:
+            size = self.starts[e + 1] - self.starts[e]
+            self._perm = (e, _Permutation(size, _rng(self.seed, _SAMPLE_STREAM, e)))
+        return self._perm[1]
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < len(self):
+            raise IndexError(f"position {i} is outside the {len(self)} samples of {len(self.starts) - 1} epoch(s)")
+        e = bisect.bisect_right(self.starts, i) - 1
+        return self.starts[e] + self._epoch(e).at(i - self.starts[e])
+
+    def range(self, start: int, stop: int) -> np.ndarray:
+        """The samples served at positions [start, stop), as one array."""
+        out = np.empty(max(0, stop - start), dtype=np.int64)
+        for e in range(len(self.starts) - 1):
+            a, b = max(start, self.starts[e]), min(stop, self.starts[e + 1])
+            if a < b:
+                self._epoch(e).range(a - self.starts[e], b - self.starts[e], out[a - start:b - start])
+                out[a - start:b - start] += self.starts[e]
+        return out
+
+
+def _fill_stream(doc_sizes, start: int, n_docs: int, L: int, seed: int, doc_idx, sample_idx,
+                 pos: int, pos_stop: int, base: int, filled: int, last_row: int) -> None:
+    """Fill doc_idx[pos:pos_stop] with the epochs' document permutations and the sample_idx rows
+    filled..last_row of the boundaries (tokens k*L) that fall in those documents. `base` is the
+    stream offset of position `pos` and `filled` the number of boundaries below it. With
+    pos_stop=None, stops once row last_row is written (the tail after the last whole epoch).
+
+    Boundary k lies in the document at stream position p iff c_p <= k*L < c_{p+1} (c = exclusive
+    cumsum of sizes along doc_idx). The number of boundaries below c_{p+1} is ceil(c_{p+1} / L),
+    so each document's boundary count is a difference of ceilings and np.repeat lays out the
+    positions: linear time, no search.
+    """
+    perm, perm_epoch = None, -1
+    while (pos < pos_stop) if pos_stop is not None else (filled <= last_row):
+        epoch, in_epoch = divmod(pos, n_docs)
+        if epoch != perm_epoch:
+            perm, perm_epoch = _Permutation(n_docs, _rng(seed, _DOC_STREAM, epoch)), epoch
+        stop = pos + min(_CHUNK, n_docs - in_epoch)
+        if pos_stop is not None:
+            stop = min(stop, pos_stop)
+        ids = doc_idx[pos:stop]
+        perm.range(in_epoch, in_epoch + (stop - pos), ids)
+        if start:
+            ids += start
+        sizes = np.take(doc_sizes, ids)
+        ends = np.cumsum(sizes, dtype=np.int64)
+        ends += base
+        next_base = int(ends[-1])
+        k_end = ends + (L - 1)
+        k_end //= L                      # boundaries strictly below each document's end
+        counts = np.diff(k_end, prepend=filled)
+        total = min(int(k_end[-1]) - filled, last_row + 1 - filled)
+        if total > 0:
+            rel = np.repeat(np.arange(stop - pos, dtype=np.int64), counts)[:total]
+            rows = sample_idx[filled:filled + total]
+            rows[:, 0] = rel + pos
+            ends -= sizes                    # now: stream offset where each document starts
+            token = np.arange(filled, filled + total, dtype=np.int64)
+            token *= L
+            token -= ends[rel]
+            rows[:, 1] = token
+            filled += total
+        base = next_base
+        pos = stop
+
+
 def build_indices(doc_sizes: np.ndarray, doc_range: tuple[int, int], num_samples: int, seq_length: int,
                   seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Build (doc_idx, sample_idx, shuffle_idx) for `num_samples` samples.
+    """Build (doc_idx, sample_idx, epoch_starts) for every sample of the epochs that
+    `num_samples` samples reach (see `epoch_starts`); serve them with `SampleOrder`.
 
     doc_sizes: tokens per document for the whole dataset (only doc_range is used), so a sizes
     array is all this needs -- no .bin file (benchmarks/dataset_index.py relies on that).
 
-    Epochs: as many as num_samples needs; each is its own permutation of the documents in
-    doc_range, and the last one is cut right after the document holding the final token, so
-    no index is built for documents that are never read.
+    Each epoch is its own permutation of the documents in doc_range. The stream is built up to
+    the end of the last sample of the last epoch (a few documents into the next epoch). Whole
+    epochs are independent given their first stream offset (e * tokens_per_epoch) and first
+    sample (S_e), so they are built in parallel threads (numpy releases the GIL in its loops).
     """
     start, end = int(doc_range[0]), int(doc_range[1])
     n_docs = end - start
@@ -164,68 +283,37 @@ def build_indices(doc_sizes: np.ndarray, doc_range: tuple[int, int], num_samples
         raise DataError(f"document range [{start}, {end}) holds no tokens; cannot cut {N} samples from it")
 
     if N == 0:
-        return (np.empty(0, _index_dtype(end)), np.zeros((1, 2), np.int32), np.empty(0, np.int32))
+        return (np.empty(0, _index_dtype(end)), np.zeros((1, 2), np.int32), np.zeros(1, np.int64))
 
-    # N samples need N*L + 1 tokens of stream (one shared token between neighbours, one at the end).
-    epochs = -(-(N * L + 1) // tokens_per_epoch)
-    doc_idx = np.empty(epochs * n_docs, dtype=_index_dtype(end))  # untouched tail pages cost nothing
+    starts = epoch_starts(tokens_per_epoch, L, N)
+    epochs, total = len(starts) - 1, int(starts[-1])
+    # `total` samples need total*L + 1 tokens of stream (one shared token between neighbours, one at the end).
+    stream_epochs = -(-(total * L + 1) // tokens_per_epoch)
+    doc_idx = np.empty(stream_epochs * n_docs, dtype=_index_dtype(end))  # untouched tail pages cost nothing
     row_dtype = _index_dtype(max(len(doc_idx), int(doc_sizes[start:end].max(initial=0)) + 1))
-    sample_idx = np.empty((N + 1, 2), dtype=row_dtype)
+    sample_idx = np.empty((total + 1, 2), dtype=row_dtype)
 
-    # The sample order does not depend on the documents: build it on the second core meanwhile
-    # (numpy releases the GIL inside its loops).
-    shuffle_idx = np.empty(N, dtype=_index_dtype(N + 1))
-    shuffler = _Thread(target=_fill_permutation, args=(shuffle_idx, _rng(seed, _SAMPLE_STREAM)))
-    shuffler.start()
+    def fill_epoch(e: int) -> None:
+        _fill_stream(doc_sizes, start, n_docs, L, seed, doc_idx, sample_idx, e * n_docs, (e + 1) * n_docs,
+                     e * tokens_per_epoch, int(starts[e]), int(starts[e + 1]) - 1)
 
-    # Stream token i*L (the start of boundary i) lies in the document at stream position p iff
-    # c_p <= i*L < c_{p+1} (c = exclusive cumsum of sizes along doc_idx). The number of
-    # boundaries below c_{p+1} is ceil(c_{p+1} / L), so each document's boundary count is a
-    # difference of ceilings and np.repeat lays out the positions: linear time, no search.
-    filled = 0           # boundaries written so far
-    base = 0             # stream tokens before the current chunk
-    pos = 0              # next stream position to fill in doc_idx
-    perm = None
-    while filled <= N:
-        epoch, in_epoch = divmod(pos, n_docs)
-        if in_epoch == 0:
-            perm = _Permutation(n_docs, _rng(seed, _DOC_STREAM, epoch))
-        stop = pos + min(_CHUNK, n_docs - in_epoch)
-        ids = doc_idx[pos:stop]
-        perm.range(in_epoch, in_epoch + (stop - pos), ids)
-        if start:
-            ids += start
-        sizes = np.take(doc_sizes, ids)
-        ends = np.cumsum(sizes, dtype=np.int64)
-        ends += base
-        next_base = int(ends[-1])
-        k_end = ends + (L - 1)
-        k_end //= L                      # boundaries strictly below each document's end
-        counts = np.diff(k_end, prepend=filled)
-        total = min(int(k_end[-1]) - filled, N + 1 - filled)
-        if total > 0:
-            rel = np.repeat(np.arange(stop - pos, dtype=np.int64), counts)[:total]
-            rows = sample_idx[filled:filled + total]
-            rows[:, 0] = rel + pos
-            ends -= sizes                    # now: stream offset where each document starts
-            token = np.arange(filled, filled + total, dtype=np.int64)
-            token *= L
-            token -= ends[rel]
-            rows[:, 1] = token
-            filled += total
-        base = next_base
-        pos = stop
-
+    workers = min(epochs, os.cpu_count() or 1, 8)
+    threads = [_Thread(target=lambda w=w: [fill_epoch(e) for e in range(w, epochs, workers)]) for w in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.result()
+    # The end of the last sample (row `total`): the first documents of the epochs after.
+    _fill_stream(doc_sizes, start, n_docs, L, seed, doc_idx, sample_idx, epochs * n_docs, None,
+                 epochs * tokens_per_epoch, total, total)
     # Keep only the stream positions some sample touches.
-    doc_idx = doc_idx[: int(sample_idx[N, 0]) + 1]
-
-    shuffler.join()
-    return doc_idx, sample_idx, shuffler.result()
+    doc_idx = doc_idx[: int(sample_idx[total, 0]) + 1]
+    return doc_idx, sample_idx, starts
 
 
 # -- caching ---------------------------------------------------------------------------------
 
-_ARRAYS = ("doc_idx", "sample_idx", "shuffle_idx")
+_ARRAYS = ("doc_idx", "sample_idx", "epoch_starts")
 
 
 def _dist():
@@ -275,21 +363,22 @@ class GPTDataset:
         if self.num_samples and not np.any(indexed.document_sizes()[a:b]):
             raise DataError(f"{index_file_path(indexed.prefix)}: documents [{a}, {b}) hold no tokens; "
                             f"cannot cut {self.num_samples} samples ({name})")
-        idx_path = os.path.abspath(index_file_path(indexed.prefix))
-        st = os.stat(idx_path)
-        # Path + size + mtime identify the index without reading it (a content hash would make
-        # every rank read the whole .idx at start-up). Replacing the dataset changes the mtime,
-        # so a stale cache is never used; moving it only costs a rebuild.
+        sizes = indexed.document_sizes()[a:b]
+        tokens = int(sizes.sum(dtype=np.int64))
+        epochs = len(epoch_starts(tokens, self.seq_length, self.num_samples)) - 1 if self.num_samples else 0
+        # The key is what the arrays are computed from: the documents' sizes (hashed, ~1 s per
+        # GB of sizes; a rewritten .idx with the same size and mtime cannot pass for the old one,
+        # and a moved or copied one still hits), the range, the length, the seed and the number
+        # of epochs -- not num_samples, so a longer run within the same epochs reuses the cache.
         self.description = {
             "kind": "gpt_dataset",
             "format_version": INDEX_FORMAT_VERSION,
-            "index_file": idx_path,
-            "index_size": st.st_size,
-            "index_mtime_ns": st.st_mtime_ns,
+            "sizes_sha256": hashlib.sha256(np.ascontiguousarray(sizes).view(np.uint8)).hexdigest(),
+            "sizes_dtype": str(sizes.dtype),
             "doc_range": list(self.doc_range),
-            "num_samples": self.num_samples,
             "seq_length": self.seq_length,
             "seed": self.seed,
+            "epochs": epochs,
         }
         key = cache_key(self.description)
         os.makedirs(cache_dir, exist_ok=True)
@@ -315,9 +404,10 @@ class GPTDataset:
             # deterministic, so building here gives the same arrays.
             logger.warning("%s: index cache %s not visible from rank %d; building locally", name, stem, rank)
             self._build()
-        self.doc_idx, self.sample_idx, self.shuffle_idx = (
+        self.doc_idx, self.sample_idx, starts = (
             np.load(self.paths[a], mmap_mode="r", allow_pickle=False) for a in _ARRAYS)
-        if len(self.shuffle_idx) != self.num_samples or len(self.sample_idx) != self.num_samples + 1:
+        self.order = SampleOrder(starts, self.seed)
+        if len(starts) != epochs + 1 or len(self.order) < self.num_samples or len(self.sample_idx) != len(self.order) + 1:
             raise DataError(f"{stem}_*.npy: cached index arrays do not match {self.description}; delete them to rebuild")
 
     def _cached(self) -> bool:
@@ -331,11 +421,13 @@ class GPTDataset:
         for a, arr in zip(_ARRAYS, arrays):
             _save_npy(self.paths[a], arr)
         tmp = f"{self.description_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.description, f, indent=1)
+        with open(tmp, "w") as f:  # the file name is for people reading the cache, not part of the key
+            json.dump({**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
+                      f, indent=1)
         os.replace(tmp, self.description_path)
         self.built_here = True
-        logger.info("%s: built indices for %d samples in %.1f s", self.name, self.num_samples, time.time() - t0)
+        logger.info("%s: built indices for %d epoch(s), %d samples, in %.1f s", self.name,
+                    self.description["epochs"], len(arrays[1]) - 1, time.time() - t0)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -343,7 +435,7 @@ class GPTDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"{self.name}: sample {i} out of range [0, {self.num_samples})")
-        j = int(self.shuffle_idx[i])
+        j = self.order[i]
         p0, o0 = (int(v) for v in self.sample_idx[j])
         p1, o1 = (int(v) for v in self.sample_idx[j + 1])
         doc = self.indexed.get_document
