@@ -71,6 +71,23 @@ def write_jsonl(path, lines):
 # -- the sample corpus ---------------------------------------------------------------------------
 
 
+def test_sample_corpus_mixes_components_evenly_in_every_5_percent_window(tmp_path):
+    """Each contiguous 5% of documents (e.g. the valid split of a "949,50,1" split) holds each
+    component within 0.5x-2x of its overall share."""
+    make_sample_corpus(tmp_path, size_mb=1.0, seed=3)
+    names = np.array([name == GITHUB for _, name in iter_corpus(tmp_path / "sample.jsonl.zst")], dtype=np.int64)
+    n = len(names)
+    window = -(-n // 20)
+    share = names.mean()
+    assert names.sum() >= 20 and n - names.sum() >= 1000  # both components present in force
+    github = np.convolve(names, np.ones(window, dtype=np.int64), mode="valid")  # per window start
+    for count, overall in ((github, share), (window - github, 1 - share)):
+        expected = window * overall
+        assert 0.5 * expected <= count.min() and count.max() <= 2 * expected, (count.min(), count.max(), expected)
+    valid = names[int(0.949 * n):int(0.999 * n)]  # the demo's valid split
+    assert 0.5 * share <= valid.mean() <= 2 * share
+
+
 def test_sample_corpus_is_deterministic_per_seed(tmp_path):
     def contents(out, seed):
         make_sample_corpus(out, size_mb=0.3, seed=seed)

@@ -12,7 +12,9 @@ Two components, written as Pile-style jsonl.zst lines `{"text": ..., "meta": {"p
   "permute" in the paper). `bios_facts.jsonl` lists the ground truth so a trained model's knowledge
   can be probed later.
 
-Documents of both components are interleaved by a seeded draw so any prefix of the file is a mix.
+Documents of both components are interleaved evenly (see `even_interleave`): any stretch of the
+file -- the last 5% that a "949,50,1" split makes the validation set, say -- holds each component
+in its overall proportion, so train and valid losses measure the same mixture.
 """
 from __future__ import annotations
 
@@ -329,6 +331,15 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8"))
 
 
+def even_interleave(counts: dict[str, int]) -> list[str]:
+    """Component names in file order: the i-th of n documents of a component sits at fraction
+    (i + 1/2) / n of the file, so every prefix, and every window, holds each component within
+    about one document of its share. (A draw weighted by bytes left, as before, spent the few
+    large Github files early and left the validation tail of the demo corpus without any.)"""
+    keyed = [((i + 0.5) / n, c, name) for c, (name, n) in enumerate(counts.items()) for i in range(n)]
+    return [name for _, _, name in sorted(keyed)]
+
+
 def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: int = 1234,
                        github_fraction: float = 0.5, bios_per_person: int = 5,
                        stdlib_dir: str | None = None) -> CorpusSummary:
@@ -351,7 +362,7 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
     total = int(size_mb * MB)
 
     # Independent streams per component: the Github share does not change which people are drawn.
-    rng_github, rng_bios, rng_mix = (random.Random(f"{seed}:{part}") for part in ("github", "bios", "mix"))
+    rng_github, rng_bios = (random.Random(f"{seed}:{part}") for part in ("github", "bios"))
     github, github_bytes = [], 0
     for text in github_documents(rng_github, stdlib_dir):
         n = _utf8_len(text)
@@ -360,31 +371,28 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
             github_bytes += n
     bios_budget = total - github_bytes
 
+    bios, bios_bytes = [], 0
+    for person, text in bios_documents(rng_bios, bios_per_person):
+        n = _utf8_len(text)
+        if bios_bytes + n > bios_budget:
+            break
+        bios.append((person, text))
+        bios_bytes += n
+
     stats = {GITHUB: ComponentStats(), BIOS: ComponentStats()}
-    people: dict[str, tuple[Person, int]] = {}  # insertion order = order people were drawn
+    people: dict[str, tuple[Person, int]] = {}  # insertion order = order people first appear
     tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     corpus_path, facts_path = out / CORPUS_FILE, out / FACTS_FILE
     corpus_tmp, facts_tmp = Path(str(corpus_path) + tag), Path(str(facts_path) + tag)
     try:
         with open(corpus_tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as zf:
-            bios = bios_documents(rng_bios, bios_per_person)
-            next_bio = next(bios)
-            gi = 0
-            while True:
-                bios_left = bios_budget - stats[BIOS].bytes
-                bio_fits = _utf8_len(next_bio[1]) <= bios_left
-                github_left = github_bytes - stats[GITHUB].bytes
-                if gi == len(github) and not bio_fits:
-                    break
-                # Interleave by a draw weighted by what is left of each component, so both are
-                # spread evenly through the file without holding the bios in memory.
-                if not bio_fits or (gi < len(github) and rng_mix.random() * (github_left + bios_left) < github_left):
-                    name, text = GITHUB, github[gi]
-                    gi += 1
+            docs = {GITHUB: iter(github), BIOS: iter(bios)}
+            for name in even_interleave({GITHUB: len(github), BIOS: len(bios)}):
+                if name == GITHUB:
+                    text = next(docs[GITHUB])
                 else:
-                    name, (person, text) = BIOS, next_bio
+                    person, text = next(docs[BIOS])
                     people[person.name] = (person, people.get(person.name, (person, 0))[1] + 1)
-                    next_bio = next(bios)
                 stats[name].docs += 1
                 stats[name].bytes += _utf8_len(text)
                 line = json.dumps({"text": text, "meta": {"pile_set_name": name}}, ensure_ascii=False)
