@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         tok = load_tokenizer(tok_file, verify=False) if tok_file else None
         if tok is not None:
             check_tokenizer_fits(tok, padded)
-        eod = tok.eod_id if tok is not None else 0
+        eod = tok.eod_id if tok is not None else None  # by token: never assume id 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
         out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,
                       dtype=getattr(torch, DTYPES[args.dtype]))
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write_generation_config(out: Path, eod: int, vocab: int, padded: int) -> None:
+def _write_generation_config(out: Path, eod: int | None, vocab: int, padded: int) -> None:
     from transformers import GenerationConfig
 
     # The padded rows are not tokens: our generate masks them, and so will HF's.

@@ -53,7 +53,7 @@ def check_hf_compatible(cfg: ModelConfig) -> None:
         raise ConfigError("this model cannot be expressed as a Hugging Face GPTNeoXForCausalLM: " + "; ".join(problems))
 
 
-def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: int = 0):
+def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: Optional[int] = None):
     from transformers import GPTNeoXConfig
 
     check_hf_compatible(cfg)
@@ -74,6 +74,8 @@ def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: int = 0):
         attention_dropout=cfg.attention_dropout,
         hidden_dropout=cfg.hidden_dropout,
         initializer_range=cfg.init_std,
+        # The tokenizer's <|endoftext|> id (0 for GPT-NeoX-20B's, 50256 for GPT-2's); None (unknown)
+        # for an export without a tokenizer rather than a guess.
         bos_token_id=eod_id,
         eos_token_id=eod_id,
         architectures=["GPTNeoXForCausalLM"],
@@ -175,7 +177,7 @@ def to_hf_state_dict(sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str,
 
 
 def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int,
-            tokenizer_path: Optional[os.PathLike] = None, eod_id: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+            tokenizer_path: Optional[os.PathLike] = None, eod_id: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Path:
     """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained` loads.
 
     Written into a temporary directory beside `out_dir` and renamed into place, so an
