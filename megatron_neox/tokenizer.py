@@ -23,8 +23,10 @@ reason in `Tokenizer.fast_reason`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -58,6 +60,19 @@ def byte_level_alphabet() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+def byte_level_bytes(token: str) -> bytes:
+    """The bytes a byte-level token spells ("Ġthe" -> b" the"); KeyError naming the first
+    character that is not in the byte-level alphabet."""
+    bad = _NOT_BYTE_LEVEL.search(token)
+    if bad:
+        raise KeyError(bad.group())
+    return token.translate(_TO_LATIN1).encode("latin-1")  # str.translate: one C pass, no per-char Python
+
+
+_TO_LATIN1 = {ord(c): b for b, c in byte_level_alphabet().items()}
+_NOT_BYTE_LEVEL = re.compile("[^" + "".join(re.escape(c) for c in byte_level_alphabet().values()) + "]")
 
 
 # HF ByteLevel's split regex (GPT-2's), written in tiktoken's regex dialect. The contractions
@@ -182,7 +197,6 @@ def _fast_encoder_or_reason(spec: dict, name: str, hf=None):
         return None, reason
 
     alphabet = byte_level_alphabet()
-    char_to_byte = {c: b for b, c in alphabet.items()}
     vocab: dict[str, int] = model.get("vocab") or {}
     added_ids = {t["id"] for t in added}
     # Bytes that never occur in UTF-8 text (0xC0, 0xC1, 0xF5-0xFF) may be missing, as 13 are
@@ -213,7 +227,7 @@ def _fast_encoder_or_reason(spec: dict, name: str, hf=None):
         return None, f"{len(extra)} vocabulary tokens are neither bytes nor merge results (e.g. {extra[0]!r})"
 
     try:
-        ranks = {bytes(char_to_byte[c] for c in tok): i for tok, i in vocab.items() if i not in added_ids}
+        ranks = {byte_level_bytes(tok): i for tok, i in vocab.items() if i not in added_ids}
     except KeyError as e:
         return None, f"a vocabulary token contains {e.args[0]!r}, not a byte-level character"
     if len(ranks) != len({i for i in vocab.values() if i not in added_ids}):
@@ -270,7 +284,7 @@ class Tokenizer:
     `vocab_size` is the unpadded size (model vocab + added tokens); see `megatron_neox.config.pad_vocab_size`.
     """
 
-    def __init__(self, path: str, hf, spec: dict, encoder: str = "auto", verify: bool = True):
+    def __init__(self, path: str, hf, spec: dict, encoder: str = "auto", verify: bool = True, digest: str = ""):
         if encoder not in ("auto", "hf", "tiktoken"):
             raise ConfigError(f"encoder must be auto, hf or tiktoken, got {encoder!r}")
         self.path = str(path)
@@ -282,6 +296,7 @@ class Tokenizer:
         self._hf.no_truncation()
         self._hf.no_padding()
         self._spec = spec
+        self._digest = digest  # sha256 of the file: the key of the vocabulary check's cache
         self._fast = None
         self.fast_reason = "HF encoder requested"
         if encoder != "hf":
@@ -294,24 +309,32 @@ class Tokenizer:
 
     def verify_fast_path(self, texts: Sequence[str] = ()) -> str:
         """Encode the probe text, every vocabulary token and `texts` both ways; on any difference
-        switch to HF for good and return the reason ("" when the fast path stays on)."""
+        switch to HF for good and return the reason ("" when the fast path stays on).
+
+        The vocabulary part (~50k encodings each way, seconds for GPT-NeoX-20B's) depends only on
+        the file, the two libraries and this module, so a pass is remembered under that key in
+        `vocab_check_cache_dir()`; the probe text and `texts` are checked every time."""
         if self._fast is None:
             return self.fast_reason
-        added_ids = {t["id"] for t in self._spec.get("added_tokens") or []}
-        reason = _self_check(self._hf, self._fast, [*self._vocab_texts(self._spec, added_ids), *texts])
+        marker = _vocab_check_marker(self._digest)
+        known_good = marker is not None and marker.exists()
+        vocab = [] if known_good else self._vocab_texts(self._spec)
+        reason = _self_check(self._hf, self._fast, [*vocab, *texts])
         if reason:
             self._fast, self.fast_reason = None, reason
+        elif not known_good and marker is not None:
+            _touch(marker)
         return reason
 
     @staticmethod
-    def _vocab_texts(spec: dict, added_ids: set[int]) -> list[str]:
-        char_to_byte = {c: b for b, c in byte_level_alphabet().items()}
+    def _vocab_texts(spec: dict) -> list[str]:
+        added_ids = {t["id"] for t in spec.get("added_tokens") or []}
         texts = []
         for tok, i in (spec["model"].get("vocab") or {}).items():
             if i in added_ids:
                 continue
             try:
-                texts.append(bytes(char_to_byte[c] for c in tok).decode("utf-8"))
+                texts.append(byte_level_bytes(tok).decode("utf-8"))
             except (KeyError, UnicodeDecodeError):
                 pass  # partial UTF-8 sequences cannot be written as text
         return texts
@@ -385,14 +408,46 @@ def load_tokenizer(path: str | os.PathLike, encoder: str = "auto", verify: bool 
         raise DataError(f"{path}: tokenizer file not found (expected a HF tokenizers tokenizer.json; "
                         "make one with tools/train_tokenizer.py)")
     try:
-        raw = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
+        raw = data.decode("utf-8")
         spec = json.loads(raw)
         hf = HFTokenizer.from_str(raw)
     except Exception as e:  # bad UTF-8 or JSON, or whatever tokenizers raises (a bare Exception)
         raise DataError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(spec, dict):
         raise DataError(f"{path}: not a valid tokenizer.json (top level is {type(spec).__name__}, expected an object)")
-    return Tokenizer(str(path), hf, spec, encoder=encoder, verify=verify)
+    return Tokenizer(str(path), hf, spec, encoder=encoder, verify=verify, digest=hashlib.sha256(data).hexdigest())
+
+
+def vocab_check_cache_dir() -> Path:
+    """Where passed vocabulary checks are remembered: $MEGATRON_NEOX_CACHE, else
+    $XDG_CACHE_HOME/megatron_neox, else ~/.cache/megatron_neox (subdirectory tokenizer_checks)."""
+    root = os.environ.get("MEGATRON_NEOX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "megatron_neox")
+    return Path(root) / "tokenizer_checks"
+
+
+def _vocab_check_marker(digest: str) -> Path | None:
+    """The marker file of a passed check for this file under these library and module versions."""
+    if not digest:
+        return None
+    import tiktoken
+    import tokenizers
+
+    key = hashlib.sha256("\0".join((digest, tokenizers.__version__, tiktoken.__version__,
+                                      hashlib.sha256(Path(__file__).read_bytes()).hexdigest())).encode())
+    return vocab_check_cache_dir() / f"{key.hexdigest()[:32]}.ok"
+
+
+def _touch(marker: Path) -> None:
+    """Create the marker; a cache dir we cannot write only means checking again next time."""
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+        tmp.write_text("vocabulary self-check passed\n")
+        os.replace(tmp, marker)
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

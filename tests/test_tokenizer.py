@@ -271,3 +271,22 @@ def test_gpt2_style_tokenizer_with_eod_last_takes_the_fast_path(tmp_path, corpus
     ref = hf_reference(path)
     assert tok.encode_batch(texts) == [ref(t) for t in texts]
     assert tok.eod_id not in tok.encode("a <|endoftext|> b")
+
+
+def test_vocabulary_check_is_remembered_per_file_and_versions(tmp_path, monkeypatch, tokenizer_path):
+    from megatron_neox.tokenizer import Tokenizer, vocab_check_cache_dir
+
+    monkeypatch.setenv("MEGATRON_NEOX_CACHE", str(tmp_path / "cache"))
+    checked = []
+    vocab_texts = Tokenizer._vocab_texts
+    monkeypatch.setattr(Tokenizer, "_vocab_texts", staticmethod(lambda spec: checked.append(1) or vocab_texts(spec)))
+    assert load_tokenizer(tokenizer_path).encoder_name == "tiktoken"
+    assert load_tokenizer(tokenizer_path).encoder_name == "tiktoken"
+    assert len(checked) == 1 and len(list(vocab_check_cache_dir().iterdir())) == 1
+    other = HFTokenizer.from_file(str(tokenizer_path))
+    other.add_special_tokens(["<|domain:New|>"])  # another file: checked again
+    assert load_tokenizer(save_spec(tmp_path, other)).encoder_name == "tiktoken"
+    assert len(checked) == 2
+    bad = _abc_tokenizer([("b", "c"), ("a", "b"), ("ab", "c")], {"bc": 256, "ab": 257, "abc": 258})
+    assert load_tokenizer(save_spec(tmp_path, bad, "bad.json")).encoder_name == "hf"  # a failure is not remembered
+    assert len(list(vocab_check_cache_dir().iterdir())) == 2
