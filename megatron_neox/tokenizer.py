@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from megatron_neox.errors import ConfigError, DataError
-from megatron_neox.config import pad_vocab_size  # noqa: F401  (the padding rule lives with the config)
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"

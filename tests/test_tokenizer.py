@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers
 
+from megatron_neox.config import pad_vocab_size
 from megatron_neox.data.corpus import iter_corpus, make_sample_corpus
 from megatron_neox.data.readers import iter_documents
 from megatron_neox.errors import ConfigError, DataError
@@ -15,7 +16,6 @@ from megatron_neox.tokenizer import (
     byte_level_alphabet,
     domain_token,
     load_tokenizer,
-    pad_vocab_size,
     save_tokenizer,
     train_bpe,
 )
