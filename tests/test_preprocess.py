@@ -372,3 +372,22 @@ def test_tool_reports_errors_with_exit_code_2(tokenizer_path, tmp_path, capsys):
                                str(tmp_path / "o"), "--workers", "0", "--append-eod", "--no-progress"])
     out = capsys.readouterr().out
     assert rc == 0 and "4 docs" in out and "empty documents skipped: 0; bad lines skipped: 0" in out
+
+
+def test_tool_uses_the_fast_path_for_the_gpt_neox_20b_tokenizer(tmp_path, capsys):
+    """The acceptance run: tools/preprocess_data.py with GPT-NeoX-20B's tokenizer (the repo's copy)
+    reports the fast path, and every document's ids are HF `Tokenizer.encode`'s plus EOD (id 0),
+    through spawned workers, on text with NFD, 1-40-space runs, tabs, CRLF, emoji and literal
+    special-token text."""
+    import preprocess_data
+    from _tokenizers import neox20b_tokenizer, whitespace_stress_documents
+
+    tok = neox20b_tokenizer(tmp_path)
+    texts = whitespace_stress_documents(300, seed=5)
+    f = write_jsonl(tmp_path / "stress.jsonl", [{"text": t} for t in texts])
+    rc = preprocess_data.main(["--input", str(f), "--tokenizer", str(tok), "--output-prefix", str(tmp_path / "o"),
+                               "--workers", "2", "--append-eod", "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "encoder: tiktoken fast path with NFC + 23 whitespace tokens" in out, out
+    ref = reference(tok)
+    assert documents(tmp_path / "o_text_document") == [ref(t) + [0] for t in texts]
