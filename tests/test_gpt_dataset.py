@@ -34,6 +34,7 @@ def _sample_from_indices(doc_sizes, doc_idx, sample_idx, i):
 def test_indices_match_slow_reference(monkeypatch, permutation):
     if permutation == "arithmetic":  # force the large-dataset permutation on small inputs
         monkeypatch.setattr(gd, "SMALL_PERMUTATION", 0)
+        monkeypatch.setattr(gd, "_CHUNK", 3)  # and many vectorised steps per epoch
     rng = np.random.default_rng(0)
     for trial in range(150):
         seq_length = int(rng.integers(1, 9))
