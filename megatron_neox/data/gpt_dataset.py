@@ -299,7 +299,8 @@ def build_indices(doc_sizes: np.ndarray, doc_range: tuple[int, int], num_samples
         _fill_stream(doc_sizes, start, n_docs, L, seed, doc_idx, sample_idx, e * n_docs, (e + 1) * n_docs,
                      e * tokens_per_epoch, int(starts[e]), int(starts[e + 1]) - 1)
 
-    workers = min(epochs, os.cpu_count() or 1, 8)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(epochs, cpus, 8)
     threads = [_Thread(target=lambda w=w: [fill_epoch(e) for e in range(w, epochs, workers)]) for w in range(workers)]
     for t in threads:
         t.start()
