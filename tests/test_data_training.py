@@ -26,9 +26,9 @@ def _capturing_train(cfg_dict):
 
     batches, step = [], trainer.train_step
 
-    def capture(engine, micro, topo):
+    def capture(engine, micro, *rest):
         batches.append([{k: v.clone() for k, v in mb.items()} for mb in micro])
-        return step(engine, micro, topo)
+        return step(engine, micro, *rest)
 
     trainer.train_step = capture
     try:
