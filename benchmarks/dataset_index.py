@@ -1,4 +1,4 @@
-"""Time building the GPT dataset indices (doc_idx, sample_idx, shuffle_idx) at Pile scale.
+"""Time building the GPT dataset indices (doc_idx, sample_idx, epoch starts) at Pile scale.
 
     python benchmarks/dataset_index.py                      # 200M documents, ~300B tokens, seq 2048
     python benchmarks/dataset_index.py --num-docs 2000000   # quick run
