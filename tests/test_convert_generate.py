@@ -185,7 +185,8 @@ def test_greedy_generation_equals_hf_generate_token_for_token(world, run, export
         prompt = torch.randint(1, vocab, (n,), generator=g).tolist()
         eod = 0 if stop_at_eod else None
         ours = generate_ids(loaded.model, prompt, max_new_tokens=20, vocab_size=vocab, eod_id=eod)
-        kwargs = {} if stop_at_eod else {"eos_token_id": None}
+        # The scratch run has no tokenizer, so its export names no EOD: the data's (0) is passed.
+        kwargs = {"eos_token_id": eod}
         theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, **kwargs)[0, n:].tolist()
         assert ours == theirs, f"prompt {prompt}"
         assert all(t < vocab for t in ours)
