@@ -88,7 +88,8 @@ SELF_CHECK_TEXT = (
     "def f(x):\n    return x ** 2  # comment\n\n\n\tindented\ttabs \t \n"
     "Numbers 1234567890 3.14159 -42 1e-9 ١٢٣ ½ Ⅻ; email a.b@c.org http://x.y/z?q=1&r=2\n"
     "Ünïcödé café naïve résumé São Paulo Ελληνικά Кириллица 日本語のテキスト 한국어 العربية עברית हिन्दी\n"
-    "e\u0301 (combining) Cafe\u0301 A\u030a\u0327 \u1100\u1161\u11a8 \u00a0nbsp \u2003em-space \u200bzwsp \u3000ideographic\n"
+    "e\u0301 (combining) Cafe\u0301 A\u030a\u0327 \u1100\u1161\u11a8 "
+    "\u00a0nbsp \u2003em-space \u200bzwsp \u3000ideographic\n"
     "emoji 👍🏽 🇫🇷 👨‍👩‍👧 ∑∫√ ≠ ≤ ≥ → ← ⇒\r\n"
     + "".join(f"{' ' * n}x{n}\n{' ' * n}\t{' ' * n}\n\n" for n in (1, 2, 3, 23, 24, 25, 26, 47, 48, 49))
     + "<|endoftext|> <|padding|> <|domain:Github|>   trailing spaces   \n   \n  "

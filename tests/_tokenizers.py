@@ -45,9 +45,9 @@ def whitespace_stress_documents(n: int = 400, seed: int = 0) -> list[str]:
     import unicodedata
 
     rng = random.Random(seed)
-    words = ["def", "return", "x", "Café", "naïve", "Ångström", "São", "Ελληνικά", "日本語", "한국어", "العربية",
-             "👍🏽", "🇫🇷", "👨‍👩‍👧", "1234", "3.14", "'s", "don't", "<|endoftext|>", "<|padding|>", "(", "):",
-             "\u00a0", "\u3000", "\u2003", "e\u0301", "A\u030a", "\u1100\u1161"]
+    words = ["def", "return", "x", "Café", "naïve", "Ångström", "São", "Ελληνικά", "日本語", "한국어",
+             "العربية", "👍🏽", "🇫🇷", "👨‍👩‍👧", "1234", "3.14", "'s", "don't", "<|endoftext|>",
+             "<|padding|>", "(", "):", "\u00a0", "\u3000", "\u2003", "e\u0301", "A\u030a", "\u1100\u1161"]
     seps = ["\t", "\r\n", "\n", "\r", "\n\t", " \n", "\t "]
     docs = []
     for _ in range(n):

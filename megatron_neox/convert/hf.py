@@ -177,7 +177,8 @@ def to_hf_state_dict(sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str,
 
 
 def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int,
-            tokenizer_path: Optional[os.PathLike] = None, eod_id: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Path:
+            tokenizer_path: Optional[os.PathLike] = None, eod_id: Optional[int] = None,
+            dtype: torch.dtype = torch.float32) -> Path:
     """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained` loads.
 
     Written into a temporary directory beside `out_dir` and renamed into place, so an

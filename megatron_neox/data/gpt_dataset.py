@@ -410,7 +410,8 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, starts = (
             np.load(self.paths[a], mmap_mode="r", allow_pickle=False) for a in _ARRAYS)
         self.order = SampleOrder(starts, self.seed)
-        if len(starts) != epochs + 1 or len(self.order) < self.num_samples or len(self.sample_idx) != len(self.order) + 1:
+        if (len(starts) != epochs + 1 or len(self.order) < self.num_samples
+                or len(self.sample_idx) != len(self.order) + 1):
             raise DataError(f"{stem}_*.npy: cached index arrays do not match {self.description}; delete them to rebuild")
 
     def _cached(self) -> bool:
