@@ -23,13 +23,13 @@ class LoadedModel(NamedTuple):
     padded_vocab: int
 
 
-def load_model(checkpoint, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The whole model of any checkpoint layout, in eval mode (dropout off)."""
+def load_model(checkpoint, *, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The whole model of any checkpoint layout on `device` in `dtype`, in eval mode (dropout off)."""
     ck = load_full_state_dict(checkpoint)
     with torch.random.fork_rng(devices=[]):  # the constructor seeds the global RNG for its init
         model = GPTNeoX(ck.model, ck.padded_vocab)
     model.load_state_dict({k: v.to(dtype) for k, v in ck.state_dict.items()}, strict=True)
-    return LoadedModel(model.to(dtype).eval(), ck.model, ck.run, ck.padded_vocab)
+    return LoadedModel(model.to(device=device, dtype=dtype).eval(), ck.model, ck.run, ck.padded_vocab)
 
 
 def tokenizer_path(run: Optional[Config]) -> Optional[str]:
