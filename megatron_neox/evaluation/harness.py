@@ -44,14 +44,15 @@ def check_tasks(names: Sequence[str], manager) -> List[str]:
 
 
 def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: Optional[int] = None, include_path: Optional[str] = None,
-              limit: Optional[float] = None, bootstrap_iters: int = 100000, manager=None) -> Dict[str, Any]:
+              limit: Optional[float] = None, bootstrap_iters: int = 100000, manager=None,
+              log_samples: bool = False) -> Dict[str, Any]:
     """lm-eval's result dict (`results`, `versions`, `n-shot`, `configs`, ...) for `tasks` on `lm`."""
     import lm_eval
 
     manager = manager or task_manager(include_path)
     names = check_tasks(tasks, manager)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
-                                  bootstrap_iters=bootstrap_iters, task_manager=manager, log_samples=False)
+                                  bootstrap_iters=bootstrap_iters, task_manager=manager, log_samples=log_samples)
     # lm-eval returns None on ranks other than its rank 0; our LM reports rank 0 on every rank.
     if out is None:
         raise ConfigError("lm-eval returned no results")
