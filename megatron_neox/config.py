@@ -367,6 +367,16 @@ class EvalConfig(Section):
     """Evaluate on the valid split every this many steps (null = only at the end)."""
     iters: int = Field(10, gt=0)
     """Global batches per evaluation."""
+    tasks: List[str] = []
+    """lm-evaluation-harness tasks (or the presets neox20b, gpt3) to run on the sharded training engine; logged as eval/<task>/<metric>. Needs tokenizer.path."""
+    tasks_interval: Optional[int] = Field(None, gt=0)
+    """Run eval.tasks every this many steps (null = only after the last step)."""
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    """Few-shot examples per task for eval.tasks (null = each task's own default)."""
+    include_path: Optional[str] = None
+    """Directory of extra lm-eval task YAMLs that eval.tasks may name."""
+    tasks_limit: Optional[float] = Field(None, gt=0)
+    """At most this many examples per task (< 1: a fraction) for eval.tasks; null = all."""
 
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -396,6 +406,9 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
         problems = config_split_problems(self)
+        if self.eval.tasks and not self.tokenizer.path:
+            problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
+                            "own tokenizer")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -220,3 +220,52 @@ def test_unknown_task_is_a_clear_error(setup, capsys):
     assert evaluate_tool.main(args) == 2
     err = capsys.readouterr().err
     assert "mnx_choise" in err and "mnx_choice" in err and "Traceback" not in err
+
+
+# ---- in-training evaluation on the sharded engine ------------------------------------------------
+
+
+def _train_with_tasks(rank, world_size, cfg_dict):
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training import trainer
+
+    return trainer.train(config_from_dict(cfg_dict)).state.to_dict()
+
+
+def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_path):
+    """pp=2 x tp=2: logits stay vocab-parallel and on the last stage; the metrics logged after the
+    last step equal tools/evaluate.py's on the checkpoint saved at that step."""
+    from _dist import run_distributed
+    from _train import config_dict, make_dataset
+
+    make_dataset(str(tmp_path / "data" / "rand"))
+    cfg = config_dict(str(tmp_path), pp=2, tp=2, train__iters=2, model__vocab_size=300, model__seq_length=SEQ,
+                      tokenizer__path=str(setup["tmp"] / "tokenizer.json"), eval__tasks=TASKS,
+                      eval__include_path=INCLUDE, eval__tasks_interval=1, eval__tasks_limit=4)
+    start = time.perf_counter()
+    state = run_distributed(_train_with_tasks, 4, cfg, timeout=600)[0]
+    wall = time.perf_counter() - start
+    assert state["iteration"] == 2
+    records = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
+    harness = [r for r in records if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in harness] == [1, 2]
+    logged = harness[-1]
+    for key in ("eval/mnx_choice/acc", "eval/mnx_choice/acc_norm", "eval/mnx_rolling/word_perplexity",
+                "eval/mnx_rolling/bits_per_byte", "eval/mnx_generate/exact_match"):
+        assert key in logged, key
+    assert harness[0] != {**logged, "step": 1}, "the weights changed between the two evaluations"
+
+    out = tmp_path / "merged.json"
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", ",".join(TASKS), "--include-path",
+                               INCLUDE, "--limit", "4", "--bootstrap-iters", "0", "--output", str(out)]) == 0
+    merged = json.loads(out.read_text())["results"]
+    for key, value in logged.items():
+        if not key.startswith("eval/"):
+            continue
+        _, task, metric = key.split("/")
+        assert merged[task][f"{metric},none"] == pytest.approx(value, rel=1e-4), key
+    print(f"\nin-training harness evaluation at pp=2 tp=2: 2 steps + 2 evaluations in {wall:.1f} s")
+
+    plot = _tool("plot_metrics")
+    assert plot.main([str(tmp_path / "log"), "--out", str(tmp_path / "m.png")]) == 0
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"

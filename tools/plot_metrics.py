@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Plot a run's metrics.jsonl: training and eval loss, learning rate and throughput.
+"""Plot a run's metrics.jsonl: training and eval loss, learning rate, throughput, and the
+lm-evaluation-harness metrics of `eval.tasks` (keys eval/<task>/<metric>) when the run has them.
 
     python tools/plot_metrics.py runs/125M/log --out loss.png
     python tools/plot_metrics.py runs/125M/log --x tokens          # x axis in tokens, not steps
@@ -43,7 +44,7 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
                                    "fix or delete the line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             raise MetricsFileError(f"{where}: expected a JSON object with an integer 'step', found {line[:80]!r}")
-        if "eval_loss" in rec:
+        if "eval_loss" in rec or any(k.startswith("eval/") for k in rec):
             evals.append(rec)
             continue
         if "loss" not in rec:
@@ -84,12 +85,16 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
             raise MetricsFileError("--x tokens: no training record has a 'tokens' value")
         return np.interp(steps, [k[0] for k in known], [k[1] for k in known])
 
-    fig, (ax_loss, ax_lr, ax_speed) = plt.subplots(3, 1, figsize=(9, 9), sharex=True,
-                                                    gridspec_kw={"height_ratios": [2, 1, 1]})
+    harness = [r for r in evals if any(k.startswith("eval/") for k in r)]
+    losses = [r for r in evals if "eval_loss" in r]
+    rows = 4 if harness else 3
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 9 + 2.5 * (rows - 3)), sharex=True,
+                             gridspec_kw={"height_ratios": [2, 1, 1, 2][:rows]})
+    ax_loss, ax_lr, ax_speed = axes[:3]
     x_train = xs(train)
     ax_loss.plot(x_train, [_num(r["loss"]) for r in train], lw=1.2, label="train loss")
-    if evals:
-        ax_loss.plot(xs(evals), [_num(r["eval_loss"]) for r in evals], "o-", ms=4, lw=1.2, label="eval loss")
+    if losses:
+        ax_loss.plot(xs(losses), [_num(r["eval_loss"]) for r in losses], "o-", ms=4, lw=1.2, label="eval loss")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right")
     ax_lr.plot(x_train, [_num(r.get("lr")) for r in train], color="tab:green", lw=1.2)
@@ -97,10 +102,22 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     ax_speed.plot(x_train, [_num(r.get("tokens_per_sec")) for r in train], color="tab:purple", lw=1.2)
     ax_speed.set_ylabel("tokens / s")
-    ax_speed.set_xlabel("tokens" if x_axis == "tokens" else "step")
+    if harness:
+        # One line per task metric; perplexities live on another scale than accuracies: log axis
+        # when any value exceeds 1.
+        ax_tasks = axes[3]
+        keys = sorted({k for r in harness for k in r if k.startswith("eval/")})
+        for key in keys:
+            points = [r for r in harness if key in r]
+            ax_tasks.plot(xs(points), [_num(r[key]) for r in points], "o-", ms=3, lw=1, label=key[len("eval/"):])
+        if any(_num(r[k]) > 1 for r in harness for k in keys if k in r):
+            ax_tasks.set_yscale("log")
+        ax_tasks.set_ylabel("lm-eval tasks")
+        ax_tasks.legend(loc="best", fontsize=7, ncol=2)
+    axes[-1].set_xlabel("tokens" if x_axis == "tokens" else "step")
     if x_axis == "step":
-        ax_speed.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    for ax in (ax_loss, ax_lr, ax_speed):
+        axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax in axes:
         ax.grid(alpha=0.3)
     last = train[-1]
     fig.suptitle(f"{title}  (step {last['step']}/{last.get('total_steps', '?')})".strip())

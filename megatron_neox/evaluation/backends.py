@@ -120,12 +120,15 @@ class EngineModel:
                 self.engine.train()
         # A new shape for every call: DeepSpeed caches the tensor shapes it sends between stages.
         self.engine.reset_activation_shape()
+        # Without a loss the engine adds the logits to its running loss total (train_batch resets it).
+        self.engine.total_loss = None
         batch = iter([((tokens, position_ids), torch.zeros_like(tokens))])
         try:
             _, logits = self.engine.eval_batch(batch, return_logits=True, compute_loss=False, reduce_output=None,
                                                bcast_loss=False, num_micro_batches=1)
         finally:
             self.engine.reset_activation_shape()  # the next training step sends its own shapes again
+            self.engine.total_loss = None
         return logits if self.topo.is_last_stage else None
 
     @torch.no_grad()

@@ -5,12 +5,13 @@
 `flatten_metrics` turns it into the `eval/<task>/<metric>` keys of metrics.jsonl.
 
 `TrainingHarness` is the trainer's view: `maybe_evaluate(step, last_step)` runs `eval.tasks` every
-`eval.tasks_interval` steps (and after the last step) on the sharded training engine and returns
-the metrics for the metrics record. lm-eval reseeds Python's, numpy's and torch's global
+`eval.tasks_interval` steps (and after the last step) on the sharded training engine, logs the
+metrics (metrics.jsonl, TensorBoard, wandb) and returns them. lm-eval reseeds Python's, numpy's and torch's global
 generators; the training RNG states are put back afterwards, so evaluating does not change what
 training does next (dropout masks, resume exactness).
 """
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -23,7 +24,9 @@ from megatron_neox.errors import ConfigError
 from megatron_neox.evaluation.presets import expand_tasks
 
 
+@functools.lru_cache(maxsize=8)
 def task_manager(include_path: Optional[str] = None):
+    """lm-eval's task index (built once per include path and process: indexing takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include_path)
@@ -45,17 +48,15 @@ def check_tasks(names: Sequence[str], manager) -> List[str]:
 
 def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: Optional[int] = None, include_path: Optional[str] = None,
               limit: Optional[float] = None, bootstrap_iters: int = 100000, manager=None,
-              log_samples: bool = False) -> Dict[str, Any]:
-    """lm-eval's result dict (`results`, `versions`, `n-shot`, `configs`, ...) for `tasks` on `lm`."""
+              log_samples: bool = False) -> Optional[Dict[str, Any]]:
+    """lm-eval's result dict (`results`, `versions`, `n-shot`, `configs`, ...) for `tasks` on `lm`;
+    None on processes whose LOCAL_RANK is not 0 (lm-eval reports on a node's first process only)."""
     import lm_eval
 
     manager = manager or task_manager(include_path)
     names = check_tasks(tasks, manager)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                   bootstrap_iters=bootstrap_iters, task_manager=manager, log_samples=log_samples)
-    # lm-eval returns None on ranks other than its rank 0; our LM reports rank 0 on every rank.
-    if out is None:
-        raise ConfigError("lm-eval returned no results")
     return out
 
 
@@ -69,10 +70,11 @@ def flatten_metrics(results: Dict[str, Any]) -> Dict[str, float]:
     flat: Dict[str, float] = {}
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
-            name, _, filt = key.partition(",")
-            if name == "alias" or "_stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+            name, comma, filt = key.partition(",")
+            # Metrics are `name,filter`; `alias` and `sample_len` are not.
+            if not comma or "_stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            metric = name if filt in ("", "none") else f"{name}_{filt}"
+            metric = name if filt == "none" else f"{name}_{filt}"
             flat[f"eval/{task}/{metric}"] = float(value)
     return flat
 
@@ -95,8 +97,8 @@ def preserved_rng():
 class TrainingHarness:
     """`eval.tasks` on the training engine; see the module docstring."""
 
-    def __init__(self, cfg, engine=None, topo=None, tokenizer=None):
-        self.cfg = cfg
+    def __init__(self, cfg, engine=None, topo=None, tokenizer=None, metrics=None):
+        self.cfg, self.metrics = cfg, metrics
         self.enabled = bool(cfg.eval.tasks)
         if not self.enabled:
             return
@@ -114,7 +116,9 @@ class TrainingHarness:
         return self.enabled and (step == last_step or bool(interval and step % interval == 0))
 
     def maybe_evaluate(self, step: int, last_step: int) -> Dict[str, float]:
-        """`eval/<task>/<metric>` values when evaluation is due at `step`, else {} (on every rank)."""
+        """`eval/<task>/<metric>` values when evaluation is due at `step`, else {}. Every rank must
+        call it (the engine's forward passes are collective); the values come back on each node's
+        first process (LOCAL_RANK 0, global rank 0 among them), the others get {}."""
         if not self.due(step, last_step):
             return {}
         quiet = logging.getLogger("lm_eval")
@@ -126,4 +130,9 @@ class TrainingHarness:
                                 limit=self.cfg.eval.tasks_limit, bootstrap_iters=0, manager=self.manager)
         finally:
             quiet.setLevel(level)
-        return {k: v for k, v in flatten_metrics(out).items() if math.isfinite(v)}
+        if out is None:  # not a node's first process: it ran the same requests, rank 0 logs
+            return {}
+        values = {k: v for k, v in flatten_metrics(out).items() if math.isfinite(v)}
+        if self.metrics is not None:
+            self.metrics.log({"step": step, **values})
+        return values

@@ -171,7 +171,8 @@ class MetricsLogger:
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and v is not None:
-                    self.tb.add_scalar(f"train/{k}" if not k.startswith("eval") else f"eval/{k}", v, step)
+                    tag = k if k.startswith("eval/") else f"eval/{k}" if k.startswith("eval") else f"train/{k}"
+                    self.tb.add_scalar(tag, v, step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
@@ -191,6 +192,9 @@ def _fmt(v: Any) -> str:
 
 
 def _format_line(r: Dict[str, Any]) -> str:
+    harness = [f"{k[len('eval/'):]} {_fmt(v)}" for k, v in r.items() if k.startswith("eval/")]
+    if harness:  # lm-eval task metrics (eval.tasks)
+        return f"eval  step {r['step']:>6} | " + " | ".join(harness)
     if "eval_loss" in r:
         return f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])} | eval_ppl {_fmt(r['eval_ppl'])}"
     eta = r.get("eta_s")

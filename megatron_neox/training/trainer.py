@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
+from megatron_neox.evaluation.harness import TrainingHarness
 from megatron_neox.layout import Layout
 from megatron_neox.topology import Topology
 from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
@@ -115,6 +116,8 @@ class _Run:
                                      peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0)
         self.validator = Validator(cfg, self.engine, self.topo, valid_ds, micro_batch_size=self.layout.micro_batch_size,
                                    global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics)
+        # eval.tasks: lm-evaluation-harness on the sharded engine
+        self.harness = TrainingHarness(cfg, self.engine, self.topo, tok, metrics=self.metrics)
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
             log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state))
@@ -174,6 +177,7 @@ def _loop(run: _Run) -> RunResult:
         result.losses.append(run.step().loss)
         if run.validator.should_validate(state.iteration):
             run.validator.validate(state.iteration)
+        run.harness.maybe_evaluate(state.iteration, iters)
         if run.checkpointer.after_step(state, iters):
             result.stopped_by_signal = run.checkpointer.stopped_by_signal
             return result
