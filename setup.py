@@ -1,6 +1,11 @@
 """megatron_neox: a DeepSpeed-based, Megatron-style trainer for GPT-NeoX-family models."""
 from setuptools import find_packages, setup
 
+# tools/evaluate.py --tasks and eval.tasks: lm-evaluation-harness (0.4.13 is the version our
+# parity test checks against) and accelerate, which lm-eval's own `hf` backend needs (the test
+# compares our numbers with it).
+EVAL = ["lm_eval>=0.4.13,<0.5", "accelerate>=0.26"]
+
 setup(
     name="megatron_neox",
     version="0.1.0",
@@ -26,6 +31,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1"],
+        "eval": EVAL,
+        "test": ["pytest>=7", "pytest-timeout>=2.1", *EVAL],
     },
 )

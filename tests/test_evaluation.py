@@ -139,8 +139,13 @@ def test_local_tasks_match_lm_eval_hf_backend(setup, capsys):
             worst = max(worst, abs(x[0] - y[0]) / abs(y[0]))
             assert x[1] == y[1]
     assert ra["mnx_generate"] == rb["mnx_generate"]
-    # The cases must exercise what they are for: non-trivial generations, several rolling windows.
+    # The cases must exercise what they are for: non-empty generations, several rolling windows.
     assert any(doc[0][0].strip() for doc in ra["mnx_generate"])
+    from megatron_neox.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(setup["tmp"] / "tokenizer.json", verify=False)
+    docs = [json.loads(line)["text"] for line in open(Path(INCLUDE) / "mnx_rolling.jsonl")]
+    assert min(len(tok.encode(d)) for d in docs) > 2 * SEQ
     with capsys.disabled():
         print(f"\nparity vs lm-eval hf backend: worst relative difference {worst:.2e}; "
               f"ours {ours_s:.1f} s, hf {theirs_s:.1f} s")
@@ -232,7 +237,7 @@ def _train_with_tasks(rank, world_size, cfg_dict):
     return trainer.train(config_from_dict(cfg_dict)).state.to_dict()
 
 
-def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_path):
+def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_path, capsys):
     """pp=2 x tp=2: logits stay vocab-parallel and on the last stage; the metrics logged after the
     last step equal tools/evaluate.py's on the checkpoint saved at that step."""
     from _dist import run_distributed
@@ -265,6 +270,10 @@ def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_pat
         _, task, metric = key.split("/")
         assert merged[task][f"{metric},none"] == pytest.approx(value, rel=1e-4), key
     print(f"\nin-training harness evaluation at pp=2 tp=2: 2 steps + 2 evaluations in {wall:.1f} s")
+
+    # Perplexity on the train split of the run's data (issue 13): the run config names the data.
+    assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--split", "train", "--iters", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("train: loss ")
 
     plot = _tool("plot_metrics")
     assert plot.main([str(tmp_path / "log"), "--out", str(tmp_path / "m.png")]) == 0
