@@ -269,7 +269,8 @@ def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_pat
             continue
         _, task, metric = key.split("/")
         assert merged[task][f"{metric},none"] == pytest.approx(value, rel=1e-4), key
-    print(f"\nin-training harness evaluation at pp=2 tp=2: 2 steps + 2 evaluations in {wall:.1f} s")
+    with capsys.disabled():
+        print(f"\nin-training harness evaluation at pp=2 tp=2: 2 steps + 2 evaluations in {wall:.1f} s")
 
     # Perplexity on the train split of the run's data (issue 13): the run config names the data.
     assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--split", "train", "--iters", "1"]) == 0
