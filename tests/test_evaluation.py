@@ -210,11 +210,10 @@ def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses():
 
 
 def test_presets_name_tasks_of_the_installed_lm_eval():
-    from lm_eval.tasks import TaskManager
-
+    from megatron_neox.evaluation.harness import task_manager
     from megatron_neox.evaluation.presets import PRESETS, expand_tasks
 
-    known = set(TaskManager().all_tasks)
+    known = set(task_manager(INCLUDE).all_tasks)  # lm-eval's own tasks too; the index is cached
     for name, tasks in PRESETS.items():
         assert tasks and not [t for t in tasks if t not in known], name
     assert expand_tasks(["piqa", "neox20b"])[0] == "piqa" and "mmlu" in expand_tasks(["neox20b"])
@@ -230,47 +229,80 @@ def test_unknown_task_is_a_clear_error(setup, capsys):
 # ---- in-training evaluation on the sharded engine ------------------------------------------------
 
 
+PROMPTS = torch.randint(1, 300, (2, 5), generator=torch.Generator().manual_seed(1))
+SCORED = torch.randint(1, 300, (3, 12), generator=torch.Generator().manual_seed(2))
+
+
 def _train_with_tasks(rank, world_size, cfg_dict):
+    """Train with eval.tasks; then the engine's own scores and greedy generations (sharded)."""
     from megatron_neox.config import config_from_dict
+    from megatron_neox.evaluation.backends import EngineModel
     from megatron_neox.training import trainer
 
-    return trainer.train(config_from_dict(cfg_dict)).state.to_dict()
+    seen = {}
+    build = trainer.build_engine
+
+    def capture(cfg, topo):
+        seen["engine"], model = build(cfg, topo)
+        seen["topo"] = topo
+        return seen["engine"], model
+
+    trainer.build_engine = capture
+    try:
+        state = trainer.train(config_from_dict(cfg_dict)).state.to_dict()
+    finally:
+        trainer.build_engine = build
+    backend = EngineModel(seen["engine"], seen["topo"], 300)
+    logprob, best = backend.score(SCORED[:, :-1], SCORED[:, 1:])
+    generated = backend.generate(PROMPTS, 6, lambda row, ids: False)
+    return state, logprob, best, generated
 
 
-def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_path, capsys):
-    """pp=2 x tp=2: logits stay vocab-parallel and on the last stage; the metrics logged after the
-    last step equal tools/evaluate.py's on the checkpoint saved at that step."""
+@pytest.mark.parametrize("pp,tp,interval", [(2, 2, 1), (1, 2, None)])
+def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_path, capsys, pp, tp, interval):
+    """The harness on the sharded engine (logits vocab-parallel; at pp=2 on the last stage only):
+    the metrics logged after the last step, the scores and the greedy generations equal those of
+    the merged model (tools/evaluate.py) on the checkpoint saved at that step."""
     from _dist import run_distributed
     from _train import config_dict, make_dataset
 
+    from megatron_neox.evaluation.backends import MergedModel
+    from megatron_neox.generate import load_model
+
     make_dataset(str(tmp_path / "data" / "rand"))
-    cfg = config_dict(str(tmp_path), pp=2, tp=2, train__iters=2, model__vocab_size=300, model__seq_length=SEQ,
+    cfg = config_dict(str(tmp_path), pp=pp, tp=tp, train__iters=2, model__vocab_size=300, model__seq_length=SEQ,
                       tokenizer__path=str(setup["tmp"] / "tokenizer.json"), eval__tasks=TASKS,
-                      eval__include_path=INCLUDE, eval__tasks_interval=1, eval__tasks_limit=4)
+                      eval__include_path=INCLUDE, eval__tasks_interval=interval, eval__tasks_limit=4)
     start = time.perf_counter()
-    state = run_distributed(_train_with_tasks, 4, cfg, timeout=600)[0]
+    state, logprob, best, generated = run_distributed(_train_with_tasks, pp * tp, cfg, timeout=600)[0]
     wall = time.perf_counter() - start
     assert state["iteration"] == 2
+    merged = MergedModel(load_model(tmp_path / "ckpt").model, 300)
+    ref_logprob, ref_best = merged.score(SCORED[:, :-1], SCORED[:, 1:])
+    torch.testing.assert_close(logprob, ref_logprob, rtol=0, atol=1e-5)
+    assert torch.equal(best, ref_best)
+    assert generated == merged.generate(PROMPTS, 6, lambda row, ids: False)
     records = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
     harness = [r for r in records if any(k.startswith("eval/") for k in r)]
-    assert [r["step"] for r in harness] == [1, 2]
+    assert [r["step"] for r in harness] == ([1, 2] if interval else [2])  # null: after the last step only
     logged = harness[-1]
     for key in ("eval/mnx_choice/acc", "eval/mnx_choice/acc_norm", "eval/mnx_rolling/word_perplexity",
                 "eval/mnx_rolling/bits_per_byte", "eval/mnx_generate/exact_match"):
         assert key in logged, key
-    assert harness[0] != {**logged, "step": 1}, "the weights changed between the two evaluations"
+    if interval:
+        assert harness[0] != {**logged, "step": 1}, "the weights changed between the two evaluations"
 
     out = tmp_path / "merged.json"
     assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--tasks", ",".join(TASKS), "--include-path",
                                INCLUDE, "--limit", "4", "--bootstrap-iters", "0", "--output", str(out)]) == 0
-    merged = json.loads(out.read_text())["results"]
+    results = json.loads(out.read_text())["results"]
     for key, value in logged.items():
         if not key.startswith("eval/"):
             continue
         _, task, metric = key.split("/")
-        assert merged[task][f"{metric},none"] == pytest.approx(value, rel=1e-4), key
+        assert results[task][f"{metric},none"] == pytest.approx(value, rel=1e-4), key
     with capsys.disabled():
-        print(f"\nin-training harness evaluation at pp=2 tp=2: 2 steps + 2 evaluations in {wall:.1f} s")
+        print(f"\nin-training harness evaluation at pp={pp} tp={tp}: 2 steps + 2 evaluations in {wall:.1f} s")
 
     # Perplexity on the train split of the run's data (issue 13): the run config names the data.
     assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--split", "train", "--iters", "1"]) == 0
