@@ -302,7 +302,7 @@ def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_pat
         _, task, metric = key.split("/")
         assert results[task][f"{metric},none"] == pytest.approx(value, rel=1e-4), key
     with capsys.disabled():
-        print(f"\nin-training harness evaluation at pp={pp} tp={tp}: 2 steps + 2 evaluations in {wall:.1f} s")
+        print(f"\nin-training harness evaluation at pp={pp} tp={tp}: 2 steps + {len(harness)} evaluation(s) in {wall:.1f} s")
 
     # Perplexity on the train split of the run's data (issue 13): the run config names the data.
     assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--split", "train", "--iters", "1"]) == 0
