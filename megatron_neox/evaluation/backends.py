@@ -66,6 +66,15 @@ def target_logprobs_and_argmax(logits: torch.Tensor, targets: torch.Tensor, voca
     return logprob, best_idx
 
 
+def _append(out: List[List[int]], done: List[bool], next_ids: torch.Tensor, stop: StopFn) -> bool:
+    """Add each unfinished row's next id; True once every row has stopped."""
+    for row, token in enumerate(next_ids.tolist()):
+        if not done[row]:
+            out[row].append(token)
+            done[row] = stop(row, out[row])
+    return all(done)
+
+
 class MergedModel:
     """The whole model on one device (pp = tp = 1)."""
 
@@ -91,11 +100,7 @@ class MergedModel:
             logits, cache = self.model(tokens, kv_cache=cache, use_cache=True)
             nxt = choose_next(mask_padded_vocab(logits[:, -1].float(), self.vocab_size), temperature=temperature,
                               top_k=top_k, top_p=top_p, generator=generator)
-            for row, token in enumerate(nxt.tolist()):
-                if not done[row]:
-                    out[row].append(token)
-                    done[row] = stop(row, out[row])
-            if all(done):
+            if _append(out, done, nxt, stop):
                 break
             tokens = nxt.view(-1, 1).to(self.device)
         return out
@@ -166,11 +171,7 @@ class EngineModel:
         for _ in range(max_new_tokens):
             _, best = self.score(tokens, torch.zeros_like(tokens))
             nxt = best[:, -1]
-            for row, token in enumerate(nxt.tolist()):
-                if not done[row]:
-                    out[row].append(token)
-                    done[row] = stop(row, out[row])
-            if all(done):
+            if _append(out, done, nxt, stop):
                 break
             tokens = torch.cat([tokens, nxt.view(-1, 1)], dim=1)
         return out
