@@ -89,7 +89,7 @@ def _ours(ckpt, **kw):
     from megatron_neox.tokenizer import load_tokenizer
 
     loaded = load_model(ckpt)
-    tok = load_tokenizer(tokenizer_path(loaded.config), verify=False)
+    tok = load_tokenizer(tokenizer_path(loaded.run), verify=False)
     lm = NeoXLM(MergedModel(loaded.model, tok.vocab_size), tok, max_length=SEQ, batch_size=4, show_progress=False)
     return run_tasks(lm, TASKS, include_path=INCLUDE, bootstrap_iters=0, log_samples=True, **kw)
 
@@ -242,10 +242,10 @@ def _train_with_tasks(rank, world_size, cfg_dict):
     seen = {}
     build = trainer.build_engine
 
-    def capture(cfg, topo):
-        seen["engine"], model = build(cfg, topo)
-        seen["topo"] = topo
-        return seen["engine"], model
+    def capture(cfg, topo, *args, **kwargs):
+        built = build(cfg, topo, *args, **kwargs)
+        seen["engine"], seen["topo"] = built[0], topo
+        return built
 
     trainer.build_engine = capture
     try:
