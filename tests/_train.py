@@ -57,3 +57,13 @@ def set_keys(d: dict, overrides: dict) -> dict:
             node = node.setdefault(k, {})
         node[last] = value
     return d
+
+
+def load_tool(name: str):
+    """tools/NAME.py as a module (tools/ is scripts, not a package): its main() runs in-process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

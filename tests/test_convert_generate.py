@@ -4,7 +4,6 @@ One 4-rank world (module fixture) trains two runs at pp=2, tp=2: one from scratc
 continues from a small random HF model imported by tools/convert_from_hf.py. The tests then check
 the exports, generation and the tools against Hugging Face on one process.
 """
-import importlib.util
 import itertools
 import json
 import random
@@ -18,7 +17,7 @@ import torch
 
 from _dist import run_distributed
 from _layouts import micro_batches
-from _train import REPO, config_dict, make_dataset
+from _train import REPO, config_dict, load_tool, make_dataset
 
 from megatron_neox.config import ModelConfig
 from megatron_neox.convert.checkpoint_io import load_full_state_dict, write_weights_checkpoint
@@ -28,16 +27,8 @@ from megatron_neox.generate import generate_ids, greedy_continues_with, load_mod
 transformers = pytest.importorskip("transformers")
 
 
-def _tool(name: str):
-    """tools/NAME.py as a module (tools/ is scripts, not a package): its main() runs in-process."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(REPO) / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_from_hf, convert_to_hf = _tool("convert_from_hf"), _tool("convert_to_hf")
-evaluate_tool, generate_tool = _tool("evaluate"), _tool("generate")
+convert_from_hf, convert_to_hf = load_tool("convert_from_hf"), load_tool("convert_to_hf")
+evaluate_tool, generate_tool = load_tool("evaluate"), load_tool("generate")
 
 HF_VOCAB = 320  # > the tokenizer's 300 ids: rows 300..319 are padding that generation must never pick
 TOKENIZER_VOCAB = 300

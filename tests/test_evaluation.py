@@ -6,7 +6,6 @@ The local tasks under tests/eval_tasks/ (one each of multiple choice, rolling lo
 generation) are read offline (HF_DATASETS_OFFLINE=1); their data_files are relative to the
 repository root, so every test here runs there.
 """
-import importlib.util
 import itertools
 import json
 import math
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _train import REPO
+from _train import REPO, load_tool
 
 lm_eval = pytest.importorskip("lm_eval")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -28,14 +27,7 @@ INCLUDE = "tests/eval_tasks"
 SEQ = 32  # short, so few-shot contexts are truncated and documents span several rolling windows
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", Path(REPO) / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-evaluate_tool, convert_to_hf = _tool("evaluate"), _tool("convert_to_hf")
+evaluate_tool, convert_to_hf = load_tool("evaluate"), load_tool("convert_to_hf")
 
 
 def _model_dict():
@@ -308,6 +300,17 @@ def test_training_logs_harness_metrics_equal_to_merged_evaluation(setup, tmp_pat
     assert evaluate_tool.main(["--checkpoint", str(tmp_path / "ckpt"), "--split", "train", "--iters", "1"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("train: loss ")
 
-    plot = _tool("plot_metrics")
+    plot = load_tool("plot_metrics")
     assert plot.main([str(tmp_path / "log"), "--out", str(tmp_path / "m.png")]) == 0
     assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_tasks_without_a_tokenizer_is_refused_when_the_config_loads(tmp_path):
+    from _train import config_dict
+
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="eval.tasks needs tokenizer.path"):
+        config_from_dict(config_dict(str(tmp_path), eval__tasks=["piqa"]))
+    assert config_from_dict(config_dict(str(tmp_path), eval__tasks=["piqa"], tokenizer__path="t.json")).eval.tasks
