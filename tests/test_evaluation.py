@@ -314,3 +314,33 @@ def test_eval_tasks_without_a_tokenizer_is_refused_when_the_config_loads(tmp_pat
     with pytest.raises(ConfigError, match="eval.tasks needs tokenizer.path"):
         config_from_dict(config_dict(str(tmp_path), eval__tasks=["piqa"]))
     assert config_from_dict(config_dict(str(tmp_path), eval__tasks=["piqa"], tokenizer__path="t.json")).eval.tasks
+
+
+def test_sampled_generation_repeats_with_the_seed_and_training_refuses_it(setup):
+    from lm_eval.api.instance import Instance
+
+    from megatron_neox.errors import ConfigError
+    from megatron_neox.evaluation.backends import EngineModel, MergedModel
+    from megatron_neox.evaluation.lm import NeoXLM
+    from megatron_neox.generate import load_model
+    from megatron_neox.tokenizer import load_tokenizer
+    from megatron_neox.topology import Topology
+
+    tok = load_tokenizer(setup["tmp"] / "tokenizer.json", verify=False)
+    model = load_model(setup["ckpts"]["pp1"]).model
+    sample = {"until": ["\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 6}
+    requests = [Instance("generate_until", {}, (f"{name} works for", dict(sample)), 0)
+                for name in ("Ada Lovelace", "Alan Turing", "Grace Hopper")]
+
+    def run(seed):
+        lm = NeoXLM(MergedModel(model, tok.vocab_size), tok, max_length=SEQ, seed=seed, show_progress=False)
+        return lm.generate_until(requests)
+
+    first = run(1)
+    assert run(1) == first and run(2) != first
+    greedy = [Instance("generate_until", {}, (r.args[0], {"until": ["\n"], "max_gen_toks": 6}), 0) for r in requests]
+    lm = NeoXLM(MergedModel(model, tok.vocab_size), tok, max_length=SEQ, show_progress=False)
+    assert lm.generate_until(greedy) != first  # sampling did sample
+    with pytest.raises(ConfigError, match="greedily only"):
+        EngineModel(None, Topology.single(), tok.vocab_size).generate(PROMPTS, 2, lambda row, ids: False,
+                                                                       temperature=1.0)

@@ -82,6 +82,7 @@ class MergedModel:
         self.model = model.eval()
         self.vocab_size = vocab_size
         self.device = torch.device(device)
+        self._generator: Optional[torch.Generator] = None  # for sampled generation, on the model's device
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +92,14 @@ class MergedModel:
 
     @torch.no_grad()
     def generate(self, contexts: torch.Tensor, max_new_tokens: int, stop: StopFn, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> List[List[int]]:
-        """New ids for each row of `contexts` [B, T] (equal lengths, no padding), through the KV cache."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 1234) -> List[List[int]]:
+        """New ids for each row of `contexts` [B, T] (equal lengths, no padding), through the KV cache.
+        Sampling (temperature > 0) draws from one generator seeded with `seed` at the first call."""
+        generator = None
+        if temperature > 0:
+            if self._generator is None:
+                self._generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = self._generator
         out: List[List[int]] = [[] for _ in range(contexts.shape[0])]
         done = [False] * len(out)
         tokens, cache = contexts.to(self.device), None
@@ -158,7 +165,7 @@ class EngineModel:
 
     @torch.no_grad()
     def generate(self, contexts: torch.Tensor, max_new_tokens: int, stop: StopFn, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> List[List[int]]:
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 1234) -> List[List[int]]:
         """Greedy only: every rank must choose the same token, and greedy needs no full distribution."""
         from megatron_neox.errors import ConfigError
 

@@ -155,7 +155,6 @@ class NeoXLM(TemplateLM):
             key = (repr(sorted((k, repr(v)) for k, v in kwargs.items())), len(ids))
             groups.setdefault(key, []).append(index)
         bar = tqdm(total=len(args), disable=disable_tqdm or not self._show_progress, desc="generating")
-        generator = torch.Generator().manual_seed(self._seed)
         for _, members in sorted(groups.items(), key=lambda kv: -kv[0][1]):
             kwargs = encoded[members[0]][1]
             until = handle_stop_sequences(list(kwargs["until"]), eos=eos_text)
@@ -172,7 +171,7 @@ class NeoXLM(TemplateLM):
                 temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
                 outs = self.model_backend.generate(
                     contexts, kwargs["max_gen_toks"], stop, temperature=temperature,
-                    top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0), generator=generator)
+                    top_k=int(kwargs.get("top_k") or 0), top_p=float(kwargs.get("top_p") or 1.0), seed=self._seed)
                 for i, new_ids in zip(batch, outs):
                     if self.eot_token_id in new_ids:
                         new_ids = new_ids[:new_ids.index(self.eot_token_id)]
