@@ -22,7 +22,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_neox.generate import choose_next, mask_padded_vocab
+from megatron_neox.errors import ConfigError
+from megatron_neox.generate import _context_limit, choose_next, mask_padded_vocab
 from megatron_neox.parallel.utils import group_rank, group_size, vocab_range_from_per_partition_vocab_size
 
 # (row, tokens generated so far) -> stop this row?
@@ -86,6 +87,10 @@ class MergedModel:
 
     @torch.no_grad()
     def score(self, tokens: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        limit = _context_limit(self.model.cfg)
+        if limit is not None and tokens.shape[1] > limit:
+            raise ConfigError(f"a sequence of {tokens.shape[1]} tokens is longer than this model's learned "
+                              f"position embeddings ({limit})")
         logits = self.model(tokens.to(self.device))
         logprob, best = target_logprobs_and_argmax(logits, targets.to(self.device), self.vocab_size)
         return logprob.cpu(), best.cpu()
@@ -167,8 +172,6 @@ class EngineModel:
     def generate(self, contexts: torch.Tensor, max_new_tokens: int, stop: StopFn, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 1234) -> List[List[int]]:
         """Greedy only: every rank must choose the same token, and greedy needs no full distribution."""
-        from megatron_neox.errors import ConfigError
-
         if temperature > 0:
             raise ConfigError("in-training harness evaluation generates greedily only; the task asks for "
                               f"sampling (temperature={temperature}): evaluate it with tools/evaluate.py")

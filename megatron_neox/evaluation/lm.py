@@ -71,8 +71,10 @@ class NeoXLM(TemplateLM):
 
     # ---- log-likelihoods ----------------------------------------------------------------------
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
-        """[(cache key, context ids, continuation ids)] -> [(sum log p(continuation), greedy?)]."""
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, truncate: bool = True,
+                              **kwargs) -> List[Tuple[float, bool]]:
+        """[(cache key, context ids, continuation ids)] -> [(sum log p(continuation), greedy?)].
+        `truncate=False` scores whole sequences, even past max_length (rotary/ALiBi extrapolate)."""
         collator = Collator(requests, sort_fn=lambda r: (-len(r[1] + r[2]), tuple(r[1] + r[2])))
         results: List[Tuple[float, bool]] = []
         bar = tqdm(total=len(requests), disable=disable_tqdm or not self._show_progress, desc="scoring")
@@ -81,11 +83,11 @@ class NeoXLM(TemplateLM):
             for _, ctx, cont in chunk:
                 if not ctx or not cont:
                     raise ConfigError("lm-eval sent an empty context or continuation; expected both non-empty")
-                if len(cont) > self._max_length:
+                if truncate and len(cont) > self._max_length:
                     raise ConfigError(f"a continuation of {len(cont)} tokens exceeds the model's context "
                                       f"({self._max_length})")
                 # The last max_length + 1 tokens: inputs are all but the last, targets all but the first.
-                seq = (ctx + cont)[-(self._max_length + 1):]
+                seq = (ctx + cont)[-(self._max_length + 1):] if truncate else ctx + cont
                 rows.append(seq)
                 spans.append((len(seq) - 1 - len(cont), len(seq) - 1))
             width = max(len(s) - 1 for s in rows)
@@ -106,9 +108,10 @@ class NeoXLM(TemplateLM):
 
     def score_pairs(self, contexts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
                     ) -> List[Tuple[float, bool]]:
-        """(sum log p(continuation | context), is it the greedy continuation?) for token-id pairs."""
+        """(sum log p(continuation | context), is it the greedy continuation?) for token-id pairs,
+        each scored whole (no left truncation: the context is the question)."""
         return self._loglikelihood_tokens([(None, list(c), list(t)) for c, t in zip(contexts, continuations)],
-                                          disable_tqdm=True)
+                                          disable_tqdm=True, truncate=False)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         """Each document's total log-likelihood, in lm-eval's disjoint windows of max_length tokens."""
