@@ -14,7 +14,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -270,14 +270,14 @@ class LossScaleConfig(Section):
 
 
 class ZeroConfig(Section):
-    stage: int = Field(1, ge=0, le=3)
-    """ZeRO stage (0-1 with a pipeline, 0-3 without)."""
+    stage: Union[Literal["auto"], Annotated[int, Field(ge=0, le=3)]] = "auto"
+    """ZeRO stage (0-1 with a pipeline, 0-3 without). 'auto': 0 for fp32 on one data-parallel rank, else 1 (training/precision.py)."""
     reduce_bucket_size: int = Field(500_000_000, gt=0)
     """Elements per gradient reduce bucket."""
     allgather_bucket_size: int = Field(500_000_000, gt=0)
     """Elements per parameter all-gather bucket."""
-    overlap_comm: bool = False
-    """Overlap gradient reduction with backward."""
+    overlap_comm: Optional[bool] = None
+    """Overlap gradient reduction with backward; null = on where DeepSpeed allows it (ZeRO >= 1, pp = 1) and dp > 1."""
     contiguous_gradients: bool = True
     """Copy gradients into one buffer as they are produced."""
     offload_optimizer: Literal["none", "cpu"] = "none"
@@ -405,7 +405,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
-        problems = config_split_problems(self)
+        from megatron_neox.training.precision import precision_problems
+
+        problems = config_split_problems(self) + precision_problems(self)
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")
@@ -422,7 +424,10 @@ class Config(Section):
     def deepspeed_config(self, layout: Union[Layout, int]) -> Dict[str, Any]:
         """The DeepSpeed config dict for this run on `layout` (or a world size), merged with the
         `deepspeed` passthrough section."""
+        from megatron_neox.training.precision import choose_zero
+
         lay = layout if isinstance(layout, Layout) else self.layout(layout)
+        zero = choose_zero(self, lay.dp)
         o = self.optimizer
         ds: Dict[str, Any] = {
             "train_batch_size": lay.global_batch_size,
@@ -434,10 +439,10 @@ class Config(Section):
             },
             "gradient_clipping": o.clip_grad,
             "zero_optimization": {
-                "stage": self.zero.stage,
+                "stage": zero.stage,
                 "reduce_bucket_size": self.zero.reduce_bucket_size,
                 "allgather_bucket_size": self.zero.allgather_bucket_size,
-                "overlap_comm": self.zero.overlap_comm,
+                "overlap_comm": zero.overlap_comm,
                 "contiguous_gradients": self.zero.contiguous_gradients,
             },
             # We print our own progress lines; DeepSpeed's would interleave with them.
@@ -458,7 +463,7 @@ class Config(Section):
             }
         elif self.precision == "bf16":
             ds["bf16"] = {"enabled": True}
-            if self.zero.stage >= 1:
+            if zero.stage >= 1:
                 # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
                 # reported pipeline + ZeRO-1 needs this key). DeepSpeed 0.19 rejects it without ZeRO.
                 ds["data_types"] = {"grad_accum_dtype": "fp32"}

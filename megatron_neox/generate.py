@@ -1,4 +1,4 @@
-"""Text generation from a checkpoint: the merged model on one process (pp = 1, tp = 1).
+"""Text generation from a checkpoint: the merged model on one process (pp = 1, tp = 1), on any device.
 
 Decoding feeds the prompt once and then one token per step through the KV cache. The padded
 vocabulary rows (ids >= the tokenizer's size) are masked before choosing, so they can never be
@@ -13,6 +13,7 @@ import torch
 from megatron_neox.config import Config, ModelConfig
 from megatron_neox.convert.checkpoint_io import load_full_state_dict
 from megatron_neox.errors import ConfigError
+from megatron_neox.hardware import DTYPES  # noqa: F401 (the tools' --dtype names)
 from megatron_neox.model.gpt_neox import GPTNeoX
 
 
@@ -24,12 +25,47 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(checkpoint, *, device="cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """The whole model of any checkpoint layout on `device` in `dtype`, in eval mode (dropout off)."""
+    """The whole model of any checkpoint layout on `device` in `dtype`, in eval mode (dropout off).
+
+    The model is built directly on the device in the target dtype (a 20B model in bf16 needs 41 GB
+    there, never 82 GB of fp32 anywhere); the checkpoint's tensors are copied in one at a time.
+    """
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a device name: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} requested but torch sees no CUDA device; use --device cpu")
+    if dtype == torch.bfloat16 and device.type == "cuda":
+        from megatron_neox.hardware import bf16_native
+
+        if not bf16_native():
+            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no native bf16; use --dtype fp16 or fp32")
     ck = load_full_state_dict(checkpoint)
-    with torch.random.fork_rng(devices=[]):  # the constructor seeds the global RNG for its init
+    rng_devices = [device] if device.type == "cuda" else []
+    # The constructor seeds and draws from the global RNG for its init: leave the caller's alone.
+    with torch.random.fork_rng(devices=rng_devices), torch.device(device), _default_dtype(dtype):
         model = GPTNeoX(ck.model, ck.padded_vocab)
-    model.load_state_dict({k: v.to(dtype) for k, v in ck.state_dict.items()}, strict=True)
+    model.load_state_dict(ck.state_dict, strict=True)  # copy_ casts each tensor to the parameter's dtype/device
     return LoadedModel(model.to(device=device, dtype=dtype).eval(), ck.model, ck.run, ck.padded_vocab)
+
+
+class _default_dtype:
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.old)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live (CPU for a model without any)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def tokenizer_path(run: Optional[Config]) -> Optional[str]:
@@ -97,13 +133,14 @@ def generate_ids(model: GPTNeoX, prompt_ids: Sequence[int], *, max_new_tokens: i
             raise ConfigError(f"the prompt has {len(prompt_ids)} tokens; this model's context is {limit} "
                               "(learned position embeddings): shorten the prompt")
         max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    device = model_device(model)
     generator = None
     if temperature > 0:
-        generator = torch.Generator()
+        generator = torch.Generator(device=device)  # torch.multinomial draws on the probabilities' device
         # No seed: a fresh one from the OS, leaving the global RNG alone.
         generator.manual_seed(int(seed)) if seed is not None else generator.seed()
     model.eval()
-    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long)
+    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     cache = None
     out: List[int] = []
     for _ in range(max_new_tokens):
@@ -148,7 +185,8 @@ def greedy_continues_with(model: GPTNeoX, prompts: Sequence[Sequence[int]], targ
         tokens = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
             tokens[i, :len(s)] = torch.tensor(s)
-        pred = mask_padded_vocab(model(tokens).float(), vocab_size).argmax(dim=-1)
+        tokens = tokens.to(model_device(model))
+        pred = mask_padded_vocab(model(tokens).float(), vocab_size).argmax(dim=-1).cpu()
         for i, (p, t) in enumerate(chunk):
             # The logits at position j predict token j + 1: the target's tokens are predicted from
             # positions len(p) - 1 .. len(p) + len(t) - 2.

@@ -86,7 +86,9 @@ def _config_shape(cfg: "Config") -> Dict[str, Any]:
     m, p = cfg.model, cfg.parallel
     return dict(pp=p.pp, tp=p.tp, num_layers=m.num_layers, num_heads=m.num_attention_heads, ffn_size=m.ffn_size,
                 padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by,
-                zero_stage=cfg.zero.stage, seq_length=m.seq_length, sequence_parallel=p.sequence_parallel)
+                # 'auto' resolves to 0 or 1 (training/precision.py), both fine at any pp.
+                zero_stage=0 if cfg.zero.stage == "auto" else cfg.zero.stage, seq_length=m.seq_length,
+                sequence_parallel=p.sequence_parallel)
 
 
 def config_split_problems(cfg: "Config") -> List[str]:

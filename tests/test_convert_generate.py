@@ -21,7 +21,7 @@ from _train import REPO, config_dict, load_tool, make_dataset
 
 from megatron_neox.config import ModelConfig
 from megatron_neox.convert.checkpoint_io import load_full_state_dict, write_weights_checkpoint
-from megatron_neox.errors import CheckpointError
+from megatron_neox.errors import CheckpointError, ConfigError
 from megatron_neox.generate import generate_ids, greedy_continues_with, load_model
 
 transformers = pytest.importorskip("transformers")
@@ -326,3 +326,21 @@ def test_damaged_checkpoints_are_clear_errors(world, tmp_path, capsys):
     assert "partial" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         load_full_state_dict(tmp_path / "nowhere")
+
+
+def test_load_model_in_bf16_keeps_logits_and_refuses_bad_devices(world, capsys):
+    ref = load_model(world["hf_run_ckpt"]).model
+    half = load_model(world["hf_run_ckpt"], device="cpu", dtype=torch.bfloat16).model
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in half.parameters()} == {"cpu"}
+    seq = torch.randint(0, TOKENIZER_VOCAB, (1, 12), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        # bf16 keeps 8 bits of mantissa: logits of order 1-10 agree to ~2^-8 relative per op.
+        torch.testing.assert_close(half(seq).float(), ref(seq), rtol=0, atol=0.1)
+    assert torch.get_default_dtype() == torch.float32, "load_model must restore the default dtype"
+    with pytest.raises(ConfigError, match="'gpu' is not a device name"):
+        load_model(world["hf_run_ckpt"], device="gpu")
+    ckpt = str(world["hf_run_ckpt"])
+    assert generate_tool.main(["--checkpoint", ckpt, "--prompt", "She", "--max-new-tokens", "3",
+                               "--dtype", "bf16"]) == 0
+    assert capsys.readouterr().out.startswith("She")

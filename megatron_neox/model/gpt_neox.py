@@ -24,7 +24,7 @@ from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
 from megatron_neox.model.transformer import KVCache, TransformerLayer
 from megatron_neox.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megatron_neox.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron_neox.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, host_init
 from megatron_neox.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -48,8 +48,10 @@ class Embedding(nn.Module):
         self.dropout = cfg.hidden_dropout
         self.word_embeddings = VocabParallelEmbedding(padded_vocab, cfg.hidden_size, group=tp_group, init_method=init)
         if cfg.position_embedding == "learned":
-            self.position_embeddings = nn.Embedding(cfg.seq_length, cfg.hidden_size)
-            init(self.position_embeddings.weight.data)
+            # Drawn before the module exists: under deepspeed.zero.Init a built module's weight is
+            # already partitioned (empty here), so initialising it afterwards would be lost.
+            weight = host_init((cfg.seq_length, cfg.hidden_size), init).to(torch.get_default_device())
+            self.position_embeddings = nn.Embedding(cfg.seq_length, cfg.hidden_size, _weight=weight)
         else:
             self.position_embeddings = None
 

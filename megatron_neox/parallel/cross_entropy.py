@@ -53,15 +53,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         softmax, not_here, local_target = ctx.saved_tensors
         # d loss / d logits = (softmax - onehot(target)) * grad_loss; the one-hot lives on one rank
-        # only. One pass writes softmax * grad_loss into a new tensor (softmax stays intact, so a
-        # retain_graph backward still works), then the target entries are overwritten with
-        # (softmax - hit) * grad_loss: the same two roundings as subtracting first, bit for bit,
-        # without a separate clone pass over the [B, T, V/tp] tensor.
+        # only. Written into the saved softmax itself (Megatron does the same): a fresh
+        # [B, T, V/tp] fp32 tensor here would be allocated at the step's peak memory. (A second
+        # backward through the graph fails on the saved tensor's version counter.) The target
+        # entries get (softmax - hit) * grad_loss: the same two roundings as subtracting first.
         index = local_target.unsqueeze(-1)
         g = grad_loss.unsqueeze(-1)
         hit = (~not_here).to(softmax.dtype).unsqueeze(-1)
         at_target = (softmax.gather(-1, index) - hit) * g
-        grad = softmax * g
+        grad = softmax.mul_(g)
         grad.scatter_(-1, index, at_target)
         return grad.to(ctx.logits_dtype), None, None
 

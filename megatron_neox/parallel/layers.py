@@ -6,8 +6,10 @@ partials are all-reduced. Column followed by row (QKV -> attention -> dense, h -
 no communication in between and one all-reduce at the end.
 
 Initialisation reproduces the unsharded model: every TP rank draws the full master weight from the
-same RNG state (so the RNG advances identically everywhere) and keeps its own shard. Biases start
-at zero.
+same RNG state (so the RNG advances identically everywhere) and keeps its own shard. The master is
+drawn on the host from the CPU generator, so a model starts from the same weights on every device
+(a GPU run can be compared with a CPU one), one weight at a time: only the shard is kept, on the
+device the layer is built for (`with torch.device(...)`, e.g. the rank's GPU). Biases start at zero.
 
 `forward` returns the output tensor, or `(output, bias)` when `skip_bias_add=True` (so the caller
 can fuse the bias add into a following op).
@@ -48,16 +50,25 @@ def default_init_method(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _sharded_parameter(full_shape: tuple[int, int], init_method: InitMethod | None,
-                       partition_dim: int, stride: int, group, params_dtype: torch.dtype
+                       partition_dim: int, stride: int, group, params_dtype: torch.dtype | None
                        ) -> nn.Parameter:
-    # Drawn in fp32 so a bf16/fp16 model starts from the same values (rounded) as an fp32 one.
-    master = torch.empty(full_shape, dtype=torch.float32)
-    with torch.no_grad():
-        (init_method or default_init_method)(master)
-        shard = shard_rows(master, group_rank(group), group_size(group), stride, dim=partition_dim)
-    param = nn.Parameter(shard.to(params_dtype))
+    shard = shard_rows(host_init(full_shape, init_method or default_init_method), group_rank(group),
+                       group_size(group), stride, dim=partition_dim)
+    param = nn.Parameter(shard.to(device=torch.get_default_device(), dtype=params_dtype or torch.get_default_dtype()))
     set_tensor_parallel_attributes(param, partition_dim, stride)
     return param
+
+
+def host_init(shape, init_method: InitMethod) -> torch.Tensor:
+    """A weight drawn by `init_method` in fp32 on the host (the same values on every device, and a
+    bf16/fp16 model starts from the fp32 one rounded). `.float()`: deepspeed.zero.Init turns every
+    new float tensor into the training dtype."""
+    if torch.get_default_device().type == "meta":  # shapes only (e.g. state_dict_shapes): draw nothing
+        return torch.empty(shape, dtype=torch.float32, device="meta")
+    master = torch.empty(shape, dtype=torch.float32, device="cpu").float()
+    with torch.no_grad():
+        init_method(master)
+    return master
 
 
 class ColumnParallelLinear(nn.Module):
@@ -73,7 +84,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, group=None, bias: bool = True,
                  gather_output: bool = False, init_method: InitMethod | None = None,
                  stride: int = 1, skip_bias_add: bool = False, sequence_parallel: bool = False,
-                 params_dtype: torch.dtype = torch.float32):
+                 params_dtype: torch.dtype | None = None):
         super().__init__()
         if gather_output and sequence_parallel:
             raise ConfigError("ColumnParallelLinear: gather_output=True cannot be combined with "
@@ -134,7 +145,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, group=None, bias: bool = True,
                  input_is_parallel: bool = True, init_method: InitMethod | None = None,
                  skip_bias_add: bool = False, reduce_output: bool = True,
-                 sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32):
+                 sequence_parallel: bool = False, params_dtype: torch.dtype | None = None):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ConfigError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
@@ -185,7 +196,7 @@ class VocabParallelEmbedding(nn.Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, group=None,
-                 init_method: InitMethod | None = None, params_dtype: torch.dtype = torch.float32):
+                 init_method: InitMethod | None = None, params_dtype: torch.dtype | None = None):
         super().__init__()
         tp = group_size(group)
         self.group = group

@@ -32,18 +32,27 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    # One collective into one buffer [n * d0, ...] (rank r's piece at row block r): a list
+    # all_gather costs NCCL an extra flatten-and-copy-out. Moving the rank axis next to `dim` then
+    # copies once, and not at all when every dim before `dim` has size 1 (e.g. batch 1).
+    n = group_size(group)
+    dim = dim % x.dim()
     x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(group_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return torch.cat(parts, dim=dim)
+    out = torch.empty((n * x.size(0),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    out = out.unflatten(0, (n, x.size(0))).movedim(0, dim)
+    return out.reshape(*x.shape[:dim], n * x.size(dim), *x.shape[dim + 1:])
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    # The input laid out as [n, ...] (rank r's piece first-dim block r; a free view when the dims
+    # before `dim` have size 1), flattened to [n * d0, ...], the shape gloo and NCCL both take.
     n = group_size(group)
-    divide(x.size(dim), n, f"tensor dimension {dim}")
-    inputs = [c.contiguous() for c in torch.chunk(x, n, dim=dim)]
-    out = torch.empty_like(inputs[0])
-    dist.reduce_scatter(out, inputs, group=group)
+    dim = dim % x.dim()
+    size = divide(x.size(dim), n, f"tensor dimension {dim}")
+    pieces = x.unflatten(dim, (n, size)).movedim(dim, 0).contiguous()
+    out = torch.empty(pieces.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, pieces.flatten(0, 1), group=group)
     return out
 
 

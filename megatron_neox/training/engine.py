@@ -19,20 +19,31 @@ from megatron_neox.training.clipping import GlobalNormClipper
 
 
 def check_precision_supported(cfg: Config) -> None:
+    from megatron_neox.hardware import check_precision_supported as check
+
+    check(cfg.precision)
+
+
+def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None
+                ) -> torch.nn.Module:
+    """The model for this rank: a PipelineModule stage (pp > 1) or the whole GPTNeoX (pp = 1).
+
+    Built on this rank's device (each tensor-parallel layer keeps only its shard); under ZeRO-3
+    inside `deepspeed.zero.Init`, so each parameter is partitioned as its module is built instead
+    of the whole model first existing on every rank.
+    """
+    import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    acc = get_accelerator()
-    if cfg.precision == "fp16" and not acc.is_fp16_supported():
-        raise ConfigError(
-            f"precision='fp16' is not supported on the {acc.device_name()} accelerator; "
-            "use precision=fp32 (or bf16 where supported)"
-        )
-    if cfg.precision == "bf16" and not acc.is_bf16_supported():
-        raise ConfigError(f"precision='bf16' is not supported on the {acc.device_name()} accelerator; use fp32")
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        where = deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=topo)
+    else:
+        where = torch.device(get_accelerator().current_device_name())
+    with where:
+        return _build_model(cfg, topo, checkpoint_fn)
 
 
-def build_model(cfg: Config, topo: Topology, checkpoint_fn=None) -> torch.nn.Module:
-    """The model for this rank: a PipelineModule stage (pp > 1) or the whole GPTNeoX (pp = 1)."""
+def _build_model(cfg: Config, topo: Topology, checkpoint_fn=None) -> torch.nn.Module:
     m, seed = cfg.model, cfg.train.seed
     model_parallel_seed(seed, topo)
     padded = m.padded_vocab(topo.tp)
@@ -61,7 +72,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            # ds_shape: under deepspeed.zero.Init a parameter's own data is an empty placeholder.
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -78,18 +90,15 @@ class BuiltEngine(NamedTuple):
 def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
     """The engine for this rank; the DeepSpeed config is emitted from `cfg` on `layout`."""
     import deepspeed
-
-    check_precision_supported(cfg)
-    ds_config = cfg.deepspeed_config(layout)
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":
-        # DeepSpeed would compile its fused Adam for the CPU at start-up; torch's AdamW is as fast
-        # here and needs no build. On GPUs DeepSpeed's fused kernel stays the default.
-        ds_config["optimizer"]["params"].setdefault("torch_adam", True)
-        # torch's fused CPU AdamW: ~5x faster than its per-parameter loop (measured by
-        # benchmarks/parallel_overhead.py), same results to 1 ulp.
-        ds_config["optimizer"]["params"].setdefault("fused", True)
+    from megatron_neox.training.precision import choose_adam, resolve_for_world
+
+    check_precision_supported(cfg)
+    cfg = resolve_for_world(cfg, layout.world_size)  # zero.stage / overlap_comm 'auto' -> numbers
+    ds_config = cfg.deepspeed_config(layout)
+    for key, value in choose_adam(get_accelerator().device_name())[0].items():
+        ds_config["optimizer"]["params"].setdefault(key, value)
     checkpoint_fn = None
     if cfg.activation_checkpointing.interval:
         deepspeed.checkpointing.configure(topo, deepspeed_config=ds_config)
@@ -97,7 +106,7 @@ def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
     own_clip = GlobalNormClipper.needed(cfg)
     if own_clip:
         ds_config["gradient_clipping"] = 0.0
-    model = build_model(cfg, topo, checkpoint_fn)
+    model = build_model(cfg, topo, checkpoint_fn, ds_config)
     kwargs = {} if topo.pp > 1 else {"mpu": topo}
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_config, **kwargs

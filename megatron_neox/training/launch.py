@@ -5,7 +5,7 @@ the run's `Layout` once and builds its `Topology` from it; the trainer, the test
 benchmarks call it before building an engine.
 """
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,26 @@ def init_distributed(timeout_minutes: int = 30) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    bind_local_device()  # before the process group: NCCL binds it to cuda:LOCAL_RANK
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+
+
+def bind_local_device() -> Optional[int]:
+    """Pick this rank's GPU and make it current, before the process group exists; None without GPUs.
+
+    DeepSpeed builds NCCL's process group with `device_id=cuda:LOCAL_RANK`. Under `srun` with
+    per-task binding (`--gpus-per-task=1`, `--gpu-bind=single:1`) every task sees one GPU as cuda:0
+    while SLURM_LOCALID (our LOCAL_RANK) counts the node's tasks: LOCAL_RANK = 3 would name a device
+    that does not exist. The device is LOCAL_RANK modulo the visible devices, written back to
+    LOCAL_RANK so DeepSpeed's engine and process group use the same one.
+    """
+    if not torch.cuda.is_available():
+        return None
+    visible = torch.cuda.device_count()
+    device = int(os.environ.get("LOCAL_RANK", "0")) % visible
+    os.environ["LOCAL_RANK"] = str(device)
+    torch.cuda.set_device(device)
+    return device
 
 
 def _first_slurm_host() -> str:

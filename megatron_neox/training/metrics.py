@@ -26,16 +26,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from megatron_neox import hardware
 from megatron_neox.config import Config
 from megatron_neox.model.gpt_neox import count_parameters
-
-# Dense peak TFLOP/s per GPU from the vendors' data sheets (no sparsity).
-PEAK_TFLOPS = {
-    ("V100", "fp16"): 125.0, ("V100", "fp32"): 15.7,
-    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
-    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "fp32"): 67.0,
-}
-
 
 def flops_per_token(cfg: Config, recompute: Optional[bool] = None) -> Dict[str, float]:
     m = cfg.model
@@ -51,34 +44,15 @@ def flops_per_token(cfg: Config, recompute: Optional[bool] = None) -> Dict[str, 
     return {"model": float(model), "hardware": float(hardware)}
 
 
-def measure_peak_tflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.5) -> float:
-    """A quick matmul probe of this device's attainable TFLOP/s (used for peak_tflops='measure')."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b  # warm-up
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e12
-
-
 def resolve_peak_tflops(cfg: Config) -> float:
+    """Peak TFLOP/s per rank for MFU: log.peak_tflops if a number, else the data sheet of this GPU
+    (megatron_neox.hardware), else a matmul probe ('measure' always probes)."""
     peak = cfg.log.peak_tflops
     if isinstance(peak, (int, float)):
         return float(peak)
-    precision = cfg.precision
-    if peak == "auto" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for (gpu, prec), value in PEAK_TFLOPS.items():
-            if gpu in name and prec == precision:
-                return value
-    # No GPU we know (or 'measure'): probe the device.
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    return measure_peak_tflops(dtype if torch.cuda.is_available() else torch.float32)
+    if peak == "measure":
+        return hardware.measure_peak_tflops(cfg.precision if torch.cuda.is_available() else "fp32")
+    return hardware.peak_tflops(cfg.precision)[0]
 
 
 def memory_gb() -> float:

@@ -143,11 +143,12 @@ class _Run:
 
 def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState) -> str:
     from megatron_neox.model.gpt_neox import count_parameters
+    from megatron_neox.training.precision import describe_setup
 
     params = count_parameters(cfg.model, topo.tp)["total"]
     return (f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "
             f"micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {topo.dp} = global "
-            f"{layout.global_batch_size} | {cfg.precision} | ZeRO-{cfg.zero.stage} | "
+            f"{layout.global_batch_size} | {cfg.precision} | {describe_setup(cfg, layout.dp)} | "
             f"{iters} steps from step {state.iteration}")
 
 

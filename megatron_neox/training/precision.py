@@ -1,0 +1,122 @@
+"""Precision and ZeRO rules: which combinations train correctly, which stage `auto` picks, which
+Adam runs.
+
+What DeepSpeed 0.19.8 does (read in runtime/engine.py, reproduced on CPU with the fp16 check patched):
+
+- Without ZeRO, fp16 runs `FP16_Optimizer`, but `engine.backward` multiplies the loss by the loss
+  scale only for ZeRO optimizers, while `FP16_Optimizer.step` still divides the gradients by it:
+  updates come out ~scale times too small, no overflow is ever seen and the scale grows without
+  bound. bf16 without ZeRO accumulates gradients in bf16 (at pp = 1 through the same optimizer,
+  which also takes a dummy Adam step at construction). Neither can be fixed from outside without
+  replacing DeepSpeed's optimizer, so both are refused: ZeRO-1 is the mixed-precision optimizer
+  (fp32 master weights, fp32 gradient accumulation, a loss-scaled backward, a true grad norm), and
+  at one data-parallel rank it shards nothing and needs no more memory.
+- fp32 at one data-parallel rank: ZeRO-1 shards nothing and only copies gradients through its
+  buckets (`benchmarks/parallel_overhead.py --part a`: 0.84x Hugging Face's step at ZeRO-1 vs 1.19x
+  at ZeRO-0 on one CPU rank), so `auto` picks ZeRO-0 there (with our global-norm clipper).
+- `overlap_comm` works at ZeRO 1-3 without a pipeline (the pipeline engine turns it off with a
+  warning); it only pays off with more than one data-parallel rank, where it overlaps the gradient
+  reduction with the backward pass at the cost of a second reduce bucket.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List
+
+if TYPE_CHECKING:  # config imports this module inside a validator
+    from megatron_neox.config import Config
+
+AUTO = "auto"
+
+
+def precision_problems(cfg: "Config") -> List[str]:
+    """Combinations of precision, ZeRO and parallelism that cannot train correctly, each with the fix."""
+    problems = []
+    stage, prec = cfg.zero.stage, cfg.precision
+    if prec != "fp32" and stage == 0:
+        why = ("DeepSpeed's optimizer without ZeRO never multiplies the loss by the loss scale but still "
+               "divides the gradients by it (updates ~scale times too small, the scale grows without bound)"
+               if prec == "fp16" else
+               "DeepSpeed without ZeRO accumulates the gradients in bf16 and its bf16 optimizer takes a dummy "
+               "step at construction")
+        problems.append(
+            f"precision={prec} with zero.stage=0 is refused: {why}. Use zero.stage=1 (or 'auto'): it keeps fp32 "
+            "master weights and gradients, and at one data-parallel rank it shards nothing")
+    ac, p = cfg.activation_checkpointing, cfg.parallel
+    if p.sequence_parallel and p.tp > 1 and ac.interval and ac.partition_activations:
+        problems.append(
+            "activation_checkpointing.partition_activations=true with parallel.sequence_parallel=true is refused: "
+            "DeepSpeed splits each checkpointed input across the tensor-parallel ranks assuming they all hold the "
+            "same activation, but under sequence parallelism each holds a different slice of the sequence (wrong "
+            "gradients; Megatron refuses it too). Sequence parallelism already shards those activations by tp: "
+            "set activation_checkpointing.partition_activations=false")
+    if stage == 0 and cfg.zero.offload_optimizer != "none":
+        problems.append("zero.offload_optimizer needs zero.stage >= 1 (or 'auto')")
+    return problems
+
+
+@dataclass(frozen=True)
+class ZeroChoice:
+    stage: int
+    overlap_comm: bool
+    why: str  # for the start-up line, e.g. "auto: one data-parallel rank, fp32"
+
+
+def choose_zero(cfg: "Config", dp: int) -> ZeroChoice:
+    """The ZeRO stage and overlap_comm this run uses on `dp` data-parallel ranks."""
+    z = cfg.zero
+    if z.stage == AUTO:
+        if cfg.precision != "fp32":
+            stage, why = 1, f"auto: {cfg.precision} needs the ZeRO optimizer's fp32 master weights"
+        elif z.offload_optimizer != "none":
+            stage, why = 1, "auto: optimizer offload"
+        elif dp == 1:
+            stage, why = 0, "auto: one data-parallel rank, nothing to shard"
+        else:
+            stage, why = 1, f"auto: {dp} data-parallel ranks"
+    else:
+        stage, why = int(z.stage), "set"
+    overlap = z.overlap_comm
+    if overlap is None:  # auto: where DeepSpeed allows it and there is a reduction to overlap
+        overlap = stage >= 1 and cfg.parallel.pp == 1 and dp > 1
+    return ZeroChoice(stage, bool(overlap), why)
+
+
+def resolve_for_world(cfg: "Config", world_size: int) -> "Config":
+    """`cfg` with zero.stage and zero.overlap_comm made concrete for `world_size` ranks.
+
+    Code that reads cfg.zero after this sees numbers, and a checkpoint records what really ran.
+    """
+    choice = choose_zero(cfg, cfg.layout(world_size).dp)
+    if cfg.zero.stage == choice.stage and cfg.zero.overlap_comm == choice.overlap_comm:
+        return cfg
+    zero = cfg.zero.model_copy(update={"stage": choice.stage, "overlap_comm": choice.overlap_comm})
+    return cfg.model_copy(update={"zero": zero})
+
+
+def choose_adam(device_type: str) -> tuple[Dict[str, Any], str]:
+    """Extra DeepSpeed optimizer params and a description of the Adam that will run.
+
+    DeepSpeed's own FusedAdam is JIT-compiled with nvcc at the first `deepspeed.initialize` unless
+    the wheel was built with it (DS_BUILD_FUSED_ADAM=1; `ds_report` lists it under installed ops).
+    A PyPI CUDA torch usually has no toolkit, so we take DeepSpeed's kernel only when it is prebuilt
+    and torch's fused AdamW otherwise (one multi-tensor kernel on CUDA; on CPU ~5x faster than the
+    per-parameter loop, measured by benchmarks/parallel_overhead.py, same results to 1 ulp).
+    """
+    if device_type == "cuda" and fused_adam_prebuilt():
+        return {}, "DeepSpeed FusedAdam (prebuilt)"
+    return {"torch_adam": True, "fused": True}, "torch fused AdamW"
+
+
+def describe_setup(cfg: "Config", dp: int) -> str:
+    """For the start-up line: the ZeRO stage (and why, when `auto` chose it) and the Adam that runs."""
+    from deepspeed.accelerator import get_accelerator
+
+    zero = choose_zero(cfg, dp)
+    return f"ZeRO-{zero.stage} ({zero.why}) | {choose_adam(get_accelerator().device_name())[1]}"
+
+
+def fused_adam_prebuilt() -> bool:
+    from deepspeed.git_version_info import installed_ops
+
+    return bool(installed_ops.get("fused_adam", False))
