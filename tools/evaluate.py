@@ -55,7 +55,8 @@ def perplexity(loaded, data_prefixes, split: str, iters, tok) -> dict:
     batch_options = loader_options(data, tok.eod_id if tok is not None else None, fix="pass --tokenizer")
     index = SPLITS.index(split)
     sizes = tuple(iters * global_batch if i == index else 0 for i in range(3))
-    datasets = build_datasets(data, seq_length=loaded.model_config.seq_length, seed=seed, num_samples=sizes)
+    datasets = build_datasets(data, seq_length=loaded.model_config.seq_length, seed=seed, num_samples=sizes,
+                              vocab_size=loaded.model_config.vocab_size)
     ds = datasets[index]
     if ds is None:
         raise ConfigError(f"data.split={data.split!r} leaves no documents in the {split} split of {data.prefixes}")
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     if (args.iters is not None and args.iters < 1) or args.people < 1:
         p.error("--iters and --people must be >= 1")
 
+    from megatron_neox.data.corpus import check_facts_file
     from megatron_neox.errors import ConfigError
     from megatron_neox.generate import check_tokenizer_fits, load_model, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
@@ -152,6 +154,7 @@ def main(argv=None) -> int:
             if tok is None:
                 raise ConfigError("--facts needs a tokenizer: pass --tokenizer (the checkpoint's run config names none "
                                   "that exists here)")
+            check_facts_file(args.facts)
             results = knowledge_probe(loaded, tok, Path(args.facts), args.people)
             correct = sum(c for c, _ in results.values())
             total = sum(n for _, n in results.values())
