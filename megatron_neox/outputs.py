@@ -36,8 +36,11 @@ def check_run_dirs(cfg) -> None:
 
 def protected_kind(path: os.PathLike) -> Optional[str]:
     """What a directory holds that an output must never replace: a checkpoint or a training run."""
+    from megatron_neox.training.checkpoint import COMPLETE, has_checkpoint
+
     path = Path(path)
-    if (path / "latest").is_file() or (path / "complete.json").is_file() or any(path.glob("global_step*/")):
+    # A global_stepN/ without its marker is a save in progress or one that was cut: still a checkpoint.
+    if has_checkpoint(path) or (path / COMPLETE).is_file() or any(path.glob("global_step*/")):
         return "a checkpoint"
     if (path / "metrics.jsonl").is_file():
         return "a training run (metrics.jsonl)"
