@@ -40,8 +40,8 @@ from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, 
 from megatron_neox.errors import CheckpointError, ConfigError
 from megatron_neox.layout import split_problems
 from megatron_neox.model.gpt_neox import state_dict_shapes
-from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_contents,
-                                              verify_files
+from megatron_neox.training.checkpoint import (CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_contents,
+                                              verify_files)
 
 WEIGHTS_TAG = "global_step0"
 
