@@ -338,23 +338,25 @@ class IndexedDataset:
         n, item = len(self.sizes), self.dtype.itemsize
         start = 0  # byte offset of the current chunk's first sequence
         for a in range(0, n, _CHECK_CHUNK):
-            sizes = self.sizes[a:a + _CHECK_CHUNK].astype(np.int64)
-            neg = np.flatnonzero(sizes < 0)
-            if neg.size:
-                i = a + int(neg[0])
-                raise DataError(f"{idx_path}: sequence {i} has size {int(sizes[neg[0]])}, expected >= 0 "
+            sizes = self.sizes[a:a + _CHECK_CHUNK]
+            if sizes.min() < 0:
+                i = a + int(np.argmax(sizes < 0))
+                raise DataError(f"{idx_path}: sequence {i} has size {int(self.sizes[i])}, expected >= 0 "
                                 "(a corrupt index; re-create it with tools/preprocess_data.py)")
-            expected = start + np.concatenate(([0], np.cumsum(sizes[:-1]))) * item
-            bad = np.flatnonzero(self.pointers[a:a + _CHECK_CHUNK] != expected)
-            if bad.size:
-                i = a + int(bad[0])
-                raise DataError(f"{idx_path}: sequence {i} has pointer {int(self.pointers[i])}, expected "
-                                f"{int(expected[bad[0]])} (sequences are stored back to back in .bin); "
-                                "the index is corrupt, re-create it with tools/preprocess_data.py")
-            start = int(expected[-1]) + int(sizes[-1]) * item if len(sizes) else start
-        steps = np.flatnonzero(np.diff(self.doc_idx) < 0)
-        if steps.size:
-            j = int(steps[0])
+            ends = np.cumsum(sizes, dtype=np.int64)  # where each sequence ends, in bytes from `start`
+            ends *= item
+            ends += start
+            ptrs = self.pointers[a:a + _CHECK_CHUNK]
+            if ptrs[0] != start or np.any(ptrs[1:] != ends[:-1]):
+                j = 0 if ptrs[0] != start else 1 + int(np.argmax(ptrs[1:] != ends[:-1]))
+                want = start if j == 0 else int(ends[j - 1])
+                raise DataError(f"{idx_path}: sequence {a + j} has pointer {int(ptrs[j])}, expected {want} "
+                                "(sequences are stored back to back in .bin); the index is corrupt, re-create it "
+                                "with tools/preprocess_data.py")
+            start = int(ends[-1])
+        down = self.doc_idx[1:] < self.doc_idx[:-1]
+        if down.any():
+            j = int(np.argmax(down))
             raise DataError(f"{idx_path}: doc_idx[{j + 1}] = {int(self.doc_idx[j + 1])} is below doc_idx[{j}] = "
                             f"{int(self.doc_idx[j])}; expected non-decreasing sequence indices (a corrupt index)")
         return start
