@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_neox.errors import CheckpointError, ConfigError
-from megatron_neox.training.checkpoint import COMPLETE, complete_tags, read_meta, verify_contents, verify_manifest
+from megatron_neox.training.checkpoint import (COMPLETE, complete_tags, file_manifest, read_meta, verify_contents,
+                                              verify_manifest)
 
 
 def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str] = None, workers: int = 2) -> Path:
@@ -52,7 +53,7 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise CheckpointError(f"{src}: DeepSpeed's ds_to_universal failed:\n{tail}")
-        meta.update(universal=True, source=str(src))
+        meta.update(universal=True, source=str(src), files=file_manifest(tmp / tag))  # its own files, not the source's
         (tmp / tag / COMPLETE).write_text(json.dumps(meta, indent=1))
         final = out_dir / tag
         if final.exists():
