@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Train a GPT-NeoX-family model.
 
-    deepspeed --num_gpus 8 launch/train.py --config 20B.json --set train.iters=100
+    python launch/run.py deepspeed --num_gpus 8 launch/train.py --config 20B.json --set train.iters=100
+    deepspeed --num_gpus 8 launch/train.py --config 20B.json   # the same, but a stop signal cannot save
     deepspeed --hostfile hosts launch/train.py --config pythia-1B.json
     torchrun --nproc_per_node 8 launch/train.py --config 125M.json
     srun python launch/train.py --config 20B.json          # SLURM_PROCID etc. are mapped
@@ -27,17 +28,22 @@ def main(argv=None) -> int:
     from megatron_neox.errors import MegatronNeoxError
     from megatron_neox.config import load_config
     from megatron_neox.training.launch import configure_threads
+    from megatron_neox.training.preemption import report_exit
 
+    code, stopped = 1, False
     try:
         cfg = load_config(args.config, args.overrides)
         configure_threads()
         from megatron_neox.training.trainer import train
 
-        train(cfg)
+        stopped = train(cfg).stopped_by_signal
+        code = 0
     except MegatronNeoxError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+        code = 2
+    finally:
+        report_exit(code, stopped)  # for launch/run.py, when it supervises this rank
+    return code
 
 
 if __name__ == "__main__":

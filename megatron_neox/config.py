@@ -13,11 +13,12 @@ import difflib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megatron_neox.data.blended import split_weights
 from megatron_neox.errors import ConfigError
@@ -328,6 +329,12 @@ class DataConfig(Section):
             raise ValueError(f"data.{e}") from None
         return self
 
+    @field_validator("split", mode="before")
+    @classmethod
+    def _split_from_number(cls, v):
+        # `--set data.split=100` parses as the JSON number 100.
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
 
 class TokenizerConfig(Section):
     path: Optional[str] = None
@@ -501,20 +508,51 @@ def resolve_config_path(name: Union[str, os.PathLike]) -> Path:
     raise ConfigError(f"config {str(name)!r} not found (as a path or in {CONFIG_DIR}){hint}")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _json_object(pairs: List[tuple]) -> Dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if dup is not None:
+        raise _DuplicateKey(dup)
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error, not last-one-wins."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}: only the last value would count: keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_config_file(path: Path) -> Dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
             raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=_json_object)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+        except _DuplicateKey as e:
+            key = e.args[0]
+            lines = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text)]
+            raise ConfigError(f"{path}: duplicate key {key!r} (at lines {', '.join(map(str, lines))}); only the last "
+                              "value would count: keep one") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, found {type(data).__name__}")
     return data
@@ -567,8 +605,18 @@ def _valid_keys(model_cls: type, loc: tuple) -> List[str]:
     return list(getattr(cls, "model_fields", {}))
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = []
+def _override_for(loc: tuple, message: str, overrides: Dict[tuple, str]) -> Optional[str]:
+    """The `--set` an error at `loc` comes from: one setting that key or a key under it, or, for a
+    check of a whole section, one whose key the message names."""
+    for path, text in overrides.items():
+        n = min(len(path), len(loc))
+        if loc[:n] == path[:n] and (len(loc) >= len(path) or ".".join(path) in message):
+            return text
+    return None
+
+
+def _format_validation_error(err: ValidationError, source: str, overrides: Optional[Dict[tuple, str]] = None) -> str:
+    lines, from_file = [], False
     for e in err.errors():
         loc = tuple(str(x) for x in e["loc"])
         key = ".".join(loc) or "(top level)"
@@ -584,21 +632,28 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(msg if not loc else f"{key}: {msg}")
         else:
             lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    return f"{source}: invalid config:\n  " + "\n  ".join(lines)
+        text = _override_for(loc, lines[-1], overrides or {})
+        if text is not None:
+            lines[-1] = f"--set {text}: {lines[-1]}"
+        from_file = from_file or text is None
+    head = source if from_file else "command line"
+    return f"{head}: invalid config:\n  " + "\n  ".join(lines)
 
 
-def config_from_dict(data: Dict[str, Any], source: str = "<config>") -> Config:
+def config_from_dict(data: Dict[str, Any], source: str = "<config>", overrides: Optional[List[str]] = None) -> Config:
+    """Validate `data`; errors name `source`, or the `--set` (from `overrides`) that caused them."""
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, source)) from None
+        by_path = {tuple(parse_override(t)[0]): t for t in overrides or []}
+        raise ConfigError(_format_validation_error(e, source, by_path)) from None
 
 
 def load_config(path_or_name: Union[str, os.PathLike], overrides: Optional[List[str]] = None) -> Config:
     """Read, override and validate a config; every problem is a ConfigError naming the key."""
     path = resolve_config_path(path_or_name)
     data = apply_overrides(read_config_file(path), overrides or [])
-    return config_from_dict(data, source=str(path))
+    return config_from_dict(data, source=str(path), overrides=overrides)
 
 
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:

@@ -1,8 +1,10 @@
 """Exception types shared by the library and the command-line tools.
 
 Every user-facing error names the file, key or line at fault, what was found and what was
-expected. Tools catch `MegatronNeoxError`, print its message and exit with status 2.
+expected. Tools catch `MegatronNeoxError` and `OSError`, print `error_message(e)` and exit
+with status 2.
 """
+import errno
 
 
 class MegatronNeoxError(Exception):
@@ -24,3 +26,14 @@ class CheckpointError(MegatronNeoxError, RuntimeError):
 class CheckpointMismatch(CheckpointError):
     """An intact checkpoint that belongs to another model or layout: resuming falls back to no
     older checkpoint (they would not match either); the user must point elsewhere or reshard."""
+
+
+def error_message(e: BaseException) -> str:
+    """What a tool prints after 'error: ' for `e`: our errors' own message; for an OSError (an
+    unwritable output, a full disk) the path and the reason instead of a traceback."""
+    if isinstance(e, OSError) and not isinstance(e, MegatronNeoxError):
+        reason = e.strerror or str(e)
+        paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p)
+        hint = "; choose a location you can write to" if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else ""
+        return f"{paths}: {reason}{hint}" if paths else f"{reason}{hint}"
+    return str(e)

@@ -228,7 +228,7 @@ def test_sbatch_two_nodes_train_with_dp2_save_on_usr1_and_requeue(tmp_path):
     assert meta["layout"] == {"pp": 1, "tp": 1, "dp": 2}
 
 
-# A stand-in for the deepspeed launcher and its ranks, for the batch script's own logic: records its
+# A stand-in for the deepspeed launcher and its ranks (run by launch/run.py), for the batch script's own logic: records its
 # arguments, and with FAKE_WAIT=1 waits for SIGUSR1 (handled as the trainer does) and exits FAKE_RC.
 FAKE_DEEPSPEED = """#!{python}
 import json, os, signal, sys, time
@@ -237,6 +237,8 @@ got = []
 signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
 with open(log + ".args", "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
+# As a rank does once its handlers are installed, so that launch/run.py forwards the signal to it.
+open(os.path.join(os.environ["MEGATRON_NEOX_SUPERVISOR_DIR"], "rank-%d.json" % os.getpid()), "w").write("{{}}")
 if os.environ.get("FAKE_WAIT") == "1":
     open(log + ".ready." + os.environ["SLURM_NODEID"], "w").close()
     deadline = time.monotonic() + 60  # the signal never came: exit rather than linger
@@ -373,3 +375,70 @@ def test_plot_metrics_writes_a_png_and_names_a_malformed_line(deepspeed_run, tmp
     assert r.returncode == 2
     assert f"{bad}:2:" in r.stderr and "malformed JSON" in r.stderr
     assert not (tmp_path / "bad.png").exists()
+
+
+# ---- (e) launch/run.py: a stop signal through the real deepspeed launchers saves and exits 0 ------
+
+RUN = os.path.join(REPO, "launch", "run.py")
+
+
+def _losses(log_dir: Path) -> dict:
+    return {r["step"]: r["loss"] for r in _records(log_dir) if "loss" in r}
+
+
+@pytest.mark.parametrize("target", ["pid", "group", "launch.py"])
+def test_run_py_deepspeed_stop_signal_saves_exits_0_and_resumes_exactly(tmp_path, target):
+    """`python launch/run.py deepspeed --num_gpus 2 ...` and SIGTERM to its pid, to its process group
+    (a terminal, SLURM's pgid tracking) or to deepspeed.launcher.launch (what SLURM's cgroup
+    tracking also signals; it exits 1 by itself): the ranks finish the step, save and exit, and the
+    command exits 0. For the pid, the run then resumes and gives the losses of an uninterrupted run."""
+    import psutil
+
+    cfg = _write_config(tmp_path, train__iters=300)
+    log_dir, out = tmp_path / "log", tmp_path / "run.out"
+
+    def supervised(*extra):
+        return _start([PYTHON, RUN, DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
+                       "--config", str(cfg), *extra], _env(), out)
+
+    proc = supervised()
+    try:
+        _wait_for_step(log_dir, 2, [proc], out, timeout=120)
+        if target == "pid":
+            proc.send_signal(signal.SIGTERM)
+        elif target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            (launch,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                         if "deepspeed.launcher.launch" in " ".join(p.cmdline())]
+            launch.send_signal(signal.SIGTERM)
+        (rc,) = _wait_all([proc], out, timeout=90)
+    finally:
+        _kill_all([proc])
+    assert rc == 0, _tail(out)
+    steps = _train_steps(log_dir)
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 300
+    iteration, meta = _latest_checkpoint(tmp_path / "ckpt")
+    assert iteration == steps[-1] and meta["layout"]["dp"] == 2  # the step in flight, saved
+    if target == "launch.py":
+        assert "the launcher exited 1 after a stop signal, but all 2 ranks saved and exited 0" in out.read_text()
+    if target != "pid":
+        return
+
+    proc = supervised("--set", "train.exit_interval=2")
+    try:
+        (rc,) = _wait_all([proc], out, timeout=120)
+    finally:
+        _kill_all([proc])
+    assert rc == 0, _tail(out)
+    assert f"(iteration {iteration})" in out.read_text()
+    resumed = _losses(log_dir)
+
+    ref_cfg = _write_config(tmp_path / "ref", train__iters=300)  # the same run, never interrupted
+    ranks = _launch_two_ranks(ref_cfg, tmp_path / "ref.out", "--set", f"train.exit_interval={iteration + 2}")
+    try:
+        assert _wait_all(ranks, tmp_path / "ref.out", timeout=120) == [0, 0], _tail(tmp_path / "ref.out")
+    finally:
+        _kill_all(ranks)
+    reference = _losses(tmp_path / "ref" / "log")
+    assert [resumed[s] for s in (iteration + 1, iteration + 2)] == [reference[s] for s in (iteration + 1, iteration + 2)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
 CONFIG_NAME = "train_config.json"
 
@@ -88,8 +88,8 @@ def main(argv=None) -> int:
                                      source=str(hf_dir.resolve()))
         if args.config_out:
             Path(args.config_out).write_text(json.dumps(cfg_dict, indent=2) + "\n")
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in sd.values())
     print(f"wrote {out} ({n:,} parameters, pp={args.pp} tp={args.tp}, vocab padded to {padded})")

@@ -7,7 +7,9 @@
 `--checkpoint` is a checkpoint directory (its `latest` is used) or one global_stepN inside it.
 Writes config.json, model.safetensors, generation_config.json (the vocab-padding ids are
 suppressed, so HF's generate never emits them) and, when a tokenizer is given or the run config
-names one that exists, tokenizer.json. Exit status 2 on a missing, partial or corrupt checkpoint.
+names one that exists, tokenizer.json. An existing non-empty --out is replaced only with --overwrite,
+and never when it holds a checkpoint or a training run. Exit status 2 on a missing, partial or
+corrupt checkpoint, or an --out that cannot be written.
 """
 import argparse
 import os
@@ -16,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -27,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory for the Hugging Face model")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weight dtype of the export (default fp32)")
     p.add_argument("--tokenizer", help="tokenizer.json to include (default: the run config's tokenizer.path)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (never one holding a checkpoint or a training run)")
     args = p.parse_args(argv)
 
     import torch
@@ -34,9 +38,11 @@ def main(argv=None) -> int:
     from megatron_neox.convert.checkpoint_io import load_full_state_dict
     from megatron_neox.convert.hf import save_hf
     from megatron_neox.generate import check_tokenizer_fits, tokenizer_path
+    from megatron_neox.outputs import check_output_dir
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
+        check_output_dir(args.out, args.overwrite)  # before the (long) load
         ck = load_full_state_dict(args.checkpoint)
         cfg, padded, sd = ck.model, ck.padded_vocab, ck.state_dict
         tok_file = args.tokenizer or tokenizer_path(ck.run)
@@ -52,8 +58,8 @@ def main(argv=None) -> int:
         out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,
                       dtype=getattr(torch, DTYPES[args.dtype]))
         _write_generation_config(out, eod, vocab, padded)
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in sd.values())
     print(f"wrote {out}: {n:,} parameters ({args.dtype}), vocab {vocab} padded to {padded}"

@@ -64,6 +64,7 @@ def main(argv=None) -> int:
 
     import torch
 
+    from megatron_neox.data.corpus import check_facts_file
     from megatron_neox.errors import ConfigError
     from megatron_neox.evaluation.backends import MergedModel
     from megatron_neox.evaluation.lm import NeoXLM
@@ -99,6 +100,7 @@ def main(argv=None) -> int:
         if args.facts:
             from megatron_neox.evaluation.knowledge import knowledge_probe
 
+            check_facts_file(args.facts)
             results = knowledge_probe(lm, Path(args.facts), args.people)
             params = sum(t.numel() for t in loaded.model.parameters())
             correct = sum(r.correct for r in results.values())

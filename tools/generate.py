@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.cli import finite_float  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,9 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (follows `latest`) or DIR/global_stepN")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this mass")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling: smallest set with this mass")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: random)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run config's tokenizer.path)")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:1, ...")
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
         check_tokenizer_fits(tok, loaded.padded_vocab)
         text = generate_text(loaded, tok, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     print(args.prompt + text)
     return 0

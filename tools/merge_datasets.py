@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from megatron_neox.data.indexed import IndexedDataset, merge_datasets  # noqa: E402
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,8 +31,8 @@ def main(argv=None) -> int:
         tokens = int(out.sizes.sum(dtype="int64"))
         print(f"wrote {args.output_prefix}.bin/.idx: {out.num_documents} documents, {len(out)} sequences, "
               f"{tokens} tokens ({out.dtype.name}) from {len(args.inputs)} inputs in {time.time() - t0:.1f}s")
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -24,12 +24,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from megatron_neox.convert.universal import to_universal
-    from megatron_neox.errors import MegatronNeoxError
+    from megatron_neox.errors import MegatronNeoxError, error_message
 
     try:
         out = to_universal(args.checkpoint, args.out, tag=args.tag, workers=args.workers)
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     print(f"wrote universal checkpoint {out}; resume with --set checkpoint.load={args.out}")
     return 0

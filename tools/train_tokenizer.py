@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from megatron_neox.data.readers import iter_documents  # noqa: E402
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
+from megatron_neox.outputs import check_writable_dir  # noqa: E402
 from megatron_neox.tokenizer import domain_token, load_tokenizer, save_tokenizer, train_bpe  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
     args = p.parse_args(argv)
     try:
+        check_writable_dir(Path(args.out).resolve().parent, f"--out {args.out}: parent directory")  # before training
         t0 = time.time()
         bad: list[str] = []
         docs = iter_documents(args.input, key=args.jsonl_key, skip_bad_lines=args.skip_bad_lines, bad_lines=bad)
@@ -38,8 +40,8 @@ def main(argv=None) -> int:
                                 min_frequency=args.min_frequency, show_progress=sys.stderr.isatty())
         save_tokenizer(hf, args.out)
         tok = load_tokenizer(args.out)  # proves the file loads, and reports which encoder applies
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: vocab {tok.vocab_size} (BPE {hf.get_vocab_size(with_added_tokens=False)}) "
           f"in {time.time() - t0:.1f} s; eod id {tok.eod_id}, pad id {tok.pad_id}")

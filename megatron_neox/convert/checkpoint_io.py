@@ -40,7 +40,8 @@ from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, 
 from megatron_neox.errors import CheckpointError, ConfigError
 from megatron_neox.layout import split_problems
 from megatron_neox.model.gpt_neox import state_dict_shapes
-from megatron_neox.training.checkpoint import CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_files
+from megatron_neox.training.checkpoint import (CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_contents,
+                                              verify_files)
 
 WEIGHTS_TAG = "global_step0"
 
@@ -58,6 +59,7 @@ def _load_pt(path: Path) -> Any:
     """torch.load (tensors and plain containers only) with the failure named: missing, truncated or corrupt."""
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (the checkpoint's layout says this file must exist)")
+    verify_contents(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError/zip errors

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from pydantic import ValidationError
 
 from megatron_neox.config import ModelConfig
 from megatron_neox.errors import CheckpointError, ConfigError
+from megatron_neox.outputs import replace_dir
 
 # Our activation name -> HF's (ACT2FN): "gelu" is exact erf GELU, "gelu_new" the tanh form.
 _HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -182,7 +184,8 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
     """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained` loads.
 
     Written into a temporary directory beside `out_dir` and renamed into place, so an
-    interrupted export never leaves a directory that looks complete.
+    interrupted export never leaves a directory that looks complete. The caller decides whether
+    an existing `out_dir` may be replaced (`outputs.check_output_dir`).
     """
     from safetensors.torch import save_file
 
@@ -202,9 +205,7 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
                 "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
             }, indent=2))
         chmod_like_umask(tmp)  # mkdtemp and safetensors create owner-only files
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -228,18 +229,38 @@ def load_hf(hf_dir: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
-    hf_cfg = GPTNeoXConfig.from_pretrained(hf_dir)
+    try:
+        hf_cfg = GPTNeoXConfig.from_pretrained(hf_dir)
+        model = model_config_from_hf(hf_cfg)
+        ModelConfig(**model)  # sizes that do not fit together fail here, named, not while converting
+    except ConfigError as e:
+        raise ConfigError(f"{hf_dir / 'config.json'}: {e}") from None
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})"
+                             for err in e.errors())
+        raise ConfigError(f"{hf_dir / 'config.json'}: sizes that make no model: {problems}") from None
+    except Exception as e:  # transformers: OSError/ValueError for bad JSON; TypeError etc. for bad values
+        raise ConfigError(f"{hf_dir / 'config.json'}: not a usable GPTNeoX config "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
     sd: Dict[str, torch.Tensor] = {}
     files = sorted(hf_dir.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
 
-        for f in files:
-            sd.update(load_file(str(f)))
+        loader = lambda f: load_file(str(f))  # noqa: E731
     else:
-        bins = sorted(hf_dir.glob("pytorch_model*.bin"))
-        if not bins:
+        files = sorted(hf_dir.glob("pytorch_model*.bin"))
+        if not files:
             raise CheckpointError(f"{hf_dir}: no *.safetensors or pytorch_model*.bin weights")
-        for f in bins:
-            sd.update(torch.load(f, map_location="cpu", weights_only=True))
-    return model_config_from_hf(hf_cfg), sd
+        loader = lambda f: torch.load(f, map_location="cpu", weights_only=True)  # noqa: E731
+    for f in files:
+        try:
+            sd.update(loader(f))
+        except Exception as e:  # safetensors' SafetensorError, torch's zip/unpickling errors
+            raise CheckpointError(f"{f}: unreadable weights ({type(e).__name__}: {_first_line(e)}); "
+                                  "the file is truncated or corrupt") from None
+    return model, sd
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]

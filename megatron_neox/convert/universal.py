@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-from megatron_neox.errors import CheckpointError
-from megatron_neox.training.checkpoint import COMPLETE, complete_tags, read_meta, verify_files
+from megatron_neox.errors import CheckpointError, ConfigError
+from megatron_neox.training.checkpoint import (COMPLETE, complete_tags, file_manifest, read_meta, verify_contents,
+                                              verify_manifest)
 
 
 def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str] = None, workers: int = 2) -> Path:
@@ -27,10 +28,20 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
             raise CheckpointError(f"{ckpt_dir}: no complete checkpoint (global_stepN/ with {COMPLETE})")
         tag = tags[-1]
     src = ckpt_dir / tag
+    if out_dir.resolve() == ckpt_dir.resolve():
+        raise ConfigError(f"--out {out_dir}: is the checkpoint directory itself; write the universal checkpoint "
+                          "to a new directory")
+    existing = out_dir / tag / COMPLETE
+    if existing.is_file() and not read_meta(out_dir / tag).get("universal"):
+        raise ConfigError(f"--out {out_dir}: {tag} there is a training checkpoint, not a universal one; it is never "
+                          "replaced, choose another directory")
     meta = read_meta(src)
     if meta.get("weights_only"):
         raise CheckpointError(f"{src}: holds weights only (no optimizer state); load it directly at any layout")
-    verify_files(src)
+    verify_manifest(src, meta)
+    for f in sorted(src.rglob("*.pt")):  # DeepSpeed's converter asserts on a bad file: name it first
+        verify_contents(f)
+    created = not out_dir.exists()
     if not any(src.glob("*_optim_states.pt")):
         raise CheckpointError(
             f"{src}: saved without ZeRO (zero.stage=0, which zero.stage='auto' picks for fp32 on one data-parallel "
@@ -38,6 +49,7 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
             "with zero.stage=1 a run you plan to reshard")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tag}.", dir=out_dir))
+    ok = False
     try:
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src),
                "--output_folder", str(tmp / tag), "--num_extract_workers", str(workers),
@@ -46,7 +58,7 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise CheckpointError(f"{src}: DeepSpeed's ds_to_universal failed:\n{tail}")
-        meta.update(universal=True, source=str(src))
+        meta.update(universal=True, source=str(src), files=file_manifest(tmp / tag))  # its own files, not the source's
         (tmp / tag / COMPLETE).write_text(json.dumps(meta, indent=1))
         final = out_dir / tag
         if final.exists():
@@ -56,6 +68,9 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
             marker = out_dir / f".{name}.tmp"
             marker.write_text(tag)
             os.replace(marker, out_dir / name)
+        ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not ok and created:  # leave no empty --out behind
+            shutil.rmtree(out_dir, ignore_errors=True)
     return out_dir / tag

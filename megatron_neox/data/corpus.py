@@ -30,7 +30,7 @@ from typing import Iterator
 
 import zstandard
 
-from megatron_neox.errors import ConfigError
+from megatron_neox.errors import ConfigError, DataError
 
 MB = 1_000_000  # sizes are reported in decimal megabytes, like the MB/s of preprocessing
 CORPUS_FILE = "sample.jsonl.zst"
@@ -406,6 +406,14 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
         for tmp in (corpus_tmp, facts_tmp):
             tmp.unlink(missing_ok=True)
     return CorpusSummary(corpus_path, facts_path, len(people), stats)
+
+
+def check_facts_file(path: str | os.PathLike) -> None:
+    """A facts file (bios_facts.jsonl) must hold at least one record: a probe over none is no result."""
+    with open(path, encoding="utf-8") as f:
+        if not any(line.strip() for line in f):
+            raise DataError(f"{path}: no facts (an empty file); expected one JSON object per line, as "
+                            "tools/make_sample_corpus.py writes in bios_facts.jsonl")
 
 
 def iter_corpus(path: str | os.PathLike) -> Iterator[tuple[str, str]]:

@@ -20,8 +20,13 @@ contiguously, so a document's tokens are one contiguous run of `.bin`.
 """
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
+import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -45,6 +50,11 @@ _CODE_OF = {np.dtype(t): code for code, t in DTYPE_CODES.items()}
 # The old non-mmap Megatron/fairseq format ("lazy"/"cached" impl) starts with this magic.
 _LEGACY_MAGIC = b"TNTIDX\x00\x00"
 
+# Entries checked per vectorised step at open: bounds the temporary arrays for huge indexes.
+_CHECK_CHUNK = 1 << 22
+
+logger = logging.getLogger(__name__)
+
 
 def best_dtype(vocab_size: int) -> np.dtype:
     """Smallest token dtype for a vocabulary (Megatron's rule: uint16 below 65500, else int32)."""
@@ -67,6 +77,40 @@ def _dtype_code(dtype) -> int:
     return _CODE_OF[dt]
 
 
+_TMP_RE = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> list[str]:
+    """Delete `prefix.{bin,idx}.tmp-PID-*` left by a writer that was killed (SIGKILL, OOM, node
+    loss) before it could clean up; files of a live PID on this machine are kept. Returns what
+    was removed, and says so in the log. (A PID is only known on its own machine: two machines
+    writing one prefix on a shared filesystem already overwrite each other's output.)"""
+    removed = []
+    for path in glob.glob(glob.escape(data_file_path(prefix)) + ".tmp-*") + glob.glob(
+            glob.escape(index_file_path(prefix)) + ".tmp-*"):
+        m = _TMP_RE.search(path)
+        if m is None or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            size = os.path.getsize(path)
+            os.remove(path)
+        except FileNotFoundError:  # another writer cleaned it first
+            continue
+        removed.append(path)
+        logger.warning("removed %s (%d bytes), left by process %s, which no longer runs", path, size, m.group(1))
+    return removed
+
+
 class IndexedDatasetBuilder:
     """Writes `prefix.bin` / `prefix.idx`.
 
@@ -85,11 +129,16 @@ class IndexedDatasetBuilder:
         parent = os.path.dirname(os.path.abspath(self.prefix))
         if not os.path.isdir(parent):
             raise ConfigError(f"output directory {parent} for dataset prefix {self.prefix} does not exist")
+        remove_stale_temporaries(self.prefix)
         # Unique suffix: several writers (e.g. one per Pile component) may share a directory.
         tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._bin_tmp = data_file_path(self.prefix) + tag
         self._idx_tmp = index_file_path(self.prefix) + tag
-        self._bin = open(self._bin_tmp, "wb")
+        try:
+            self._bin = open(self._bin_tmp, "wb")
+        except OSError as e:
+            raise ConfigError(f"output directory {parent} for dataset prefix {self.prefix}: cannot write there "
+                              f"({e.strerror or e}); choose a writable output prefix") from None
         # array('i'/'q') keeps 4/8 bytes per entry: a Python list would cost ~36 bytes per
         # sequence, i.e. gigabytes for a Pile-sized corpus.
         self._sizes = array("i")
@@ -273,15 +322,44 @@ class IndexedDataset:
 
         self._bin_mm = self._map(bin_path, "data")
         bin_size = len(self._bin_mm) if self._bin_mm is not None else 0
-        want = int(self.pointers[-1]) + int(self.sizes[-1]) * self.dtype.itemsize if n else 0
-        if n and self.pointers[0] != 0:
-            raise DataError(f"{idx_path}: first pointer is {self.pointers[0]}, expected 0")
+        want = self._check_entries(idx_path)
         if bin_size != want:
             raise DataError(
                 f"{bin_path}: {bin_size} bytes, but {idx_path} (last pointer + size) describes {want}; "
                 "the two files do not belong together or one is truncated"
             )
         self._doc_sizes = None
+
+    def _check_entries(self, idx_path: str) -> int:
+        """Every size non-negative, every pointer where the sizes before it put it (writers lay
+        sequences out back to back), doc_idx non-decreasing: one vectorised pass over the index,
+        so a corrupt entry is named here rather than failing in a rank later. Returns the byte
+        size of .bin the index describes."""
+        n, item = len(self.sizes), self.dtype.itemsize
+        start = 0  # byte offset of the current chunk's first sequence
+        for a in range(0, n, _CHECK_CHUNK):
+            sizes = self.sizes[a:a + _CHECK_CHUNK]
+            if sizes.min() < 0:
+                i = a + int(np.argmax(sizes < 0))
+                raise DataError(f"{idx_path}: sequence {i} has size {int(self.sizes[i])}, expected >= 0 "
+                                "(a corrupt index; re-create it with tools/preprocess_data.py)")
+            ends = np.cumsum(sizes, dtype=np.int64)  # where each sequence ends, in bytes from `start`
+            ends *= item
+            ends += start
+            ptrs = self.pointers[a:a + _CHECK_CHUNK]
+            if ptrs[0] != start or np.any(ptrs[1:] != ends[:-1]):
+                j = 0 if ptrs[0] != start else 1 + int(np.argmax(ptrs[1:] != ends[:-1]))
+                want = start if j == 0 else int(ends[j - 1])
+                raise DataError(f"{idx_path}: sequence {a + j} has pointer {int(ptrs[j])}, expected {want} "
+                                "(sequences are stored back to back in .bin); the index is corrupt, re-create it "
+                                "with tools/preprocess_data.py")
+            start = int(ends[-1])
+        down = self.doc_idx[1:] < self.doc_idx[:-1]
+        if down.any():
+            j = int(np.argmax(down))
+            raise DataError(f"{idx_path}: doc_idx[{j + 1}] = {int(self.doc_idx[j + 1])} is below doc_idx[{j}] = "
+                            f"{int(self.doc_idx[j])}; expected non-decreasing sequence indices (a corrupt index)")
+        return start
 
     @staticmethod
     def _map(path: str, what: str):
@@ -348,6 +426,67 @@ class IndexedDataset:
         for name in ("sizes", "pointers", "doc_idx", "_doc_sizes"):
             setattr(self, name, None)
         self._idx_mm = self._bin_mm = None
+
+
+_SCAN_TOKENS = 1 << 26  # tokens per step of a .bin scan
+
+
+def _token_chunks(ds: "IndexedDataset"):
+    total = int(ds.sizes.sum(dtype=np.int64)) if len(ds) else 0
+    for a in range(0, total, _SCAN_TOKENS):
+        yield a, np.frombuffer(ds._bin_mm, dtype=ds.dtype.newbyteorder("<"), count=min(_SCAN_TOKENS, total - a),
+                               offset=a * ds.dtype.itemsize)
+
+
+def token_id_range(ds: "IndexedDataset", cache_dir: str | None = None) -> tuple[int, int]:
+    """(smallest, largest) token id in `.bin` ((0, -1) when empty). A scan of the whole file, so
+    the answer is cached in `cache_dir` (when given), keyed by both files' paths, sizes and mtimes."""
+    stats = [os.stat(data_file_path(ds.prefix)), os.stat(index_file_path(ds.prefix))]
+    key = {"prefix": os.path.abspath(ds.prefix), "files": [[st.st_size, st.st_mtime_ns] for st in stats]}
+    cache = None
+    if cache_dir:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        cache = os.path.join(cache_dir, f"{os.path.basename(ds.prefix)}_token_range_{digest}.json")
+        try:
+            with open(cache) as f:
+                got = json.load(f)
+            if got.get("key") == key:
+                return int(got["min"]), int(got["max"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    lo, hi = 0, -1
+    for i, (_, chunk) in enumerate(_token_chunks(ds)):
+        cmin, cmax = int(chunk.min()), int(chunk.max())
+        lo, hi = (cmin, cmax) if i == 0 else (min(lo, cmin), max(hi, cmax))
+    if cache is not None:
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = f"{cache}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "w") as f:
+                json.dump({"key": key, "min": lo, "max": hi}, f)
+            os.replace(tmp, cache)
+        except OSError as e:  # a read-only cache only costs a rescan next time
+            logger.warning("could not cache the token range of %s in %s: %s", ds.prefix, cache_dir, e)
+    return lo, hi
+
+
+def check_token_ids(ds: "IndexedDataset", vocab_size: int, cache_dir: str | None = None) -> None:
+    """Every token id must be in [0, vocab_size): an id past the model's vocabulary would otherwise
+    fail deep inside the embedding lookup. Names the first offending sequence and document."""
+    lo, hi = token_id_range(ds, cache_dir)
+    if hi < 0 or (lo >= 0 and hi < vocab_size):
+        return
+    for a, chunk in _token_chunks(ds):
+        bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
+        if bad.size:
+            pos = a + int(bad[0])
+            seq = int(np.searchsorted(ds.pointers // ds.dtype.itemsize, pos, side="right")) - 1
+            doc = int(np.searchsorted(ds.doc_idx, seq, side="right")) - 1
+            raise DataError(
+                f"{data_file_path(ds.prefix)}: token id {int(chunk[bad[0]])} in sequence {seq} (document {doc}, "
+                f"position {pos - int(ds.pointers[seq]) // ds.dtype.itemsize}) is outside the model's vocabulary "
+                f"[0, {vocab_size}) (ids span [{lo}, {hi}]); the data was tokenized with another tokenizer, or "
+                "model.vocab_size is too small")
 
 
 def merge_datasets(prefixes: Sequence[str] | Iterable[str], out_prefix: str) -> None:

@@ -9,7 +9,7 @@ import torch
 
 from megatron_neox.data.blended import BlendedDataset, blend_counts, parse_split, pile_weights
 from megatron_neox.data.gpt_dataset import GPTDataset
-from megatron_neox.data.indexed import IndexedDataset
+from megatron_neox.data.indexed import IndexedDataset, check_token_ids
 from megatron_neox.errors import ConfigError
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -33,11 +33,12 @@ def _split_weights(data_cfg, prefixes, tokens) -> list[float]:
 
 
 def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[int, int, int],
-                   cache_dir: Optional[str] = None):
+                   cache_dir: Optional[str] = None, vocab_size: Optional[int] = None):
     """(train, valid, test): a GPTDataset, a BlendedDataset of several, or None for an empty split.
 
     Every prefix is split by its own documents (`data_cfg.split`), so each dataset contributes
     to every split; a split's mixture is built from the prefixes that have documents in it.
+    With `vocab_size`, every token id must lie below it (a scan per dataset, cached).
     """
     prefixes = [str(p) for p in getattr(data_cfg, "prefixes", None) or []]
     if not prefixes:
@@ -49,6 +50,8 @@ def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[i
     split = getattr(data_cfg, "split", None) or "969,30,1"
     indexed = [IndexedDataset(p) for p in prefixes]
     ranges = [parse_split(split, ds.num_documents) for ds in indexed]
+    if vocab_size is not None:
+        _rank0_first(lambda: [check_token_ids(ds, vocab_size, cache_dir) for ds in indexed])
 
     out = []
     for s, name in enumerate(SPLIT_NAMES):
@@ -66,10 +69,14 @@ def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[i
         weights = [weights[i] for i in keep]
         parts = [parts[i] for i in keep]
         counts = blend_counts(weights, n) if len(parts) > 1 else [n]
-        datasets = [
-            GPTDataset(ds, rng, int(c), seq_length, seed, cache_dir, f"{os.path.basename(p)}_{name}")
-            for (p, ds, rng), c in zip(parts, counts)
-        ]
+        try:
+            datasets = [
+                GPTDataset(ds, rng, int(c), seq_length, seed, cache_dir, f"{os.path.basename(p)}_{name}")
+                for (p, ds, rng), c in zip(parts, counts)
+            ]
+        except OSError as e:
+            raise ConfigError(f"index cache {cache_dir}: cannot write {e.filename or 'there'} ({e.strerror or e}); "
+                              "set data.cache_dir to a writable directory") from None
         out.append(datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, weights, n))
     return tuple(out)
 
@@ -103,6 +110,55 @@ def loader_options(data_cfg, eod_token_id: Optional[int], fix: str = "set tokeni
     if wanted and eod_token_id is None:
         raise ConfigError(f"data.{wanted[0]}=true needs the tokenizer (to know the end-of-document id): {fix}")
     return {"eod_token_id": eod_token_id, **flags}
+
+
+def split_tokens(ds) -> int:
+    """Tokens in the documents a split's dataset (a GPTDataset or a blend of them) draws from."""
+    return sum(int(d.indexed.document_sizes()[d.doc_range[0]:d.doc_range[1]].sum(dtype=np.int64))
+               for d in getattr(ds, "datasets", [ds]))
+
+
+def size_warnings(data_cfg, train_ds, valid_ds, *, seq_length: int, train_tokens: int, eval_iters: int) -> list[str]:
+    """What a user should hear about splits too small for the run: samples that repeat the same
+    few tokens, a run that passes over its data many times, a configured eval that cannot run."""
+    out = []
+    sample = seq_length + 1
+    if train_ds is not None:
+        n = split_tokens(train_ds)
+        if n < sample:
+            out.append(f"the train split of {data_cfg.prefixes} holds {n} tokens, fewer than one sample "
+                       f"(model.seq_length + 1 = {sample}): every sample repeats the same {n} tokens; "
+                       "add data or lower model.seq_length")
+        elif train_tokens > n:
+            out.append(f"the run reads {train_tokens:,} tokens from a train split of {n:,}: it passes over "
+                       f"the data {train_tokens / n:.1f} times")
+    if valid_ds is None:
+        out.append(f"data.split={data_cfg.split!r} leaves no validation documents in {data_cfg.prefixes}: "
+                   f"the configured evaluation (eval.iters={eval_iters}) is skipped")
+    elif split_tokens(valid_ds) < sample:
+        out.append(f"the valid split holds {split_tokens(valid_ds)} tokens, fewer than one sample ({sample}): "
+                   "every eval sample repeats them")
+    return out
+
+
+def _rank0_first(fn) -> None:
+    """Run `fn` on rank 0, then on the other ranks (which then find its cached results); a failure
+    on rank 0 still reaches the barrier, so no rank is left waiting."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        fn()
+        return
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except BaseException as e:
+            failure = e
+    dist.barrier()
+    if failure is not None:
+        raise failure
+    if dist.get_rank() != 0:
+        fn()
 
 
 class BatchLoader:

@@ -37,7 +37,8 @@ def perplexity(loaded, data_prefixes: Optional[Sequence[str]], split: str, iters
     batch_options = loader_options(data, tok.eod_id if tok is not None else None, fix="pass --tokenizer")
     index = SPLITS.index(split)
     sizes = tuple(iters * global_batch if i == index else 0 for i in range(3))
-    datasets = build_datasets(data, seq_length=loaded.model_config.seq_length, seed=seed, num_samples=sizes)
+    datasets = build_datasets(data, seq_length=loaded.model_config.seq_length, seed=seed, num_samples=sizes,
+                              vocab_size=loaded.model_config.vocab_size)
     ds = datasets[index]
     if ds is None:
         raise ConfigError(f"data.split={data.split!r} leaves no documents in the {split} split of {data.prefixes}")

@@ -8,8 +8,9 @@
     CKPT_DIR/latest          names the newest *complete* checkpoint (written atomically)
 
 A crash mid-save leaves no complete.json and an unchanged `latest`, so the run resumes from the
-previous checkpoint. A corrupt `latest`, a truncated shard or a missing file is reported by name;
-resuming then falls back to the newest older checkpoint that is intact.
+previous checkpoint. A corrupt `latest`, a missing or truncated file (complete.json lists every
+file and its size) or changed bytes (each .pt file's zip CRCs) are reported by name; resuming then
+falls back to the newest older checkpoint that is intact.
 """
 import json
 import os
@@ -123,7 +124,8 @@ def save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state: Dict
     _barrier()  # every rank's files are on disk before the checkpoint is declared complete
     if _rank0():
         meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
-                "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded}
+                "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded,
+                "files": file_manifest(ckpt_dir / tag)}
         _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))
         _write_atomic(ckpt_dir / "latest", tag)
         if cfg.checkpoint.keep_last:
@@ -172,6 +174,56 @@ def verify_files(tag_dir: Path) -> None:
                 z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
             raise CheckpointError(f"{f}: unreadable checkpoint shard ({e}); the file is truncated or corrupt") from None
+
+
+def file_manifest(tag_dir: Path) -> Dict[str, int]:
+    """Every file of a finished save (relative path -> bytes), recorded in complete.json so that a
+    missing or truncated file is named on load, before DeepSpeed asserts on it."""
+    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
+            if p.is_file() and p.name != COMPLETE}
+
+
+def verify_manifest(tag_dir: Path, meta: Dict[str, Any]) -> None:
+    """The files complete.json lists are all there, each of its recorded size (checkpoints saved
+    before the list existed have none: nothing to check)."""
+    for name, size in (meta.get("files") or {}).items():
+        f = tag_dir / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {COMPLETE} when the checkpoint was saved)")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {size} when saved: the file is truncated or was "
+                                  "replaced")
+
+
+def verify_contents(path: Path) -> None:
+    """A torch.save file's bytes are the ones written: every zip entry checked against the CRC-32
+    that torch stored with it (torch.load never checks them, so changed bytes load as garbage)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint shard ({e}); the file is truncated or corrupt") from None
+    if bad is not None:
+        raise CheckpointError(f"{path}: entry {bad!r} fails its CRC-32 check: the file's contents changed after it "
+                              "was saved (disk or copy corruption)")
+
+
+def _verify_contents_on_all_ranks(tag_dir: Path) -> Optional[str]:
+    """`verify_contents` for every .pt file of `tag_dir`, the files shared out over the ranks;
+    returns the first problem found (the same on every rank), or None."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    problem = None
+    for f in sorted(tag_dir.rglob("*.pt"))[rank::world]:
+        try:
+            verify_contents(f)
+        except CheckpointError as e:
+            problem = str(e)
+            break
+    if world == 1:
+        return problem
+    found = [None] * world
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p is not None), None)
 
 
 def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool,
@@ -271,6 +323,8 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
         problem, meta = _broadcast(_check_tag(load_dir / tag, cfg, topo) if _rank0() else None)
         if isinstance(problem, CheckpointMismatch):
             raise problem  # a wrong checkpoint, not a damaged one: no fallback
+        if problem is None:
+            problem = _verify_contents_on_all_ranks(load_dir / tag)
         if problem is not None:
             errors.append(str(problem))
             _log(f"cannot resume from {tag}: {problem}; trying an older checkpoint")
@@ -285,6 +339,7 @@ def _check_tag(tag_dir: Path, cfg: Config, topo: Topology) -> Tuple[Optional[Che
         if not tag_dir.is_dir():
             raise CheckpointError(f"{tag_dir}: named by 'latest' but missing")
         meta = read_meta(tag_dir)
+        verify_manifest(tag_dir, meta)
         verify_files(tag_dir)
         _check_compatible(meta, cfg, topo, tag_dir, bool(meta.get("universal")), _weights_only(cfg, meta))
         return None, meta

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megatron_neox.config import Config
 from megatron_neox.topology import Topology
-from megatron_neox.training import checkpoint
+from megatron_neox.training import checkpoint, preemption
 from megatron_neox.training.metrics import log_info
 
 
@@ -49,6 +49,7 @@ class StopSignal:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a notebook): signals stay as they were
                 pass
+        preemption.announce_rank()  # a supervising launch/run.py may forward signals from now on
 
     def _handle(self, signum, frame):
         self.received = signum

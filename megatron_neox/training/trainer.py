@@ -16,6 +16,7 @@ from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
 from megatron_neox.evaluation.harness import TrainingHarness
 from megatron_neox.layout import Layout
+from megatron_neox.outputs import check_run_dirs
 from megatron_neox.topology import Topology
 from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
 from megatron_neox.training.engine import build_engine
@@ -90,7 +91,7 @@ class _Run:
     first (their errors come before the model is built), then the engine, then the resume."""
 
     def __init__(self, cfg: Config, stop: StopSignal):
-        from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options
+        from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options, size_warnings
 
         self.cfg = cfg
         self.layout, self.topo = setup(cfg)
@@ -100,10 +101,15 @@ class _Run:
         self.batches = BatchSchedule.from_config(cfg, self.layout)
         self.iters = total_iterations(cfg, self.batches)
         self.schedule = LRSchedule.from_config(cfg, self.iters)
+        sizes = _dataset_sizes(cfg, self.iters, self.batches)
         train_ds, valid_ds, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
-                                               num_samples=_dataset_sizes(cfg, self.iters, self.batches))
+                                               num_samples=sizes, vocab_size=cfg.model.vocab_size)
         if train_ds is None:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
+        if self.topo.rank == 0:
+            for w in size_warnings(cfg.data, train_ds, valid_ds, seq_length=cfg.model.seq_length,
+                                   train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters):
+                log_info(f"warning: {w}")
 
         self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
         self.checkpointer = Checkpointer(cfg, self.engine, self.topo, stop)
@@ -157,6 +163,7 @@ def train(cfg: Config) -> RunResult:
     # First thing: a preemption signal during set-up is honoured after the first step.
     stop = StopSignal()
     try:
+        check_run_dirs(cfg)  # before anything is built
         run = _Run(cfg, stop)
         try:
             return _loop(run)
