@@ -40,8 +40,9 @@ from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, 
 from megatron_neox.errors import CheckpointError, ConfigError
 from megatron_neox.layout import split_problems
 from megatron_neox.model.gpt_neox import state_dict_shapes
-from megatron_neox.training.checkpoint import (CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_contents,
-                                              verify_files)
+from megatron_neox.outputs import replace_dir
+from megatron_neox.training.checkpoint import (CLIENT_KEY, COMPLETE, file_manifest, read_meta, resolve_tag_dir,
+                                              verify_contents, verify_files)
 
 WEIGHTS_TAG = "global_step0"
 
@@ -298,17 +299,12 @@ def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg: Union[
                 "model": cfg.model_dump(mode="json"), "padded_vocab": padded}
         if source:
             meta["source"] = source
+        meta["files"] = file_manifest(tag_dir)
         (tag_dir / COMPLETE).write_text(json.dumps(meta, indent=1))
         (tmp / "latest").write_text(WEIGHTS_TAG)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
