@@ -303,6 +303,10 @@ class DataConfig(Section):
     """Train/valid/test split by document ranges: 1-3 weights ('969,30,1'; '100' = train only)."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; default beside the first prefix."""
+    check_token_ids: bool = True
+    """Check once per dataset that every token id is below model.vocab_size (a scan of each .bin on
+    rank 0, cached in the index cache; ~0.2-2 GB/s, so a Pile-sized 600 GB .bin takes minutes to an
+    hour at its first start). Turn off for large data you tokenized with this model's tokenizer."""
     eod_mask_loss: bool = False
     """Give no loss to predicting the token after an end-of-document token."""
     reset_position_ids: bool = False

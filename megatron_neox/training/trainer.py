@@ -103,7 +103,8 @@ class _Run:
         self.schedule = LRSchedule.from_config(cfg, self.iters)
         sizes = _dataset_sizes(cfg, self.iters, self.batches)
         train_ds, valid_ds, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
-                                               num_samples=sizes, vocab_size=cfg.model.vocab_size)
+                                               num_samples=sizes,
+                                               vocab_size=cfg.model.vocab_size if cfg.data.check_token_ids else None)
         if train_ds is None:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
         if self.topo.rank == 0:
