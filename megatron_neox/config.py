@@ -209,11 +209,29 @@ class TrainConfig(Section):
     """Abort after this many consecutive skipped (overflow) or non-finite steps."""
     exit_interval: Optional[int] = Field(None, gt=0)
     """Save and exit after this many steps of this run (for time-limited jobs)."""
+    on_spike: Literal["abort", "rollback"] = "abort"
+    """What a non-finite loss or a loss spike does. 'abort': a non-finite loss counts as a skipped
+    step (train.max_skipped_steps) and spikes are not looked for. 'rollback' (the PaLM recipe): reload
+    the last complete checkpoint and skip train.spike_skip_batches global batches after its data
+    position. Needs checkpoint.dir and checkpoint.save_interval."""
+    spike_factor: float = Field(3.0, gt=1.0)
+    """rollback: a loss above this x the median of the last train.spike_window losses is a spike."""
+    spike_window: int = Field(50, gt=0)
+    """rollback: losses the running median is taken over; no spike is called before the window is full."""
+    spike_skip_batches: int = Field(200, gt=0)
+    """rollback: global batches skipped after the checkpoint's data position (PaLM skipped ~200-500)."""
+    max_rollbacks: int = Field(5, gt=0)
+    """rollback: the run aborts at the spike after this many rollbacks."""
+    inject_spike_at: List[int] = []
+    """Fault injection (testing the policy): the losses of these steps are treated as spikes, once
+    per trajectory; the weights and the logged loss are untouched."""
 
     @model_validator(mode="after")
     def _check_budget(self) -> "TrainConfig":
         if self.iters is None and self.train_tokens is None:
             raise ValueError("set train.iters or train.train_tokens (how long to train)")
+        if any(s < 1 for s in self.inject_spike_at):
+            raise ValueError(f"train.inject_spike_at={self.inject_spike_at}: expected step numbers >= 1")
         return self
 
 
@@ -316,9 +334,16 @@ class DataConfig(Section):
     """A token attends only to earlier tokens of its own document (an EOD ends its document), instead of
     across the GPT-3 packing boundary. Needs tokenizer.path. Cost: the document ids travel with the batch
     (and between pipeline stages); on GPUs a varlen/document kernel, on CPU an O(T^2) mask (README)."""
+    skip_batches: List[List[int]] = []
+    """Global batches of the data order never trained on, as [start, end) ranges of batch indices
+    (batch b is the one step b+1 would read without skips), e.g. [[4000, 4200]]: the ranges a
+    loss-spike rollback skips, given from the start."""
 
     @model_validator(mode="after")
     def _check_weights(self) -> "DataConfig":
+        for r in self.skip_batches:
+            if len(r) != 2 or not 0 <= r[0] < r[1]:
+                raise ValueError(f"data.skip_batches: {r} is not a [start, end) range with 0 <= start < end")
         if self.weights is not None and len(self.weights) != len(self.prefixes):
             raise ValueError(
                 f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}"
@@ -356,6 +381,10 @@ class CheckpointConfig(Section):
     """Keep only the newest K checkpoints."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
+    async_save: bool = False
+    """Write checkpoints in a background thread: a save costs the training loop one host copy of
+    this rank's state (extra host memory of that size) instead of the whole write. A checkpoint is
+    declared complete (complete.json, then `latest`) only once every rank's files are fsynced."""
 
 
 class LogConfig(Section):
@@ -422,6 +451,9 @@ class Config(Section):
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")
+        if self.train.on_spike == "rollback" and not (self.checkpoint.dir and self.checkpoint.save_interval):
+            problems.append("train.on_spike='rollback' needs checkpoint.dir and checkpoint.save_interval "
+                            "(a rollback reloads the last complete checkpoint)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -174,11 +174,16 @@ class BatchLoader:
 
     With `reset_position_ids` positions restart after every EOD; with `reset_attention_mask` each
     micro-batch also carries `doc_ids` (the model then attends within a document only).
+
+    Global batches are numbered in the order they are drawn (`consumed_batches`); a batch whose
+    number lies in one of `skip_ranges` ([start, end) pairs) is drawn at the size asked for and
+    thrown away, so the batches after it are the ones an unskipped run would have read there.
     """
 
     def __init__(self, dataset, *, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int = 0,
                  eod_token_id: Optional[int] = None, eod_mask_loss: bool = False, reset_position_ids: bool = False,
-                 reset_attention_mask: bool = False):
+                 reset_attention_mask: bool = False, consumed_batches: int = 0,
+                 skip_ranges: Sequence[Sequence[int]] = ()):
         if len(dataset) == 0:
             raise ConfigError("BatchLoader: the dataset is empty")
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -195,12 +200,20 @@ class BatchLoader:
         self.eod_mask_loss = bool(eod_mask_loss)
         self.reset_position_ids = bool(reset_position_ids)
         self.reset_attention_mask = bool(reset_attention_mask)
+        self.consumed_batches = int(consumed_batches)
+        self.skip_ranges = [(int(a), int(b)) for a, b in skip_ranges]
+
+    def _skipped(self, batch: int) -> bool:
+        return any(a <= batch < b for a, b in self.skip_ranges)
 
     def next_global_batch(self, global_batch_size: int) -> list[dict]:
         B, dp = self.micro_batch_size, self.dp_size
         if global_batch_size < 1 or global_batch_size % (B * dp):
             raise ConfigError(f"global batch size {global_batch_size} is not a positive multiple of "
                               f"micro_batch_size x data-parallel size = {B} x {dp} = {B * dp}")
+        while self._skipped(self.consumed_batches):
+            self.consumed_samples += global_batch_size
+            self.consumed_batches += 1
         n = len(self.dataset)
         batches = []
         for m in range(global_batch_size // (B * dp)):
@@ -208,6 +221,7 @@ class BatchLoader:
             rows = [self.dataset[(first + j) % n] for j in range(B)]
             batches.append(self._micro_batch(np.stack(rows)))
         self.consumed_samples += global_batch_size
+        self.consumed_batches += 1
         return batches
 
     def _micro_batch(self, samples: np.ndarray) -> dict:
@@ -230,7 +244,8 @@ class BatchLoader:
         return batch
 
     def state_dict(self) -> dict:
-        return {"consumed_samples": self.consumed_samples}
+        return {"consumed_samples": self.consumed_samples, "consumed_batches": self.consumed_batches}
 
     def load_state_dict(self, state: dict) -> None:
         self.consumed_samples = int(state["consumed_samples"])
+        self.consumed_batches = int(state.get("consumed_batches", 0))

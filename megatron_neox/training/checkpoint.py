@@ -4,13 +4,16 @@
                              mp_rank_YY_model_states.pt (client state at top level),
                              zero_pp_rank_D_mp_rank_YY_optim_states.pt
                              rng_state_R.pt      every rank's RNG states (exact resume with dropout)
-                             complete.json       written last, after every rank has finished
+                             complete.json       written last, after every rank's files are durable
     CKPT_DIR/latest          names the newest *complete* checkpoint (written atomically)
 
-A crash mid-save leaves no complete.json and an unchanged `latest`, so the run resumes from the
-previous checkpoint. A corrupt `latest`, a missing or truncated file (complete.json lists every
-file and its size) or changed bytes (each .pt file's zip CRCs) are reported by name; resuming then
-falls back to the newest older checkpoint that is intact.
+Every file is written to a temporary name, fsynced and renamed (training/writer.py), in the
+training thread or, with checkpoint.async_save, in a background writer; `finalize_tag` writes
+complete.json and then `latest` only once every rank's files are on disk. A crash at any moment of
+a save (even kill -9 or a power loss) leaves no complete.json and an unchanged `latest`, so the run
+resumes from the previous checkpoint. A corrupt `latest`, a missing or truncated file (complete.json
+lists every file and its size) or changed bytes (each .pt file's zip CRCs) are reported by name;
+resuming then falls back to the newest older checkpoint that is intact.
 """
 import json
 import os
@@ -19,6 +22,7 @@ import re
 import shutil
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -29,6 +33,7 @@ import torch.distributed as dist
 from megatron_neox.config import Config
 from megatron_neox.errors import CheckpointError, CheckpointMismatch
 from megatron_neox.topology import Topology
+from megatron_neox.training.writer import DurableWriter, fsync_dir, write_durable
 
 CLIENT_KEY = "megatron_neox"
 COMPLETE = "complete.json"
@@ -76,9 +81,7 @@ def _barrier() -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_durable(path, lambda f: f.write(text.encode()))
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -105,8 +108,25 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state: Dict[str, Any]) -> Path:
-    """Save a checkpoint of `engine` with our client `state` (iteration, consumed samples, ...)."""
+@dataclass
+class PendingSave:
+    """A checkpoint whose files are handed to the writers; `finalize_tag` declares it complete."""
+
+    ckpt_dir: Path
+    tag: str
+    meta: Dict[str, Any]
+
+
+def use_durable_writer(engine, background: bool) -> DurableWriter:
+    """Make `engine` write its checkpoint files through a DurableWriter (see training/writer.py)."""
+    writer = DurableWriter(background)
+    engine.checkpoint_engine = writer
+    return writer
+
+
+def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state: Dict[str, Any]) -> PendingSave:
+    """Hand this rank's files of a checkpoint of `engine` with our client `state` (iteration,
+    consumed samples, ...) to the engine's checkpoint writer. Every rank calls it."""
     ckpt_dir = Path(ckpt_dir)
     iteration = int(state["iteration"])
     tag = f"global_step{iteration}"
@@ -120,18 +140,27 @@ def save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state: Dict
     client = {CLIENT_KEY: state, "universal_checkpoint_info": universal_checkpoint_info(cfg, padded)}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(_rng_state(), ckpt_dir / tag / f"rng_state_{rank}.pt")
-    _barrier()  # every rank's files are on disk before the checkpoint is declared complete
-    if _rank0():
-        meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
-                "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded,
-                "files": file_manifest(ckpt_dir / tag)}
-        _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))
-        _write_atomic(ckpt_dir / "latest", tag)
-        if cfg.checkpoint.keep_last:
-            for old in complete_tags(ckpt_dir)[: -cfg.checkpoint.keep_last]:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    _barrier()
+    engine.checkpoint_engine.save(_rng_state(), str(ckpt_dir / tag / f"rng_state_{rank}.pt"))
+    meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
+            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded}
+    return PendingSave(ckpt_dir, tag, meta)
+
+
+def finalize_tag(pending: PendingSave, keep_last: Optional[int]) -> Path:
+    """Declare a checkpoint complete; rank 0 only, once every rank's files are durable: complete.json,
+    then `latest` (each durable before the next), then checkpoints beyond `keep_last` are removed."""
+    ckpt_dir, tag = pending.ckpt_dir, pending.tag
+    fsync_dir(ckpt_dir / tag)
+    meta = {**pending.meta, "files": file_manifest(ckpt_dir / tag)}
+    _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))
+    _write_atomic(ckpt_dir / "latest", tag)
+    if keep_last:
+        for old in complete_tags(ckpt_dir)[:-keep_last]:
+            # The marker goes first: a crash mid-removal leaves a partial checkpoint, never one
+            # that claims to be complete.
+            (ckpt_dir / old / COMPLETE).unlink()
+            fsync_dir(ckpt_dir / old)
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     return ckpt_dir / tag
 
 

@@ -5,10 +5,15 @@ stop after a preemption signal (SIGTERM/SIGUSR1 on any rank) or `train.exit_inte
 run; `resume()` prefers the run's own checkpoints (auto-resume after preemption) over
 `checkpoint.load` (which seeds a new run). How a checkpoint is written, found and verified is
 training/checkpoint.py.
+
+With `checkpoint.async_save` a save returns once this rank's state is copied to host memory; the
+checkpoint is declared complete at the first `after_step` at which every rank's writer has
+finished. That is learnt from the all-reduce the stop signal already makes each step, so an
+asynchronous save adds no collective to the steps it overlaps.
 """
 import signal
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,15 +32,31 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
+    consumed_batches: int = 0
+    """Global batches drawn from the data order, trained on or skipped (data.skip_batches, rollbacks)."""
+    loss_window: List[float] = field(default_factory=list)
+    """The last train.spike_window losses (the spike policy's running median survives a resume)."""
+    rollbacks: List[Dict[str, Any]] = field(default_factory=list)
+    """Every loss-spike rollback of this trajectory: step, loss, reason, restored_step, skipped_batches."""
 
-    def to_dict(self) -> Dict[str, int]:
-        return dict(self.__dict__)
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()}
 
     @classmethod
     def from_saved(cls, saved: Optional[dict]) -> "TrainState":
-        if saved is None:
-            return cls()
-        return cls(**{k: int(saved[k]) for k in cls().to_dict() if k in saved})
+        state = cls()
+        state.load(saved)
+        return state
+
+    def load(self, saved: Optional[dict]) -> None:
+        """Become the state of client state `saved` (None: a fresh run)."""
+        fresh = TrainState()
+        saved = saved or {}
+        for k, default in fresh.__dict__.items():
+            v = saved.get(k, default)
+            setattr(self, k, list(v) if isinstance(default, list) else int(v))
+        if "consumed_batches" not in saved:  # saved before batches could be skipped: one per step
+            self.consumed_batches = self.iteration
 
 
 class StopSignal:
@@ -54,19 +75,27 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def any_rank(self) -> bool:
-        """True on every rank once any rank got a signal (ranks may be signalled at different times)."""
+    def any_rank(self, busy: bool = False) -> tuple:
+        """(any rank got a signal, any rank is `busy`), the same on every rank; ranks may be
+        signalled at different times."""
         from deepspeed.accelerator import get_accelerator
 
         # A device tensor: NCCL cannot reduce CPU tensors.
-        flag = torch.tensor([1 if self.received is not None else 0], device=get_accelerator().current_device_name())
+        flags = torch.tensor([1 if self.received is not None else 0, int(busy)],
+                             device=get_accelerator().current_device_name())
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, busy = flags.tolist()
+        return bool(signalled), bool(busy)
 
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class Checkpointer:
@@ -77,6 +106,8 @@ class Checkpointer:
         self.dir = cfg.checkpoint.dir
         self.steps_this_run = 0
         self.stopped_by_signal = False
+        self.writer = checkpoint.use_durable_writer(engine, background=cfg.checkpoint.async_save)
+        self.pending: Optional[checkpoint.PendingSave] = None
 
     def resume(self) -> TrainState:
         """The state to start from: the run's own newest checkpoint, else checkpoint.load, else step 0."""
@@ -87,15 +118,44 @@ class Checkpointer:
             return TrainState()
         return TrainState.from_saved(checkpoint.load(self.engine, self.cfg, self.topo, load_dir, required=True))
 
-    def save(self, state: TrainState) -> None:
-        if self.dir:
-            checkpoint.save(self.engine, self.cfg, self.topo, self.dir,
-                            {**state.to_dict(), "config": self.cfg.to_dict()})
+    def reload(self) -> Optional[Dict[str, Any]]:
+        """Load the newest complete checkpoint of this run (a rollback); returns its client state,
+        or None when the run has saved none yet."""
+        self.flush()
+        if not (self.dir and checkpoint.has_checkpoint(self.dir)):
+            return None
+        return checkpoint.load(self.engine, self.cfg, self.topo, self.dir, required=True)
+
+    def save(self, state: TrainState, wait: bool = True) -> None:
+        """Save `state`; with `wait`, return once the checkpoint is complete on every rank."""
+        if not self.dir:
+            return
+        self.flush()
+        self.pending = checkpoint.begin_save(self.engine, self.cfg, self.topo, self.dir,
+                                             {**state.to_dict(), "config": self.cfg.to_dict()})
+        if wait or not self.cfg.checkpoint.async_save:
+            self.flush()
+
+    def flush(self) -> None:
+        """Wait for the save in flight (if any) and declare it complete."""
+        if self.pending is None:
+            return
+        self.writer.wait()
+        _barrier()  # every rank's files are durable
+        self._finalize()
+        _barrier()  # nobody goes on (or returns) before the checkpoint is complete
+
+    def _finalize(self) -> None:
+        if self.topo.rank == 0:
+            checkpoint.finalize_tag(self.pending, self.cfg.checkpoint.keep_last)
+        self.pending = None
 
     def after_step(self, state: TrainState, total_steps: int) -> bool:
         """Save if due; True when the run must stop now (it has saved)."""
         self.steps_this_run += 1
-        signalled = self.stop.any_rank()
+        signalled, writing = self.stop.any_rank(busy=self.pending is not None and self.writer.pending())
+        if self.pending is not None and not writing:
+            self._finalize()  # every rank's files are durable
         exit_after = self.cfg.train.exit_interval
         if signalled or (exit_after and self.steps_this_run >= exit_after):
             self.save(state)
@@ -106,5 +166,5 @@ class Checkpointer:
             return True
         every = self.cfg.checkpoint.save_interval
         if every and state.iteration % every == 0 and state.iteration < total_steps:
-            self.save(state)  # the last step is saved by the loop's end
+            self.save(state, wait=False)  # the last step is saved by the loop's end
         return False

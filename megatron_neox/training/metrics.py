@@ -14,6 +14,16 @@ paper does). Activation recompute runs the checkpointed layers' forward once mor
 
 `tflops_per_rank` reports the hardware FLOPs (work the ranks really did); `mfu` divides the model
 FLOPs by the peak, so recompute does not inflate it.
+
+Where the time goes, per rank: each rank times its own forward+backward work of every step
+(`ComputeTimer`: CUDA events on a GPU, read once per log interval, so no step waits for the device)
+and its wait for the data loader. At each log one all-reduce of two numbers per rank brings them to
+rank 0, which logs the slowest rank's compute time per step and its rank id (`slowest_rank_s`,
+`slowest_rank`), the fastest rank's (`fastest_rank_s`), and the longest data-loading wait per step
+(`data_wait_s`). The compute time stops before the data-parallel gradient reduction, where ranks
+wait for each other, so a straggler shows as the slowest rank rather than making every rank slow.
+With a pipeline (pp > 1) DeepSpeed runs the whole schedule in one call: its time includes the
+waits between stages.
 """
 import json
 import math
@@ -25,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_neox import hardware
 from megatron_neox.config import Config
@@ -62,16 +73,48 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class ComputeTimer:
+    """Sums the time of the spans between `start()` and `stop()`; `collect()` returns and resets it.
+    On a GPU the spans are CUDA events, waited for only in `collect()` (once per log interval)."""
+
+    def __init__(self):
+        self.cuda = torch.cuda.is_available()
+        self._events, self._total, self._t0 = [], 0.0, None
+
+    def start(self) -> None:
+        self._t0 = self._event() if self.cuda else time.perf_counter()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self._events.append((self._t0, self._event()))
+        else:
+            self._total += time.perf_counter() - self._t0
+
+    @staticmethod
+    def _event():
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def collect(self) -> float:
+        for a, b in self._events:
+            b.synchronize()
+            self._total += a.elapsed_time(b) / 1000.0
+        total, self._events, self._total = self._total, [], 0.0
+        return total
+
+
 class MetricsLogger:
     """One line on stdout and one JSON object in metrics.jsonl per log event (rank 0 only).
 
     It also keeps the training window: `record_step` after every step, and `log_step` (when
     `should_log`) reports the window's mean loss and throughput and the run's ETA."""
 
-    def __init__(self, cfg: Config, world_size: int, enabled: bool, peak_tflops: float):
-        self.cfg, self.world, self.enabled = cfg, world_size, enabled
+    def __init__(self, cfg: Config, world_size: int, enabled: bool, peak_tflops: float, rank: int = 0):
+        self.cfg, self.world, self.enabled, self.rank = cfg, world_size, enabled, rank
         self.flops = flops_per_token(cfg)
         self.peak = peak_tflops
+        self.compute_timer = ComputeTimer()
         self.start(0, 0)
         self.file = None
         self.tb = None
@@ -101,20 +144,27 @@ class MetricsLogger:
 
     def _reset_window(self) -> None:
         self._window_start, self._window_tokens, self._window_losses = time.perf_counter(), 0, []
+        self._window_steps, self._window_data_wait = 0, 0.0
+        self.compute_timer.collect()
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log.interval == 0 or step == self.total_steps
 
-    def record_step(self, loss: float, tokens: int, counted: bool) -> None:
+    def record_step(self, loss: float, tokens: int, counted: bool, data_wait: float = 0.0) -> None:
         """One finished step: its tokens count for throughput, its loss for the window's mean
-        unless the step was skipped or non-finite (`counted` False)."""
+        unless the step was skipped or non-finite (`counted` False); `data_wait` seconds were spent
+        waiting for its batch."""
         self._window_tokens += tokens
+        self._window_steps += 1
+        self._window_data_wait += data_wait
         if counted:
             self._window_losses.append(loss)
 
     def log_step(self, state: Dict[str, int], *, lr: float, grad_norm: Optional[float], loss_scale: Optional[float],
                  global_batch_size: int) -> None:
-        """The training record of the window ending at `state["iteration"]`; starts a new window."""
+        """The training record of the window ending at `state["iteration"]`; starts a new window.
+        Every rank calls it (the per-rank times are all-reduced); rank 0 writes it."""
+        ranks = self._rank_times()
         now = time.perf_counter()
         step, window = state["iteration"], self._window_losses
         per_step = (now - self._run_start) / max(1, step - self._run_start_iter)
@@ -124,9 +174,25 @@ class MetricsLogger:
             "loss": sum(window) / len(window) if window else float("nan"), "lr": lr,
             "grad_norm": grad_norm, "loss_scale": loss_scale, "skipped_steps": state["skipped_steps"],
             "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, now - self._window_start),
-            "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step),
+            "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step), **ranks,
         })
         self._reset_window()
+
+    def _rank_times(self) -> Dict[str, Any]:
+        """The slowest and fastest rank's compute time per step and the longest data wait per step,
+        over the window; one all-reduce of a (world, 2) tensor in which each rank fills its row."""
+        from deepspeed.accelerator import get_accelerator
+
+        steps = max(1, self._window_steps)
+        times = torch.zeros(self.world, 2, dtype=torch.float64, device=get_accelerator().current_device_name())
+        times[self.rank, 0] = self.compute_timer.collect() / steps
+        times[self.rank, 1] = self._window_data_wait / steps
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(times)
+        compute = times[:, 0].cpu()
+        slowest = int(compute.argmax())
+        return {"slowest_rank_s": float(compute[slowest]), "slowest_rank": slowest,
+                "fastest_rank_s": float(compute.min()), "data_wait_s": float(times[:, 1].max())}
 
     def throughput(self, tokens: int, seconds: float) -> Dict[str, float]:
         tokens_per_sec = tokens / max(seconds, 1e-9)
@@ -171,6 +237,10 @@ def _format_line(r: Dict[str, Any]) -> str:
         return f"eval  step {r['step']:>6} | " + " | ".join(harness)
     if "eval_loss" in r:
         return f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])} | eval_ppl {_fmt(r['eval_ppl'])}"
+    if "rollback_to" in r:
+        a, b = r["skipped_batches"]
+        return (f"spike step {r['step']:>6} | loss {_fmt(r['spike_loss'])} ({r['spike_reason']}) | rollback "
+                f"{r['rollbacks']} to step {r['rollback_to']} | skipping global batches {a}..{b - 1}")
     eta = r.get("eta_s")
     eta_txt = "?" if eta is None else time.strftime("%H:%M:%S", time.gmtime(eta))
     parts = [
@@ -188,6 +258,8 @@ def _format_line(r: Dict[str, Any]) -> str:
         f"{r.get('tflops_per_rank', 0):.3g} TFLOP/s/rank",
         f"mfu {100 * r.get('mfu', 0):.1f}%",
         f"mem {r.get('mem_gb', 0):.2f} GB",
+        f"slowest rank {r.get('slowest_rank')} {1000 * r.get('slowest_rank_s', 0):.0f} ms "
+        f"(fastest {1000 * r.get('fastest_rank_s', 0):.0f}) data {1000 * r.get('data_wait_s', 0):.0f} ms",
         f"eta {eta_txt}",
     ]
     return " | ".join(parts)

@@ -26,6 +26,27 @@ class StepResult:
     loss_scale: Optional[float]
 
 
+def _stop_when_backward_ends(loss: torch.Tensor, timer) -> None:
+    """`timer.stop()` once the backward pass of `loss` is done, before DeepSpeed's backward epilogue
+    reduces the gradients across data-parallel ranks: an autograd callback queued when the
+    backward reaches `loss` runs at the end of that backward (how torch's FSDP hooks the same point)."""
+    def queue(grad):
+        torch.autograd.Variable._execution_engine.queue_callback(timer.stop)
+
+    if isinstance(timer, _NoTimer) or not loss.requires_grad:
+        timer.stop()
+    else:
+        loss.register_hook(queue)
+
+
+class _NoTimer:
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+
 def _pipe_items(micro_batches: List[MicroBatch]):
     for mb in micro_batches:
         docs = (mb["doc_ids"],) if "doc_ids" in mb else ()
@@ -61,23 +82,30 @@ def _loss_scale(engine) -> Optional[float]:
 
 
 def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
-               clipper: Optional[GlobalNormClipper] = None) -> StepResult:
+               clipper: Optional[GlobalNormClipper] = None, timer=None) -> StepResult:
     """Forward + backward over all micro-batches, then the optimizer step (or a skip).
 
     `clipper` is the one `build_engine` returned (None when DeepSpeed clips): the grad norm and
-    the skip are then read from it."""
+    the skip are then read from it. `timer` (metrics.ComputeTimer) times this rank's own work: the
+    forwards and backwards up to the data-parallel gradient reduction, where the ranks wait for
+    each other (the whole pipeline schedule when pp > 1)."""
+    timer = timer or _NoTimer()
     skipped_before = engine.skipped_steps
     clipper_skips = clipper.skipped if clipper is not None else 0
     if engine.gradient_accumulation_steps() != len(micro_batches):
         engine.set_train_batch_size(len(micro_batches) * engine.train_micro_batch_size_per_gpu() * topo.dp)
+    timer.start()
     if topo.pp > 1:
         loss = engine.train_batch(data_iter=_pipe_items(micro_batches))
+        timer.stop()
         loss_value = float(loss)
     else:
         total = torch.zeros((), device=engine.device)
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             mb = _to_device(mb, engine.device)
             loss = _forward(engine, mb)
+            if i == len(micro_batches) - 1:
+                _stop_when_backward_ends(loss, timer)
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()

@@ -1,16 +1,18 @@
 """The training loop: build -> resume -> for each step: batch, lr, train_step, log, validate, save.
 
 The loop only orders the steps; each component decides its own "when": the metrics logger
-(`should_log`, the throughput window and ETA), the validator (`should_validate`) and the
-checkpointer (`after_step`: save interval, exit interval, preemption signals).
+(`should_log`, the throughput window and ETA), the validator (`should_validate`), the
+checkpointer (`after_step`: save interval, exit interval, preemption signals) and the spike
+policy (`train.on_spike`: a rollback to the last complete checkpoint, training/spikes.py).
 
 Everything a resumed run needs to continue exactly is in the checkpoint's client state
 (iteration, consumed samples and tokens, the data position) plus DeepSpeed's engine and
 optimizer state and every rank's RNG states; the LR and batch size are functions of those.
 """
 import math
+import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
@@ -23,6 +25,7 @@ from megatron_neox.training.engine import build_engine
 from megatron_neox.training.launch import setup
 from megatron_neox.training.metrics import MetricsLogger, log_info, resolve_peak_tflops
 from megatron_neox.training.schedules import BatchSchedule, LRSchedule, total_iterations
+from megatron_neox.training.spikes import SpikePolicy
 from megatron_neox.training.step import StepResult, train_step
 from megatron_neox.training.validation import Validator
 
@@ -115,12 +118,14 @@ class _Run:
         self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
         self.checkpointer = Checkpointer(cfg, self.engine, self.topo, stop)
         self.state = self.checkpointer.resume()
+        self.spikes = SpikePolicy(cfg)
         self.loader = BatchLoader(train_ds, micro_batch_size=self.layout.micro_batch_size, dp_rank=self.topo.dp_rank,
                                   dp_size=self.topo.dp, consumed_samples=self.state.consumed_samples,
-                                  **batch_options)
+                                  **batch_options, consumed_batches=self.state.consumed_batches,
+                                  skip_ranges=self.spikes.skip_ranges(self.state))
         rank0 = self.topo.rank == 0
         self.metrics = MetricsLogger(cfg, self.topo.world_size, enabled=rank0,
-                                     peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0)
+                                     peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0, rank=self.topo.rank)
         self.validator = Validator(cfg, self.engine, self.topo, valid_ds, micro_batch_size=self.layout.micro_batch_size,
                                    global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics)
         # eval.tasks: lm-evaluation-harness on the sharded engine
@@ -129,23 +134,50 @@ class _Run:
         if rank0:
             log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state))
 
-    def step(self) -> StepResult:
-        """One optimizer step at the batch size and learning rate of the run's position."""
+    def step(self) -> Tuple[StepResult, Optional[str]]:
+        """One optimizer step at the batch size and learning rate of the run's position; returns
+        its result and, when its loss is a spike (train.on_spike), why (the step is then not logged)."""
         state = self.state
         gbs = self.batches.global_batch(state.consumed_tokens)
         lr = self.schedule.lr(state.iteration, state.consumed_tokens)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        r = train_step(self.engine, self.loader.next_global_batch(gbs), self.topo, self.clipper)
+        start = time.perf_counter()
+        batch = self.loader.next_global_batch(gbs)
+        data_wait = time.perf_counter() - start
+        r = train_step(self.engine, batch, self.topo, self.clipper, timer=self.metrics.compute_timer)
         tokens = gbs * self.cfg.model.seq_length
         state.iteration += 1
-        state.consumed_samples = self.loader.consumed_samples
+        state.consumed_samples, state.consumed_batches = self.loader.consumed_samples, self.loader.consumed_batches
         state.consumed_tokens += tokens
-        self.metrics.record_step(r.loss, tokens, counted=self.guard.check(r, state))
+        spike = self.spikes.check(r.loss, state)
+        if spike is not None:
+            return r, spike
+        self.metrics.record_step(r.loss, tokens, counted=self.guard.check(r, state), data_wait=data_wait)
         if self.metrics.should_log(state.iteration):
             self.metrics.log_step(state.to_dict(), lr=lr, grad_norm=r.grad_norm, loss_scale=r.loss_scale,
                                   global_batch_size=gbs)
-        return r
+        return r, None
+
+    def rollback(self, loss: float, reason: str) -> None:
+        """Back to the last complete checkpoint, skipping the batches after its data position."""
+        state, ckpt_dir = self.state, self.cfg.checkpoint.dir
+        step = state.iteration
+        if not self.spikes.allowed(state):
+            raise TrainingAborted(f"step {step}: loss {loss:.4g} is a spike ({reason}) after "
+                                  f"{len(state.rollbacks)} rollbacks; limit: train.max_rollbacks")
+        done, saved = list(state.rollbacks), self.checkpointer.reload()
+        if saved is None:
+            raise TrainingAborted(f"step {step}: loss {loss:.4g} is a spike ({reason}) but {ckpt_dir} holds no "
+                                  "checkpoint to roll back to yet; lower checkpoint.save_interval")
+        state.load(saved)
+        record = self.spikes.record(step, loss, reason, state)
+        state.rollbacks = done + [record]
+        self.loader.consumed_samples, self.loader.consumed_batches = state.consumed_samples, state.consumed_batches
+        self.loader.skip_ranges = [tuple(r) for r in self.spikes.skip_ranges(state)]
+        self.metrics.log({"step": step, "rollback_to": state.iteration, "spike_loss": loss, "spike_reason": reason,
+                          "skipped_batches": record["skipped_batches"], "rollbacks": len(state.rollbacks)})
+        self.metrics.start(state.iteration, self.iters)
 
 
 def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState) -> str:
@@ -183,7 +215,11 @@ def _loop(run: _Run) -> RunResult:
         return result
     run.metrics.start(state.iteration, iters)
     while state.iteration < iters:
-        result.losses.append(run.step().loss)
+        r, spike = run.step()
+        result.losses.append(r.loss)
+        if spike is not None:
+            run.rollback(r.loss, spike)
+            continue
         if run.validator.should_validate(state.iteration):
             run.validator.validate(state.iteration)
         run.harness.maybe_evaluate(state.iteration, iters)

@@ -1,0 +1,121 @@
+"""Durable checkpoint files, written now or by a background thread.
+
+`DurableWriter` is the checkpoint engine DeepSpeed writes every checkpoint file through
+(`engine.checkpoint_engine`: model, layer, ZeRO optimizer files) and our own files go through
+too. Each file is written to a temporary name, fsynced, renamed into place, and its directory is
+fsynced, so a file under its final name is whole and on disk. With `background=True` the training
+thread only copies the state to host memory (a snapshot: training may change the tensors right
+after) and a writer thread does the serialisation and the I/O; `pending()` and `wait()` tell when
+this rank's files are durable. A checkpoint is declared complete elsewhere (checkpoint.finalize_tag),
+only after every rank's writer has finished.
+
+Why not DeepSpeed's DecoupledCheckpointEngine (deepspeed 0.19.8, runtime/checkpoint_engine/): it
+hands the live tensors to a subprocess through shared memory (no snapshot), blocks the next
+optimizer step until the write is done (commit in `DeepSpeedEngine.step`, which the pipeline
+engine does not call), writes `latest` itself without fsync, and its FastCheckpointEngine writer
+needs the async_io op.
+"""
+import copy
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+from megatron_neox.errors import CheckpointError
+
+
+def fsync_dir(path: os.PathLike) -> None:
+    """Make a rename or a new file in directory `path` durable (POSIX: the entry lives in the dir)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: os.PathLike, write) -> None:
+    """`write(file)` into a temporary name beside `path`, fsync, rename to `path`, fsync the dir."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def host_copy(obj: Any) -> Any:
+    """A snapshot of a (nested) state dict: every tensor copied to host memory, containers rebuilt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        new = copy.copy(obj)  # keeps the dict's type (OrderedDict, defaultdict's factory)
+        for k, v in obj.items():
+            new[k] = host_copy(v)
+        return new
+    if type(obj) in (list, tuple):
+        return type(obj)(host_copy(v) for v in obj)
+    # Numbers, strings, torch.Size: immutable. (A mutable object other than these containers would
+    # be written as it is when the writer reaches it; DeepSpeed's state dicts hold none.)
+    return obj
+
+
+class DurableWriter(TorchCheckpointEngine):
+    """A DeepSpeed checkpoint engine whose files are durable; see the module docstring."""
+
+    def __init__(self, background: bool):
+        super().__init__(None)
+        self.name = "megatron_neox.DurableWriter"
+        self.background = background
+        self._queue: "queue.Queue" = queue.Queue()
+        self._error: Optional[BaseException] = None
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+
+    def preserves_storage_sharing(self) -> bool:
+        # In the background the snapshot copies every tensor on its own, so DeepSpeed need not
+        # clone views out of their flat buffers first (that would be a second copy).
+        return not self.background
+
+    def save(self, state_dict, path: str) -> None:
+        self.check()
+        if not self.background:
+            write_durable(path, lambda f: torch.save(state_dict, f))
+            return
+        snapshot = host_copy(state_dict)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the copies are complete before training changes the tensors
+        self._queue.put((snapshot, path))
+
+    def _run(self) -> None:
+        while True:
+            snapshot, path = self._queue.get()
+            try:
+                if self._error is None:
+                    write_durable(path, lambda f: torch.save(snapshot, f))
+            except BaseException as e:  # reported on the training thread by check()/wait()
+                self._error = CheckpointError(f"{path}: writing the checkpoint file failed: {e}")
+            finally:
+                del snapshot
+                self._queue.task_done()
+
+    def pending(self) -> bool:
+        """True while this rank still has files to write."""
+        self.check()
+        return self._queue.unfinished_tasks > 0
+
+    def wait(self) -> None:
+        """Until every file handed over so far is durable."""
+        self._queue.join()
+        self.check()
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
