@@ -1,7 +1,8 @@
 """The launch paths, end to end on CPU: the SLURM batch script on localhost, a stop signal's save and
-the resume after it, the real deepspeed launcher, and tools/plot_metrics.py.
+the resume after it, kill -9 during asynchronous saves and the resumes after it, the real deepspeed
+launcher, and tools/plot_metrics.py.
 
-A real launch costs 10-30 s on this machine, so there are four, and each test checks everything its
+A real launch costs 10-30 s on this machine, so there are few, and each test checks everything its
 launch can show; the batch script's requeue decision is also tested with a stand-in launcher (< 1 s).
 """
 import json
@@ -26,7 +27,8 @@ PLOT = os.path.join(REPO, "tools", "plot_metrics.py")
 
 # The keys megatron_neox/training/metrics.py documents for a training and an eval record.
 TRAIN_KEYS = {"step", "total_steps", "consumed_samples", "tokens", "loss", "lr", "grad_norm", "loss_scale",
-              "skipped_steps", "global_batch_size", "tokens_per_sec", "tflops_per_rank", "mfu", "mem_gb", "eta_s"}
+              "skipped_steps", "global_batch_size", "tokens_per_sec", "tflops_per_rank", "mfu", "mem_gb", "eta_s",
+              "slowest_rank_s", "slowest_rank", "fastest_rank_s", "data_wait_s"}
 EVAL_KEYS = {"step", "eval_loss", "eval_ppl"}
 
 # Stand-ins for SLURM's commands, first on PATH. srun runs its command once per task with the
@@ -323,7 +325,88 @@ def test_sigterm_saves_a_complete_checkpoint_and_the_next_launch_resumes_after_i
     assert _latest_checkpoint(tmp_path / "ckpt")[0] == iteration + 1
 
 
-# ---- (c) the real deepspeed launcher, (d) plot_metrics on its output ------------------------------
+# ---- (c) kill -9 while checkpoints are written in the background ------------------------------------
+
+
+def _losses_by_step(log_dir: Path) -> dict:
+    """step -> every loss logged for it (a step trained again after a resume is logged again)."""
+    out = {}
+    for r in _records(log_dir):
+        if "loss" in r:
+            out.setdefault(r["step"], []).append(r["loss"])
+    return out
+
+
+def _saving(ckpt: Path) -> bool:
+    """A save is under way: a file being written (temporary name) or a newer step dir than `latest`."""
+    if any(ckpt.glob("global_step*/.*.tmp*")):
+        return True
+    latest = ckpt / "latest"
+    done = int(latest.read_text().strip()[len("global_step"):]) if latest.is_file() else 0
+    return any(int(p.name[len("global_step"):]) > done for p in ckpt.glob("global_step*"))
+
+
+def _kill_when(ranks, out: Path, log_dir: Path, ckpt: Path, after_step: int, during_save: bool) -> dict:
+    """kill -9 both ranks once step `after_step` is logged and, if `during_save`, a save is seen under
+    way (else at once); returns what the kill left: the step `latest` names and the unfinished tags."""
+    _wait_for_step(log_dir, after_step, ranks, out, timeout=120)
+    deadline = time.monotonic() + 20
+    while during_save and not _saving(ckpt) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    _kill_all(ranks)
+    latest, _ = _latest_checkpoint(ckpt)
+    partial = sorted(p.name for p in ckpt.glob("global_step*") if not (p / "complete.json").exists())
+    return {"latest": latest, "partial": partial}
+
+
+def test_kill_9_during_async_saves_resumes_every_loss_exactly(tmp_path):
+    """Saving every step with checkpoint.async_save, the whole launch is killed with SIGKILL three
+    times (right after a step, and twice while a save is seen under way); each relaunch resumes from
+    the newest complete checkpoint, and every loss logged by any launch equals the uninterrupted
+    run's. A wider model than the other tests makes each save write ~10 MB per rank, so the kills
+    land inside writes."""
+    wide = dict(train__iters=12, checkpoint__save_interval=1, checkpoint__async_save=True, model__hidden_size=192)
+    ref_dir = tmp_path / "ref"
+    cfg = _write_config(ref_dir, **wide)
+    out = tmp_path / "ranks.out"
+    ranks = _launch_two_ranks(cfg, out)
+    try:
+        assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
+    finally:
+        _kill_all(ranks)
+    expected = {step: losses[0] for step, losses in _losses_by_step(ref_dir / "log").items()}
+    assert sorted(expected) == list(range(1, 13))
+
+    run = tmp_path / "killed"
+    cfg = _write_config(run, **wide)
+    ckpt, log_dir = run / "ckpt", run / "log"
+    kills = []
+    for after_step, during_save in ((2, False), (5, True), (8, True)):
+        ranks = _launch_two_ranks(cfg, out)
+        try:
+            kills.append(_kill_when(ranks, out, log_dir, ckpt, after_step, during_save))
+        finally:
+            _kill_all(ranks)
+    ranks = _launch_two_ranks(cfg, out)
+    try:
+        assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
+    finally:
+        _kill_all(ranks)
+
+    text = out.read_text()
+    for k in kills:  # each relaunch resumed from the newest complete checkpoint the kill left
+        assert f"(iteration {k['latest']})" in text, (kills, _tail(out))
+    got = _losses_by_step(log_dir)
+    assert sorted(got) == list(range(1, 13))
+    for step, losses in got.items():
+        assert all(loss == expected[step] for loss in losses), (step, losses, expected[step], kills)
+    assert sum(len(v) for v in got.values()) > 12  # steps after a checkpoint were trained (and logged) twice
+    assert _latest_checkpoint(ckpt)[0] == 12
+    assert not list(ckpt.glob("global_step12/.*.tmp*"))
+    print("kill -9 left:", kills)
+
+
+# ---- (d) the real deepspeed launcher, (e) plot_metrics on its output ------------------------------
 
 
 @pytest.fixture(scope="module")
