@@ -80,6 +80,24 @@ def test_rollback_is_logged_in_metrics(world1):
     assert "loss" not in first  # plotting tools read training records by their "loss" key
 
 
+def test_plot_metrics_keeps_the_replayed_timeline_after_a_rollback(world1, tmp_path):
+    import importlib.util
+
+    from _train import REPO
+
+    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(REPO, "tools", "plot_metrics.py"))
+    plot_metrics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_metrics)
+    records = world1["records"]
+    end = next(i for i, r in enumerate(records) if "rollback_to" in r and r["step"] == 6)
+    end = next(i for i in range(end, len(records)) if records[i].get("step") == 8 and "loss" in records[i])
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:end + 1]))
+    train, _ = plot_metrics.read_metrics(path)
+    assert [r["step"] for r in train] == list(range(1, 9))
+    assert [r["loss"] for r in train] == pytest.approx(world1["rollback"][0][:4] + world1["rollback"][0][6:])
+
+
 def test_resume_after_a_rollback_is_exact(world1):
     first, second, state = world1["split"]
     losses, _ = world1["rollback"]

@@ -47,6 +47,8 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
         if "eval_loss" in rec or any(k.startswith("eval/") for k in rec):
             evals.append(rec)
             continue
+        if "rollback_to" in rec:  # a loss-spike rollback: the replayed steps that follow replace the old ones
+            continue
         if "loss" not in rec:
             raise MetricsFileError(f"{where}: a record with neither 'loss' nor 'eval_loss': {line[:80]!r}")
         step = rec["step"]
