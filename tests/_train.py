@@ -67,3 +67,21 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def train_losses(cfg_dict: dict):
+    """Train config dict `cfg_dict` in this rank: (losses, final state as a dict)."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training.trainer import train
+
+    r = train(config_from_dict(cfg_dict))
+    return r.losses, r.state.to_dict()
+
+
+def run_on_random_data(fn, world_size: int, tmp: str, timeout: float):
+    """A random dataset at tmp/data/rand, then `fn(rank, world_size, tmp)` in `world_size` gloo
+    ranks; rank 0's result."""
+    from _dist import run_distributed
+
+    make_dataset(os.path.join(tmp, "data", "rand"))
+    return run_distributed(fn, world_size, tmp, timeout=timeout)[0]

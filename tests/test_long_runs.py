@@ -2,28 +2,17 @@
 per-rank timing. The end-to-end checks run real gloo ranks (one spawn per world size); the rest
 are single-process unit tests. kill -9 during asynchronous saves is in tests/test_launch.py."""
 import json
-import math
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from _dist import run_distributed
-from _train import config_dict, make_dataset
+from _train import config_dict, run_on_random_data, train_losses as _train
 
 SPIKE = dict(train__iters=8, checkpoint__save_interval=2, train__on_spike="rollback", train__spike_window=3,
              train__spike_skip_batches=2, train__inject_spike_at=[6])
-
-
-def _train(cfg_dict):
-    from megatron_neox.config import config_from_dict
-    from megatron_neox.training.trainer import train
-
-    r = train(config_from_dict(cfg_dict))
-    return r.losses, r.state.to_dict()
 
 
 def _world1(rank, world_size, tmp):
@@ -53,9 +42,7 @@ def _world1(rank, world_size, tmp):
 
 @pytest.fixture(scope="module")
 def world1(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("spikes"))
-    make_dataset(os.path.join(tmp, "data", "rand"))
-    return run_distributed(_world1, 1, tmp, timeout=900)[0]
+    return run_on_random_data(_world1, 1, str(tmp_path_factory.mktemp("spikes")), timeout=900)
 
 
 def test_spike_rollback_losses_equal_a_run_that_skipped_the_batches_from_the_start(world1):
@@ -126,8 +113,7 @@ def _straggler(rank, world_size, tmp):
 
 
 def test_slowest_rank_and_its_time_are_logged(tmp_path):
-    make_dataset(str(tmp_path / "data" / "rand"))
-    records = run_distributed(_straggler, 2, str(tmp_path), timeout=600)[0]
+    records = run_on_random_data(_straggler, 2, str(tmp_path), timeout=600)
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:  # 2 micro-batches per rank per step: at least 60 ms slower
         assert r["slowest_rank"] == 1, r

@@ -11,18 +11,9 @@ import shutil
 import pytest
 import torch.distributed as dist
 
-from _dist import run_distributed
-from _train import config_dict, make_dataset
+from _train import config_dict, run_on_random_data, train_losses as _train
 
 HALF = 3  # steps before the interruption; runs are 2 * HALF steps
-
-
-def _train(cfg_dict):
-    from megatron_neox.config import config_from_dict
-    from megatron_neox.training.trainer import train
-
-    r = train(config_from_dict(cfg_dict))
-    return r.losses, r.state.to_dict()
 
 
 def _straight_and_split(tmp, pp, tp, name):
@@ -125,16 +116,12 @@ def _world2(rank, world_size, tmp):
 
 @pytest.fixture(scope="module")
 def world1(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("train1"))
-    make_dataset(os.path.join(tmp, "data", "rand"))
-    return run_distributed(_world1, 1, tmp, timeout=600)[0]
+    return run_on_random_data(_world1, 1, str(tmp_path_factory.mktemp("train1")), timeout=600)
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("train2"))
-    make_dataset(os.path.join(tmp, "data", "rand"))
-    return run_distributed(_world2, 2, tmp, timeout=900)[0]
+    return run_on_random_data(_world2, 2, str(tmp_path_factory.mktemp("train2")), timeout=900)
 
 
 def _same(a, b):
