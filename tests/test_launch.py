@@ -348,13 +348,14 @@ def _saving(ckpt: Path) -> bool:
 
 def _kill_when(ranks, out: Path, log_dir: Path, ckpt: Path, after_step: int, during_save: bool) -> dict:
     """kill -9 both ranks once step `after_step` is logged and, if `during_save`, a save is seen under
-    way (else at once); returns what the kill left: the step `latest` names and the unfinished tags."""
+    way (else at once); returns what the kill left: the step `latest` names (0: none yet, the first
+    checkpoint was still being written) and the unfinished tags."""
     _wait_for_step(log_dir, after_step, ranks, out, timeout=120)
     deadline = time.monotonic() + 20
     while during_save and not _saving(ckpt) and time.monotonic() < deadline:
         time.sleep(0.001)
     _kill_all(ranks)
-    latest, _ = _latest_checkpoint(ckpt)
+    latest = _latest_checkpoint(ckpt)[0] if (ckpt / "latest").exists() else 0
     partial = sorted(p.name for p in ckpt.glob("global_step*") if not (p / "complete.json").exists())
     return {"latest": latest, "partial": partial}
 
@@ -368,7 +369,7 @@ def test_kill_9_during_async_saves_resumes_every_loss_exactly(tmp_path):
     wide = dict(train__iters=12, checkpoint__save_interval=1, checkpoint__async_save=True, model__hidden_size=192)
     ref_dir = tmp_path / "ref"
     cfg = _write_config(ref_dir, **wide)
-    out = tmp_path / "ranks.out"
+    out = tmp_path / "ref.out"
     ranks = _launch_two_ranks(cfg, out)
     try:
         assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
@@ -381,21 +382,24 @@ def test_kill_9_during_async_saves_resumes_every_loss_exactly(tmp_path):
     cfg = _write_config(run, **wide)
     ckpt, log_dir = run / "ckpt", run / "log"
     kills = []
-    for after_step, during_save in ((2, False), (5, True), (8, True)):
+    for launch, (after_step, during_save) in enumerate(((2, False), (5, True), (8, True))):
+        out = tmp_path / f"launch{launch}.out"
         ranks = _launch_two_ranks(cfg, out)
         try:
             kills.append(_kill_when(ranks, out, log_dir, ckpt, after_step, during_save))
         finally:
             _kill_all(ranks)
+    out = tmp_path / "last.out"
     ranks = _launch_two_ranks(cfg, out)
     try:
         assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
     finally:
         _kill_all(ranks)
 
-    text = out.read_text()
-    for k in kills:  # each relaunch resumed from the newest complete checkpoint the kill left
-        assert f"(iteration {k['latest']})" in text, (kills, _tail(out))
+    relaunches = [(tmp_path / f"launch{i}.out").read_text() for i in (1, 2)] + [out.read_text()]
+    for k, text in zip(kills, relaunches):  # each relaunch resumed from the newest complete checkpoint
+        started = f"(iteration {k['latest']})" if k["latest"] else "12 steps from step 0"
+        assert started in text, (kills, text[-3000:])
     got = _losses_by_step(log_dir)
     assert sorted(got) == list(range(1, 13))
     for step, losses in got.items():
