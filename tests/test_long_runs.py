@@ -68,13 +68,9 @@ def test_rollback_is_logged_in_metrics(world1):
 
 
 def test_plot_metrics_keeps_the_replayed_timeline_after_a_rollback(world1, tmp_path):
-    import importlib.util
+    from _train import load_tool
 
-    from _train import REPO
-
-    spec = importlib.util.spec_from_file_location("plot_metrics", os.path.join(REPO, "tools", "plot_metrics.py"))
-    plot_metrics = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_metrics)
+    plot_metrics = load_tool("plot_metrics")
     records = world1["records"]
     end = next(i for i, r in enumerate(records) if "rollback_to" in r and r["step"] == 6)
     end = next(i for i in range(end, len(records)) if records[i].get("step") == 8 and "loss" in records[i])
