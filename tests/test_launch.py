@@ -346,6 +346,14 @@ def _saving(ckpt: Path) -> bool:
     return any(int(p.name[len("global_step"):]) > done for p in ckpt.glob("global_step*"))
 
 
+def _run_two_ranks_to_the_end(cfg: Path, out: Path) -> None:
+    ranks = _launch_two_ranks(cfg, out)
+    try:
+        assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
+    finally:
+        _kill_all(ranks)
+
+
 def _kill_when(ranks, out: Path, log_dir: Path, ckpt: Path, after_step: int, during_save: bool) -> dict:
     """kill -9 both ranks once step `after_step` is logged and, if `during_save`, a save is seen under
     way (else at once); returns what the kill left: the step `latest` names (0: none yet, the first
@@ -369,12 +377,7 @@ def test_kill_9_during_async_saves_resumes_every_loss_exactly(tmp_path):
     wide = dict(train__iters=12, checkpoint__save_interval=1, checkpoint__async_save=True, model__hidden_size=192)
     ref_dir = tmp_path / "ref"
     cfg = _write_config(ref_dir, **wide)
-    out = tmp_path / "ref.out"
-    ranks = _launch_two_ranks(cfg, out)
-    try:
-        assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
-    finally:
-        _kill_all(ranks)
+    _run_two_ranks_to_the_end(cfg, tmp_path / "ref.out")
     expected = {step: losses[0] for step, losses in _losses_by_step(ref_dir / "log").items()}
     assert sorted(expected) == list(range(1, 13))
 
@@ -390,11 +393,7 @@ def test_kill_9_during_async_saves_resumes_every_loss_exactly(tmp_path):
         finally:
             _kill_all(ranks)
     out = tmp_path / "last.out"
-    ranks = _launch_two_ranks(cfg, out)
-    try:
-        assert _wait_all(ranks, out, timeout=240) == [0, 0], _tail(out)
-    finally:
-        _kill_all(ranks)
+    _run_two_ranks_to_the_end(cfg, out)
 
     relaunches = [(tmp_path / f"launch{i}.out").read_text() for i in (1, 2)] + [out.read_text()]
     for k, text in zip(kills, relaunches):  # each relaunch resumed from the newest complete checkpoint
