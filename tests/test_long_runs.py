@@ -225,9 +225,11 @@ def test_finalize_writes_complete_then_latest_and_drops_old_markers_first(tmp_pa
 
     for step in (1, 2, 3):
         (tmp_path / f"global_step{step}").mkdir()
+        (tmp_path / f"global_step{step}" / "rng_state_0.pt").write_bytes(b"x" * step)
         finalize_tag(PendingSave(tmp_path, f"global_step{step}", {"iteration": step}), keep_last=2)
     assert complete_tags(tmp_path) == ["global_step2", "global_step3"]
     assert (tmp_path / "latest").read_text() == "global_step3"
-    assert json.loads((tmp_path / "global_step3" / "complete.json").read_text()) == {"iteration": 3}
+    meta = json.loads((tmp_path / "global_step3" / "complete.json").read_text())
+    assert meta == {"iteration": 3, "files": {"rng_state_0.pt": 3}}
     assert not (tmp_path / "global_step1").exists()
     assert not [p for p in tmp_path.rglob(".*")]
