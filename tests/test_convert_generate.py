@@ -51,9 +51,9 @@ def _world(rank, world_size, scratch_cfg, hf_config_file, hf_overrides):
         seen.update(engine=built.engine, topo=topo)
         return built
 
-    def capture_step(engine, micro, topo, clipper=None):
+    def capture_step(engine, micro, *rest, **options):
         seen.setdefault("batches", []).append(micro)
-        return step(engine, micro, topo, clipper)
+        return step(engine, micro, *rest, **options)
 
     trainer.build_engine, trainer.train_step = capture_build, capture_step
     try:

@@ -26,9 +26,9 @@ def _capturing_train(cfg_dict):
 
     batches, step = [], trainer.train_step
 
-    def capture(engine, micro, *rest):
+    def capture(engine, micro, *rest, **options):
         batches.append([{k: v.clone() for k, v in mb.items()} for mb in micro])
-        return step(engine, micro, *rest)
+        return step(engine, micro, *rest, **options)
 
     trainer.train_step = capture
     try:
