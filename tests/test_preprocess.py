@@ -13,7 +13,9 @@ import zstandard
 from tokenizers import Tokenizer as HFTokenizer
 
 from megatron_neox.data import preprocess as pp
-from megatron_neox.data.corpus import ATTRIBUTES, BIOS, GITHUB, iter_corpus, make_sample_corpus, stdlib_python_files
+from megatron_neox.data.corpus import (
+    ATTRIBUTES, BIOS, GITHUB, GITHUB_PIECE_BYTES, code_pieces, iter_corpus, make_sample_corpus, stdlib_python_files,
+)
 from megatron_neox.data.indexed import IndexedDataset
 from megatron_neox.data.preprocess import PreprocessOptions, preprocess
 from megatron_neox.data.readers import iter_documents
@@ -106,16 +108,19 @@ def test_sample_corpus_components_and_facts_match_bios(corpus):
     total = sum(len(t.encode()) for t, _ in docs)
     assert 0.3e6 < total <= 0.4e6  # the cap holds and is nearly filled
 
-    # Every Github document is a whole stdlib file, and no third-party package is among them.
+    # Every Github document is a piece of a stdlib file, of bounded size, and no third-party package
+    # is among them.
     stdlib_files = stdlib_python_files()
     assert not any(part in ("site-packages", "dist-packages") for p in stdlib_files for part in p.parts)
-    stdlib_texts = set()
+    stdlib_pieces = set()
     for p in stdlib_files:
         try:
-            stdlib_texts.add(p.read_bytes().decode())
+            stdlib_pieces.update(code_pieces(p.read_bytes().decode()))
         except UnicodeDecodeError:
             pass
-    assert all(t in stdlib_texts for t, n in docs if n == GITHUB)
+    github = [t for t, n in docs if n == GITHUB]
+    assert github and all(t in stdlib_pieces for t in github)
+    assert max(len(t.encode()) for t in github) < 2 * GITHUB_PIECE_BYTES
 
     facts = [json.loads(line) for line in (corpus.parent / "bios_facts.jsonl").read_text().splitlines()]
     assert facts and all(set(f) == {"name", *ATTRIBUTES, "bios"} for f in facts)
@@ -391,3 +396,10 @@ def test_tool_uses_the_fast_path_for_the_gpt_neox_20b_tokenizer(tmp_path, capsys
     assert rc == 0 and "encoder: tiktoken fast path with NFC + 23 whitespace tokens" in out, out
     ref = reference(tok)
     assert documents(tmp_path / "o_text_document") == [ref(t) + [0] for t in texts]
+
+
+def test_code_pieces_rejoin_and_cut_at_top_level_statements():
+    text = "import os\n\n\ndef f():\n    return 1\n\n\nclass C:\n    x = 2\n"
+    pieces = code_pieces(text, limit=30)
+    assert "".join(pieces) == text
+    assert pieces == ["import os\n\n\n", "def f():\n    return 1\n\n\n", "class C:\n    x = 2\n"]

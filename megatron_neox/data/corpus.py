@@ -2,8 +2,10 @@
 
 Two components, written as Pile-style jsonl.zst lines `{"text": ..., "meta": {"pile_set_name": ...}}`:
 
-- `Github`: the Python standard library's own `.py` files (one document per file), found through
-  `sysconfig` so no download is needed. The exact text depends on the Python build, so the corpus
+- `Github`: the Python standard library's own `.py` files, found through `sysconfig` so no download
+  is needed, cut into documents of at most `GITHUB_PIECE_BYTES` at top-level statement boundaries
+  (`code_pieces`): stdlib files range from a few bytes to 100s of KB, and with whole files a
+  document range (a split) could hold a tenth or ten times the Github share of the tokens. The exact text depends on the Python build, so the corpus
   is deterministic per seed *on a given interpreter*.
 - `BioS`: synthetic biographies in the style of "Physics of Language Models, Part 3.3"
   (Allen-Zhu & Li, 2024): every invented person has a unique full name and six attributes (birth
@@ -70,8 +72,31 @@ def github_documents(rng: random.Random, stdlib_dir: str | None = None) -> Itera
             continue  # a few test fixtures are deliberately in legacy encodings
         except OSError:
             continue  # unreadable file: skipping keeps the corpus buildable anywhere
-        if text.strip():
-            yield text
+        yield from (piece for piece in code_pieces(text) if piece.strip())
+
+
+GITHUB_PIECE_BYTES = 4096  # at most this many bytes per Github document (a longer line stays whole)
+
+
+def code_pieces(text: str, limit: int = GITHUB_PIECE_BYTES) -> list[str]:
+    """`text` cut into consecutive pieces of at most `limit` UTF-8 bytes, at the start of a
+    top-level line (no indentation) where one is in reach, else at any line. Joined they give
+    `text` back."""
+    pieces, current, size, cut_at = [], [], 0, None  # cut_at: index in `current` of the last good start
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if current and size + n > limit:
+            k = cut_at if cut_at else len(current)
+            pieces.append("".join(current[:k]))
+            current = current[k:]
+            size, cut_at = sum(len(x.encode("utf-8")) for x in current), None
+        if current and line[:1] not in (" ", "\t", "\n", "\r", ")", "]", "}", "#"):
+            cut_at = len(current)
+        current.append(line)
+        size += n
+    if current:
+        pieces.append("".join(current))
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------
