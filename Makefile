@@ -25,7 +25,7 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The built-in corpus (Python's standard library + synthetic biographies), a 4096-token BPE and
 # the indexed dataset; nothing is downloaded.
