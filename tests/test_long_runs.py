@@ -111,9 +111,9 @@ def _straggler(rank, world_size, tmp):
 def test_slowest_rank_and_its_time_are_logged(tmp_path):
     records = run_on_random_data(_straggler, 2, str(tmp_path), timeout=600)
     assert [r["step"] for r in records] == [1, 2, 3]
-    for r in records:  # 2 micro-batches per rank per step: at least 60 ms slower
+    for r in records:  # 2 micro-batches per rank per step, 30 ms each (the first may start before the timer)
         assert r["slowest_rank"] == 1, r
-        assert r["slowest_rank_s"] >= r["fastest_rank_s"] + 0.06 and r["fastest_rank_s"] > 0, r
+        assert r["slowest_rank_s"] >= r["fastest_rank_s"] + 0.03 and r["fastest_rank_s"] > 0, r
         assert 0 <= r["data_wait_s"] < r["slowest_rank_s"], r
 
 

@@ -38,12 +38,12 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
     meta = read_meta(src)
     if meta.get("weights_only"):
         raise CheckpointError(f"{src}: holds weights only (no optimizer state); load it directly at any layout")
+    verify_manifest(src, meta)  # a file listed at save time and missing now is named first
     if not any(src.glob("*_optim_states.pt")):
         raise CheckpointError(
             f"{src}: saved without ZeRO (zero.stage=0, which zero.stage='auto' picks for fp32 on one data-parallel "
             "rank): DeepSpeed's universal conversion needs the ZeRO optimizer files (*_optim_states.pt). Train "
             "with zero.stage=1 a run you plan to reshard")
-    verify_manifest(src, meta)
     for f in sorted(src.rglob("*.pt")):  # DeepSpeed's converter asserts on a bad file: name it first
         verify_contents(f)
     created = not out_dir.exists()
