@@ -127,7 +127,7 @@ class _RssPeak:
         return max(self.peak, _rss())
 
 
-def _profiled_steps(engine, batches, topo, markers):
+def _profiled_steps(engine, clipper, batches, topo, markers):
     """Profile two steps and return (memory profile, {marker: start times in ns}) for the second.
 
     Two, because the profiler records a free only when it saw the allocation: tensors kept from
@@ -243,7 +243,7 @@ def worker(job: dict) -> None:
     static = sum(after.values())
     gradients = sum(v for k, v in snapshot["entry"].items() if k not in after)
 
-    timeline, marks = _profiled_steps(engine, [batches(2), batches(3)], topo,
+    timeline, marks = _profiled_steps(engine, clipper, [batches(2), batches(3)], topo,
                                       ("mnx_grad_reduce", "mnx_optimizer_step"))
     step_ns = marks["mnx_optimizer_step"][0]
     # The last reduce of the step (one per micro-batch at pp=1; one per step under a pipeline).

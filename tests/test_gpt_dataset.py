@@ -1,6 +1,5 @@
 """GPT packing indices against a slow, obviously-correct reference; caching; rank-0 build."""
 import os
-import time
 
 import numpy as np
 import pytest

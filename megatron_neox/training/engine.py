@@ -10,7 +10,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
-from megatron_neox.config import Config, ConfigError
+from megatron_neox.config import Config
 from megatron_neox.layout import Layout
 from megatron_neox.model.gpt_neox import GPTNeoX, layer_specs, lm_loss
 from megatron_neox.parallel.random import model_parallel_seed

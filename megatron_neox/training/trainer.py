@@ -12,7 +12,7 @@ optimizer state and every rank's RNG states; the LR and batch size are functions
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
