@@ -6,6 +6,13 @@
 
 writes data/pile_00_text_document.{bin,idx}. With --split-by-meta pile_set_name, one dataset per
 Pile component: data/pile_00_{component}_text_document.{bin,idx}.
+
+Fine-tuning data (rendered with the chat template of tokenizer_config.json beside the tokenizer):
+
+    python tools/preprocess_data.py --format sft --input chat.jsonl --tokenizer tok/tokenizer.json \
+        --output-prefix data/chat --max-length 2049        # -> data/chat_{text,loss_mask}_document
+    python tools/preprocess_data.py --format dpo --input prefs.jsonl --tokenizer tok/tokenizer.json \
+        --output-prefix data/prefs --max-length 2048       # -> data/prefs_{chosen,rejected}[_loss_mask]_document
 """
 import argparse
 import os
@@ -14,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+from megatron_neox.data.chat_preprocess import format_chat_summary, preprocess_chat  # noqa: E402
 from megatron_neox.data.preprocess import PreprocessOptions, format_summary, preprocess  # noqa: E402
 from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
@@ -38,12 +46,23 @@ def parse_args(argv=None):
                    help="skip malformed lines (counted, first few listed) instead of stopping")
     p.add_argument("--encoder", choices=["auto", "tiktoken", "hf"], default="auto",
                    help="auto: tiktoken's engine when it provably gives HF's ids, else HF (default)")
+    p.add_argument("--format", choices=["text", "sft", "dpo"], default="text",
+                   help="text: pretraining documents (default); sft: 'messages' or 'prompt'/'completion' lines -> "
+                        "tokens + loss mask; dpo: 'prompt'/'chosen'/'rejected' lines -> chosen and rejected datasets")
+    p.add_argument("--max-length", type=int,
+                   help="sft/dpo: longest example in tokens (model.seq_length + 1 for sft, model.seq_length for dpo); "
+                        "a longer one is a bad line unless --truncate")
+    p.add_argument("--truncate", action="store_true",
+                   help="sft/dpo: cut examples longer than --max-length at the end (refused when no answer token "
+                        "would remain)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.format != "text":
+        return _fine_tuning(args)
     opts = PreprocessOptions(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, keys=args.keys,
         append_eod=args.append_eod, workers=args.workers, domain_tokens=args.domain_tokens,
@@ -59,6 +78,18 @@ def main(argv=None) -> int:
         print("interrupted: no output written", file=sys.stderr)
         return 130
     print(format_summary(summary))
+    return 0
+
+
+def _fine_tuning(args) -> int:
+    try:
+        summary = preprocess_chat(args.input, args.tokenizer, args.output_prefix, args.format,
+                                  max_length=args.max_length, truncate=args.truncate,
+                                  skip_bad_lines=args.skip_bad_lines)
+    except (MegatronNeoxError, OSError) as e:
+        print(f"error: {error_message(e)}", file=sys.stderr)
+        return 2
+    print(format_chat_summary(summary))
     return 0
 
 
