@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 # parity test checks against) and accelerate, which lm-eval's own `hf` backend needs (the test
 # compares our numbers with it).
 EVAL = ["lm_eval>=0.4.13,<0.5", "accelerate>=0.26"]
+# tests/test_finetune.py compares our DPO loss and statistics with TRL's DPOTrainer (1.16 checked).
+TRL = ["trl>=1.16,<2"]
 
 setup(
     name="megatron_neox",
@@ -32,6 +34,6 @@ setup(
     ],
     extras_require={
         "eval": EVAL,
-        "test": ["pytest>=7", "pytest-timeout>=2.1", *EVAL],
+        "test": ["pytest>=7", "pytest-timeout>=2.1", *EVAL, *TRL],
     },
 )

@@ -12,7 +12,7 @@ Fine-tuning data (rendered with the chat template of tokenizer_config.json besid
     python tools/preprocess_data.py --format sft --input chat.jsonl --tokenizer tok/tokenizer.json \
         --output-prefix data/chat --max-length 2049        # -> data/chat_{text,loss_mask}_document
     python tools/preprocess_data.py --format dpo --input prefs.jsonl --tokenizer tok/tokenizer.json \
-        --output-prefix data/prefs --max-length 2048       # -> data/prefs_{chosen,rejected}[_loss_mask]_document
+        --output-prefix data/prefs --max-length 2049       # -> data/prefs_{chosen,rejected}[_loss_mask]_document
 """
 import argparse
 import os
@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help="text: pretraining documents (default); sft: 'messages' or 'prompt'/'completion' lines -> "
                         "tokens + loss mask; dpo: 'prompt'/'chosen'/'rejected' lines -> chosen and rejected datasets")
     p.add_argument("--max-length", type=int,
-                   help="sft/dpo: longest example in tokens (model.seq_length + 1 for sft, model.seq_length for dpo); "
+                   help="sft/dpo: longest example in tokens (model.seq_length + 1); "
                         "a longer one is a bad line unless --truncate")
     p.add_argument("--truncate", action="store_true",
                    help="sft/dpo: cut examples longer than --max-length at the end (refused when no answer token "

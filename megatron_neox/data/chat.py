@@ -260,7 +260,7 @@ def fit_length(ids: np.ndarray, mask: np.ndarray, max_length: int | None, trunca
         return ids, mask
     if not truncate:
         raise BadExample(f"{len(ids)} tokens, more than --max-length {max_length}; shorten it, raise "
-                         "--max-length (model.seq_length + 1 for SFT, model.seq_length for DPO) or pass --truncate")
+                         "--max-length (model.seq_length + 1) or pass --truncate")
     if not mask[:max_length].any():
         raise BadExample(f"{len(ids)} tokens: cut to --max-length {max_length}, no answer token would remain")
     return ids[:max_length], mask[:max_length]

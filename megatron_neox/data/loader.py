@@ -219,12 +219,13 @@ class BatchLoader:
         for m in range(global_batch_size // (B * dp)):
             first = self.consumed_samples + m * B * dp + self.dp_rank * B
             rows = [self.dataset[(first + j) % n] for j in range(B)]
-            batches.append(self._micro_batch(np.stack(rows)))
+            batches.append(self._micro_batch(rows))
         self.consumed_samples += global_batch_size
         self.consumed_batches += 1
         return batches
 
-    def _micro_batch(self, samples: np.ndarray) -> dict:
+    def _micro_batch(self, rows: list) -> dict:
+        samples = np.stack(rows)
         tokens = torch.from_numpy(np.ascontiguousarray(samples[:, :-1], dtype=np.int64))
         labels = torch.from_numpy(np.ascontiguousarray(samples[:, 1:], dtype=np.int64))
         loss_mask = torch.ones(tokens.shape, dtype=torch.float32)
