@@ -225,6 +225,15 @@ class TrainConfig(Section):
     inject_spike_at: List[int] = []
     """Fault injection (testing the policy): the losses of these steps are treated as spikes, once
     per trajectory; the weights and the logged loss are untouched."""
+    objective: Literal["lm", "sft", "dpo"] = "lm"
+    """What a step minimises. 'lm': next-token loss on every token (pretraining). 'sft': loss on the
+    trained (answer) tokens only, the mean over those of the global batch; data.prefixes names the
+    --output-prefix of `tools/preprocess_data.py --format sft`. 'dpo': the sigmoid DPO loss against
+    the start model (data from --format dpo; micro_batch_size and global_batch_size count pairs).
+    Start from weights with checkpoint.load + checkpoint.finetune (training/objectives.py)."""
+    dpo_beta: float = Field(0.1, gt=0)
+    """dpo: beta of the DPO loss, the strength of the pull towards the reference model (Rafailov et
+    al. 2023 use 0.1 and 0.5; TRL's default is 0.1)."""
 
     @model_validator(mode="after")
     def _check_budget(self) -> "TrainConfig":
@@ -451,6 +460,9 @@ class Config(Section):
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")
+        if self.train.objective != "lm" and len(self.data.prefixes or []) != 1:
+            problems.append(f"train.objective={self.train.objective!r} reads one dataset: set data.prefixes to the "
+                            f"--output-prefix of tools/preprocess_data.py --format {self.train.objective}")
         if self.train.on_spike == "rollback" and not (self.checkpoint.dir and self.checkpoint.save_interval):
             problems.append("train.on_spike='rollback' needs checkpoint.dir and checkpoint.save_interval "
                             "(a rollback reloads the last complete checkpoint)")

@@ -109,8 +109,9 @@ class PairDataset:
     """Sample j: one preference pair of the range (chosen ids/mask, rejected ids/mask, pair index)."""
 
     def __init__(self, sets: Sequence[IndexedDataset], doc_range: tuple[int, int], seq_length: int, seed: int,
-                 num_samples: int, reference: Optional[np.ndarray] = None):
+                 num_samples: int, reference: Optional[np.ndarray] = None, pad_id: int = 0):
         self.sets = list(sets)
+        self.pad_id = int(pad_id)
         self.indexed = self.sets[0]
         self.doc_range = (int(doc_range[0]), int(doc_range[1]))
         self.seed, self.sample_len = seed, seq_length + 1
@@ -141,12 +142,12 @@ class FinetuneLoader(BatchLoader):
     """BatchLoader for `train.objective` sft or dpo: same global-batch order, resume state and skip
     ranges; the micro-batches are built from the datasets above."""
 
-    def __init__(self, dataset, objective: str, *, pad_id: int = 0, **kwargs):
+    def __init__(self, dataset, objective: str, **kwargs):
         for flag in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask"):
             kwargs.pop(flag, None)  # SFT packing sets documents and positions itself; DPO rows are one each
         kwargs.pop("eod_token_id", None)
         super().__init__(dataset, **kwargs)
-        self.objective, self.pad_id = objective, int(pad_id)
+        self.objective = objective
 
     def next_global_batch(self, global_batch_size: int) -> list[dict]:
         batches = super().next_global_batch(global_batch_size)
@@ -162,7 +163,7 @@ class FinetuneLoader(BatchLoader):
         return batches
 
     def _micro_batch(self, rows) -> dict:
-        return sft_micro_batch(rows) if self.objective == "sft" else dpo_micro_batch(rows, self.dataset, self.pad_id)
+        return sft_micro_batch(rows) if self.objective == "sft" else dpo_micro_batch(rows, self.dataset)
 
 
 def sft_micro_batch(rows) -> dict:
@@ -175,8 +176,8 @@ def sft_micro_batch(rows) -> dict:
             "loss_mask": mask[:, 1:] * same, "position_ids": document_positions(doc_ids), "doc_ids": doc_ids}
 
 
-def dpo_micro_batch(rows, dataset: PairDataset, pad_id: int) -> dict:
-    n = dataset.sample_len
+def dpo_micro_batch(rows, dataset: PairDataset) -> dict:
+    n, pad_id = dataset.sample_len, dataset.pad_id
     seqs = [r[1][0] for r in rows] + [r[1][2] for r in rows]
     masks = [r[1][1] for r in rows] + [r[1][3] for r in rows]
     tokens = np.full((len(seqs), n), pad_id, dtype=np.int64)
@@ -215,5 +216,5 @@ def build_finetune_datasets(data_cfg, objective: str, *, seq_length: int, seed: 
         elif objective == "sft":
             out.append(PackedSFTDataset(sets[0], sets[1], (a, b), seq_length, seed, n, pad_id))
         else:
-            out.append(PairDataset(sets, (a, b), seq_length, seed, n, reference))
+            out.append(PairDataset(sets, (a, b), seq_length, seed, n, reference, pad_id))
     return tuple(out)

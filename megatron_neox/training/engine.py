@@ -24,13 +24,14 @@ def check_precision_supported(cfg: Config) -> None:
     check(cfg.precision)
 
 
-def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None
-                ) -> torch.nn.Module:
+def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None,
+                objective=None) -> torch.nn.Module:
     """The model for this rank: a PipelineModule stage (pp > 1) or the whole GPTNeoX (pp = 1).
 
     Built on this rank's device (each tensor-parallel layer keeps only its shard); under ZeRO-3
     inside `deepspeed.zero.Init`, so each parameter is partitioned as its module is built instead
-    of the whole model first existing on every rank.
+    of the whole model first existing on every rank. `objective` (training/objectives.py) gives
+    the pipeline's loss function; None is the pretraining loss.
     """
     import deepspeed
     from deepspeed.accelerator import get_accelerator
@@ -40,10 +41,10 @@ def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Opti
     else:
         where = torch.device(get_accelerator().current_device_name())
     with where:
-        return _build_model(cfg, topo, checkpoint_fn)
+        return _build_model(cfg, topo, checkpoint_fn, objective)
 
 
-def _build_model(cfg: Config, topo: Topology, checkpoint_fn=None) -> torch.nn.Module:
+def _build_model(cfg: Config, topo: Topology, checkpoint_fn=None, objective=None) -> torch.nn.Module:
     m, seed = cfg.model, cfg.train.seed
     model_parallel_seed(seed, topo)
     padded = m.padded_vocab(topo.tp)
@@ -56,7 +57,7 @@ def _build_model(cfg: Config, topo: Topology, checkpoint_fn=None) -> torch.nn.Mo
 
     return PipelineModule(
         layers=layer_specs(m, padded, topo.tp_group, sp, seed=seed),
-        loss_fn=partial(lm_loss, tp_group=topo.tp_group),
+        loss_fn=objective.loss if objective is not None else partial(lm_loss, tp_group=topo.tp_group),
         topology=topo.topo,
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=interval,
@@ -87,8 +88,9 @@ class BuiltEngine(NamedTuple):
     clipper: Optional[GlobalNormClipper]
 
 
-def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
-    """The engine for this rank; the DeepSpeed config is emitted from `cfg` on `layout`."""
+def build_engine(cfg: Config, topo: Topology, layout: Layout, objective=None) -> BuiltEngine:
+    """The engine for this rank; the DeepSpeed config is emitted from `cfg` on `layout`. Pass the
+    `objective` that train_step will get (None: the pretraining loss)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -106,7 +108,7 @@ def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
     own_clip = GlobalNormClipper.needed(cfg)
     if own_clip:
         ds_config["gradient_clipping"] = 0.0
-    model = build_model(cfg, topo, checkpoint_fn, ds_config)
+    model = build_model(cfg, topo, checkpoint_fn, ds_config, objective)
     kwargs = {} if topo.pp > 1 else {"mpu": topo}
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optimizer.weight_decay), config=ds_config, **kwargs

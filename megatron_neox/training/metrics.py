@@ -161,9 +161,10 @@ class MetricsLogger:
             self._window_losses.append(loss)
 
     def log_step(self, state: Dict[str, int], *, lr: float, grad_norm: Optional[float], loss_scale: Optional[float],
-                 global_batch_size: int) -> None:
+                 global_batch_size: int, extra: Optional[Dict[str, float]] = None) -> None:
         """The training record of the window ending at `state["iteration"]`; starts a new window.
-        Every rank calls it (the per-rank times are all-reduced); rank 0 writes it."""
+        Every rank calls it (the per-rank times are all-reduced); rank 0 writes it. `extra`: the
+        objective's figures over the window (DPO rewards)."""
         ranks = self._rank_times()
         now = time.perf_counter()
         step, window = state["iteration"], self._window_losses
@@ -174,7 +175,7 @@ class MetricsLogger:
             "loss": sum(window) / len(window) if window else float("nan"), "lr": lr,
             "grad_norm": grad_norm, "loss_scale": loss_scale, "skipped_steps": state["skipped_steps"],
             "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, now - self._window_start),
-            "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step), **ranks,
+            "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step), **ranks, **(extra or {}),
         })
         self._reset_window()
 
@@ -236,7 +237,8 @@ def _format_line(r: Dict[str, Any]) -> str:
     if harness:  # lm-eval task metrics (eval.tasks)
         return f"eval  step {r['step']:>6} | " + " | ".join(harness)
     if "eval_loss" in r:
-        return f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])} | eval_ppl {_fmt(r['eval_ppl'])}"
+        return (f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])} | eval_ppl {_fmt(r['eval_ppl'])}"
+                + _rewards(r, "eval_"))
     if "rollback_to" in r:
         a, b = r["skipped_batches"]
         return (f"spike step {r['step']:>6} | loss {_fmt(r['spike_loss'])} ({r['spike_reason']}) | rollback "
@@ -251,6 +253,8 @@ def _format_line(r: Dict[str, Any]) -> str:
     ]
     if r.get("loss_scale") is not None:
         parts.append(f"scale {_fmt(r['loss_scale'])}")
+    if "rewards_accuracy" in r:
+        parts[-1] += _rewards(r, "")
     parts += [
         f"skipped {r.get('skipped_steps', 0)}",
         f"batch {r.get('global_batch_size')}",
@@ -263,6 +267,14 @@ def _format_line(r: Dict[str, Any]) -> str:
         f"eta {eta_txt}",
     ]
     return " | ".join(parts)
+
+
+def _rewards(r: Dict[str, Any], prefix: str) -> str:
+    """DPO's reward accuracy and margin, when the record has them."""
+    if f"{prefix}rewards_accuracy" not in r:
+        return ""
+    return (f" | reward acc {_fmt(r[prefix + 'rewards_accuracy'])} margin {_fmt(r.get(prefix + 'rewards_margin'))}"
+            f" | logps chosen {_fmt(r.get(prefix + 'logps_chosen'))} rejected {_fmt(r.get(prefix + 'logps_rejected'))}")
 
 
 def log_info(msg: str) -> None:

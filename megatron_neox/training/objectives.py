@@ -86,6 +86,14 @@ class Objective:
     def pop_stats(self, group=None) -> Dict[str, float]:
         return {}
 
+    def discard_stats(self) -> None:
+        pass
+
+    def swap_stats(self, sums):
+        """Set the running sums (None: empty) and return the previous ones (evaluation keeps the
+        training window's figures apart)."""
+        return None
+
 
 class SFTObjective(Objective):
     name = "sft"
@@ -122,6 +130,13 @@ class DPOObjective(Objective):
                                + [stats[k].double().sum() for k in DPO_STATS])
             self._sums = sums if self._sums is None else self._sums + sums
         return loss
+
+    def discard_stats(self) -> None:
+        self._sums = None
+
+    def swap_stats(self, sums):
+        old, self._sums = self._sums, sums
+        return old
 
     def pop_stats(self, group=None) -> Dict[str, float]:
         """Means over every pair since the last call, combined over `group` (default: the world)."""

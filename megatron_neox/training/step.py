@@ -47,13 +47,17 @@ class _NoTimer:
         pass
 
 
-def _pipe_items(micro_batches: List[MicroBatch]):
+def _pipe_items(micro_batches: List[MicroBatch], objective=None):
     for mb in micro_batches:
         docs = (mb["doc_ids"],) if "doc_ids" in mb else ()
-        yield (mb["tokens"], mb["position_ids"], *docs), (mb["labels"], mb["loss_mask"])
+        labels = objective.labels(mb) if objective is not None else (mb["labels"], mb["loss_mask"])
+        yield (mb["tokens"], mb["position_ids"], *docs), labels
 
 
-def _forward(engine, mb: MicroBatch) -> torch.Tensor:
+def _forward(engine, mb: MicroBatch, objective=None) -> torch.Tensor:
+    if objective is not None:  # train.objective sft / dpo (training/objectives.py): the loss sees the logits
+        logits = engine(mb["tokens"], mb["position_ids"], doc_ids=mb.get("doc_ids"))
+        return objective.loss(logits, objective.labels(mb))
     return engine(mb["tokens"], mb["position_ids"], labels=mb["labels"], loss_mask=mb["loss_mask"],
                   doc_ids=mb.get("doc_ids"))
 
@@ -82,13 +86,14 @@ def _loss_scale(engine) -> Optional[float]:
 
 
 def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
-               clipper: Optional[GlobalNormClipper] = None, timer=None) -> StepResult:
+               clipper: Optional[GlobalNormClipper] = None, timer=None, objective=None) -> StepResult:
     """Forward + backward over all micro-batches, then the optimizer step (or a skip).
 
     `clipper` is the one `build_engine` returned (None when DeepSpeed clips): the grad norm and
     the skip are then read from it. `timer` (metrics.ComputeTimer) times this rank's own work: the
     forwards and backwards up to the data-parallel gradient reduction, where the ranks wait for
-    each other (the whole pipeline schedule when pp > 1)."""
+    each other (the whole pipeline schedule when pp > 1). `objective` (training/objectives.py, the one
+    the engine was built with) is None for the pretraining loss."""
     timer = timer or _NoTimer()
     skipped_before = engine.skipped_steps
     clipper_skips = clipper.skipped if clipper is not None else 0
@@ -96,14 +101,14 @@ def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
         engine.set_train_batch_size(len(micro_batches) * engine.train_micro_batch_size_per_gpu() * topo.dp)
     timer.start()
     if topo.pp > 1:
-        loss = engine.train_batch(data_iter=_pipe_items(micro_batches))
+        loss = engine.train_batch(data_iter=_pipe_items(micro_batches, objective))
         timer.stop()
         loss_value = float(loss)
     else:
         total = torch.zeros((), device=engine.device)
         for i, mb in enumerate(micro_batches):
             mb = _to_device(mb, engine.device)
-            loss = _forward(engine, mb)
+            loss = _forward(engine, mb, objective)
             if i == len(micro_batches) - 1:
                 _stop_when_backward_ends(loss, timer)
             engine.backward(loss)
@@ -121,17 +126,17 @@ def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
 
 
 @torch.no_grad()
-def eval_step(engine, micro_batches: List[MicroBatch], topo: Topology) -> float:
+def eval_step(engine, micro_batches: List[MicroBatch], topo: Topology, objective=None) -> float:
     """Mean loss over the micro-batches (and data-parallel ranks) without touching the weights."""
     if topo.pp > 1:
-        loss = engine.eval_batch(data_iter=_pipe_items(micro_batches), num_micro_batches=len(micro_batches))
+        loss = engine.eval_batch(data_iter=_pipe_items(micro_batches, objective), num_micro_batches=len(micro_batches))
         return float(loss)
     engine.eval()
     try:
         total = torch.zeros((), device=engine.device)
         for mb in micro_batches:
             mb = _to_device(mb, engine.device)
-            total += _forward(engine, mb).float()
+            total += _forward(engine, mb, objective).float()
     finally:
         engine.train()
     return _dp_mean(total / len(micro_batches), topo)

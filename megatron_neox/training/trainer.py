@@ -10,6 +10,7 @@ Everything a resumed run needs to continue exactly is in the checkpoint's client
 optimizer state and every rank's RNG states; the LR and batch size are functions of those.
 """
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -24,6 +25,7 @@ from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainS
 from megatron_neox.training.engine import build_engine
 from megatron_neox.training.launch import setup
 from megatron_neox.training.metrics import MetricsLogger, log_info, resolve_peak_tflops
+from megatron_neox.training.objectives import build_objective
 from megatron_neox.training.schedules import BatchSchedule, LRSchedule, total_iterations
 from megatron_neox.training.spikes import SpikePolicy
 from megatron_neox.training.step import StepResult, train_step
@@ -94,6 +96,7 @@ class _Run:
     first (their errors come before the model is built), then the engine, then the resume."""
 
     def __init__(self, cfg: Config, stop: StopSignal):
+        from megatron_neox.data.finetune import FinetuneLoader, build_finetune_datasets
         from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options, size_warnings
 
         self.cfg = cfg
@@ -105,9 +108,16 @@ class _Run:
         self.iters = total_iterations(cfg, self.batches)
         self.schedule = LRSchedule.from_config(cfg, self.iters)
         sizes = _dataset_sizes(cfg, self.iters, self.batches)
-        train_ds, valid_ds, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
-                                               num_samples=sizes,
-                                               vocab_size=cfg.model.vocab_size if cfg.data.check_token_ids else None)
+        # train.objective sft / dpo: fine-tuning data and loss (training/objectives.py); None: pretraining.
+        self.objective = build_objective(cfg.train, self.topo) if cfg.train.objective != "lm" else None
+        if self.objective is None:
+            train_ds, valid_ds, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
+                                                   num_samples=sizes,
+                                                   vocab_size=cfg.model.vocab_size if cfg.data.check_token_ids else None)
+        else:
+            train_ds, valid_ds, _ = build_finetune_datasets(cfg.data, cfg.train.objective,
+                                                            seq_length=cfg.model.seq_length, seed=cfg.train.seed,
+                                                            num_samples=sizes, pad_id=eod or 0)
         if train_ds is None:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
         if self.topo.rank == 0:
@@ -115,24 +125,45 @@ class _Run:
                                    train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters):
                 log_info(f"warning: {w}")
 
-        self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
+        self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout, self.objective)
         self.checkpointer = Checkpointer(cfg, self.engine, self.topo, stop)
         self.state = self.checkpointer.resume()
+        if cfg.train.objective == "dpo":
+            self._set_reference(train_ds, valid_ds)
         self.spikes = SpikePolicy(cfg)
-        self.loader = BatchLoader(train_ds, micro_batch_size=self.layout.micro_batch_size, dp_rank=self.topo.dp_rank,
-                                  dp_size=self.topo.dp, consumed_samples=self.state.consumed_samples,
-                                  **batch_options, consumed_batches=self.state.consumed_batches,
-                                  skip_ranges=self.spikes.skip_ranges(self.state))
+        loader_kwargs = dict(micro_batch_size=self.layout.micro_batch_size, dp_rank=self.topo.dp_rank,
+                             dp_size=self.topo.dp, consumed_samples=self.state.consumed_samples,
+                             **batch_options, consumed_batches=self.state.consumed_batches,
+                             skip_ranges=self.spikes.skip_ranges(self.state))
+        self.loader = (BatchLoader(train_ds, **loader_kwargs) if self.objective is None
+                       else FinetuneLoader(train_ds, cfg.train.objective, **loader_kwargs))
         rank0 = self.topo.rank == 0
         self.metrics = MetricsLogger(cfg, self.topo.world_size, enabled=rank0,
                                      peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0, rank=self.topo.rank)
         self.validator = Validator(cfg, self.engine, self.topo, valid_ds, micro_batch_size=self.layout.micro_batch_size,
-                                   global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics)
+                                   global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics,
+                                   objective=self.objective)
         # eval.tasks: lm-evaluation-harness on the sharded engine
         self.harness = TrainingHarness(cfg, self.engine, self.topo, tok, metrics=self.metrics)
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
             log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state))
+
+    def _set_reference(self, train_ds, valid_ds) -> None:
+        """DPO: the start model's log-probabilities of every pair, computed before step 1 or read back
+        (training/reference.py)."""
+        from megatron_neox.training.reference import FILE_NAME, load_or_compute
+
+        cfg = self.cfg
+        path = os.path.join(cfg.checkpoint.dir, FILE_NAME) if cfg.checkpoint.dir else None
+        start = f"{cfg.checkpoint.load}" if cfg.checkpoint.load else f"seed {cfg.train.seed}"
+        if self.topo.rank == 0 and self.state.iteration == 0:
+            log_info("dpo: reference log-probabilities of the start model (one forward pass over every pair)")
+        table = load_or_compute(path, start, self.state.iteration, self.engine, self.topo, self.objective, train_ds,
+                                self.layout.micro_batch_size)
+        for ds in (train_ds, valid_ds):
+            if ds is not None:
+                ds.reference = table
 
     def step(self) -> Tuple[StepResult, Optional[str]]:
         """One optimizer step at the batch size and learning rate of the run's position; returns
@@ -145,8 +176,10 @@ class _Run:
         start = time.perf_counter()
         batch = self.loader.next_global_batch(gbs)
         data_wait = time.perf_counter() - start
-        r = train_step(self.engine, batch, self.topo, self.clipper, timer=self.metrics.compute_timer)
-        tokens = gbs * self.cfg.model.seq_length
+        r = train_step(self.engine, batch, self.topo, self.clipper, timer=self.metrics.compute_timer,
+                       objective=self.objective)
+        # A DPO sample is a pair: two sequences.
+        tokens = gbs * self.cfg.model.seq_length * (2 if self.cfg.train.objective == "dpo" else 1)
         state.iteration += 1
         state.consumed_samples, state.consumed_batches = self.loader.consumed_samples, self.loader.consumed_batches
         state.consumed_tokens += tokens
@@ -155,8 +188,9 @@ class _Run:
             return r, spike
         self.metrics.record_step(r.loss, tokens, counted=self.guard.check(r, state), data_wait=data_wait)
         if self.metrics.should_log(state.iteration):
+            extra = self.objective.pop_stats() if self.objective is not None else None
             self.metrics.log_step(state.to_dict(), lr=lr, grad_norm=r.grad_norm, loss_scale=r.loss_scale,
-                                  global_batch_size=gbs)
+                                  global_batch_size=gbs, extra=extra)
         return r, None
 
     def rollback(self, loss: float, reason: str) -> None:

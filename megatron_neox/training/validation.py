@@ -13,10 +13,11 @@ class Validator:
     at every evaluation, so the curve compares like with like)."""
 
     def __init__(self, cfg: Config, engine, topo: Topology, valid_ds, *, micro_batch_size: int,
-                 global_batch_size: int, eod_token_id: Optional[int], metrics: MetricsLogger):
+                 global_batch_size: int, eod_token_id: Optional[int], metrics: MetricsLogger, objective=None):
         self.cfg, self.engine, self.topo, self.valid_ds = cfg, engine, topo, valid_ds
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.eod_token_id, self.metrics = eod_token_id, metrics
+        self.objective = objective  # train.objective sft / dpo (training/objectives.py); None: pretraining
         self.losses: List[float] = []
 
     def should_validate(self, step: int) -> bool:
@@ -29,11 +30,21 @@ class Validator:
             return None
         from megatron_neox.data.loader import BatchLoader, loader_options
 
-        loader = BatchLoader(self.valid_ds, micro_batch_size=self.micro_batch_size, dp_rank=self.topo.dp_rank,
-                             dp_size=self.topo.dp, **loader_options(self.cfg.data, self.eod_token_id))
-        losses = [eval_step(self.engine, loader.next_global_batch(self.global_batch_size), self.topo)
+        from megatron_neox.data.finetune import FinetuneLoader
+
+        kwargs = dict(micro_batch_size=self.micro_batch_size, dp_rank=self.topo.dp_rank, dp_size=self.topo.dp,
+                      **loader_options(self.cfg.data, self.eod_token_id))
+        loader = (BatchLoader(self.valid_ds, **kwargs) if self.objective is None
+                  else FinetuneLoader(self.valid_ds, self.objective.name, **kwargs))
+        window = self.objective.swap_stats(None) if self.objective is not None else None  # the training window's
+        losses = [eval_step(self.engine, loader.next_global_batch(self.global_batch_size), self.topo, self.objective)
                   for _ in range(self.cfg.eval.iters)]
         loss = sum(losses) / len(losses)
         self.losses.append(loss)
-        self.metrics.log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))})
+        evals = {}
+        if self.objective is not None:
+            evals = self.objective.pop_stats()
+            self.objective.swap_stats(window)
+        self.metrics.log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
+                          **{f"eval_{k}": v for k, v in evals.items()}})
         return loss
