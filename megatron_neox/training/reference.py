@@ -14,7 +14,6 @@ instead of recomputing; a resumed run without it, or with one made for other dat
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 from typing import Optional
 
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_neox.durable import atomic_write
 from megatron_neox.errors import CheckpointError
 
 FILE_NAME = "dpo_reference.npz"
@@ -85,10 +85,7 @@ def load_or_compute(path: Optional[str], start: str, iteration: int, engine, top
                               "step 0")
     table = compute_reference(engine, topo, objective, dataset, micro_batch_size)
     if path is not None and topo.rank == 0:
-        from megatron_neox.training.writer import write_durable
-
-        buf = io.BytesIO()
-        np.savez(buf, table=table, start=np.array(start), data=np.array(key))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_durable(path, lambda f: f.write(buf.getvalue()))
+        with atomic_write(path, "wb", durable=True) as f:
+            np.savez(f, table=table, start=np.array(start), data=np.array(key))
     return table
