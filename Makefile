@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: install test demo demo-data clean
+.PHONY: install test demo demo-data demo-chat clean
 
 DEMO_DATA := data/sample
 DEMO_RUN  := runs/demo
@@ -46,6 +46,30 @@ demo: install demo-data
 	$(PY) tools/generate.py --checkpoint $(DEMO_RUN)/checkpoints --max-new-tokens 60 --temperature 0 \
 		--prompt "def __init__(self"
 	$(PY) tools/evaluate.py --checkpoint $(DEMO_RUN)/checkpoints --facts $(DEMO_DATA)/bios_facts.jsonl --people 50
+
+# Fine-tune the demo model as a chat model, then align it with DPO (built-in data, no download):
+# chat and preference sets from the sample corpus's biographies -> preprocess with the chat template
+# -> import the demo's Hugging Face export -> SFT (2 ranks) -> DPO from the SFT checkpoint -> export
+# -> lm-eval task -> a chat answer -> the held-out reward accuracy. Runs `make demo` first if needed.
+CHAT_DATA := data/chat
+CHAT_RUN  := runs/chat
+CHAT_TOK  := $(DEMO_DATA)/tokenizer.json
+demo-chat: install demo-data
+	test -f $(DEMO_RUN)/hf/config.json || $(MAKE) demo
+	rm -rf $(CHAT_RUN)
+	$(PY) tools/make_chat_data.py --facts $(DEMO_DATA)/bios_facts.jsonl --out $(CHAT_DATA)
+	$(PY) tools/preprocess_data.py --format sft --input $(CHAT_DATA)/sft.jsonl --tokenizer $(CHAT_TOK) \
+		--output-prefix $(CHAT_DATA)/sft --max-length 129
+	$(PY) tools/preprocess_data.py --format dpo --input $(CHAT_DATA)/prefs.jsonl --tokenizer $(CHAT_TOK) \
+		--output-prefix $(CHAT_DATA)/prefs --max-length 129
+	$(PY) tools/convert_from_hf.py --hf-dir $(DEMO_RUN)/hf --out $(CHAT_RUN)/base
+	$(DEMO_ENV) $(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config demo-chat-sft.json
+	$(DEMO_ENV) $(VENV)/bin/deepspeed --num_gpus 2 launch/train.py --config demo-chat-dpo.json
+	$(PY) tools/convert_to_hf.py --checkpoint $(CHAT_RUN)/dpo/checkpoints --out $(CHAT_RUN)/hf
+	$(PY) tools/evaluate.py --checkpoint $(CHAT_RUN)/dpo/checkpoints --tasks chat_facts --include-path $(CHAT_DATA)/tasks
+	$(PY) tools/generate.py --checkpoint $(CHAT_RUN)/dpo/checkpoints --chat --max-new-tokens 40 \
+		--prompt "$$(cat $(CHAT_DATA)/question.txt)"
+	$(PY) tools/plot_metrics.py $(CHAT_RUN)/dpo --out $(CHAT_RUN)/dpo/metrics.png
 
 clean:
 	rm -rf $(VENV) .cache runs build *.egg-info

@@ -164,6 +164,20 @@ def generate_text(loaded: LoadedModel, tokenizer, prompt: str, **kwargs) -> str:
     return tokenizer.decode(ids)
 
 
+def generate_chat(loaded: LoadedModel, tokenizer_file: str, messages: list, **kwargs) -> str:
+    """The assistant's answer to `messages`, rendered with the tokenizer's chat template (data/chat.py);
+    generation stops at the template's end-of-turn token (left out of the answer)."""
+    from megatron_neox.data.chat import ChatEncoder
+
+    enc = ChatEncoder(tokenizer_file)
+    check_tokenizer_fits(enc, loaded.padded_vocab)
+    ids = generate_ids(loaded.model, enc.prompt_ids(messages), vocab_size=enc.vocab_size, eod_id=enc.end_of_turn_id,
+                       **kwargs)
+    if ids and ids[-1] == enc.end_of_turn_id:
+        ids = ids[:-1]
+    return enc.hf.decode(ids, skip_special_tokens=False)
+
+
 @torch.no_grad()
 def greedy_continues_with(model: GPTNeoX, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]],
                           vocab_size: Optional[int] = None, batch_size: int = 32) -> List[bool]:

@@ -4,10 +4,13 @@
     python tools/generate.py --checkpoint runs/demo/checkpoints --prompt "def fib(n):"
     python tools/generate.py --checkpoint DIR --prompt "Once" --temperature 0.8 --top-p 0.95 --seed 1
     python tools/generate.py --checkpoint runs/20B --prompt "Once" --device cuda --dtype bf16
+    python tools/generate.py --checkpoint runs/chat/dpo --chat --prompt "When was Ada born?"
 
 Temperature 0 (the default) is greedy decoding. Stops after --max-new-tokens or at the end-of-
 document token. The tokenizer defaults to the run config's tokenizer.path. Prints the prompt
-followed by its continuation.
+followed by its continuation. With --chat the prompt is a user message: it is rendered with the
+tokenizer's chat template (tokenizer_config.json beside tokenizer.json, else the built-in one, see
+megatron_neox/data/chat.py) and generation stops at the template's end-of-turn token.
 """
 import argparse
 import sys
@@ -22,7 +25,8 @@ from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint dir (follows `latest`) or DIR/global_stepN")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    p.add_argument("--chat", action="store_true", help="answer --prompt as a chat model (renders the chat template)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
@@ -37,7 +41,14 @@ def main(argv=None) -> int:
         p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
     from megatron_neox.errors import ConfigError
-    from megatron_neox.generate import DTYPES, check_tokenizer_fits, generate_text, load_model, tokenizer_path
+    from megatron_neox.generate import (
+        DTYPES,
+        check_tokenizer_fits,
+        generate_chat,
+        generate_text,
+        load_model,
+        tokenizer_path,
+    )
     from megatron_neox.tokenizer import load_tokenizer
 
     try:
@@ -45,14 +56,18 @@ def main(argv=None) -> int:
         tok_file = args.tokenizer or tokenizer_path(loaded.run)
         if not tok_file:
             raise ConfigError(f"{args.checkpoint}: the checkpoint names no tokenizer; pass --tokenizer tokenizer.json")
-        tok = load_tokenizer(tok_file, verify=False)
-        check_tokenizer_fits(tok, loaded.padded_vocab)
-        text = generate_text(loaded, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed)
+        if args.chat:
+            answer = generate_chat(loaded, tok_file, [{"role": "user", "content": args.prompt}], **sampling)
+        else:
+            tok = load_tokenizer(tok_file, verify=False)
+            check_tokenizer_fits(tok, loaded.padded_vocab)
+            text = generate_text(loaded, tok, args.prompt, **sampling)
     except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
-    print(args.prompt + text)
+    print(f"user: {args.prompt}\nassistant: {answer}" if args.chat else args.prompt + text)
     return 0
 
 

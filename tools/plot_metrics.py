@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Plot a run's metrics.jsonl: training and eval loss, learning rate, throughput, and the
-lm-evaluation-harness metrics of `eval.tasks` (keys eval/<task>/<metric>) when the run has them.
+"""Plot a run's metrics.jsonl: training and eval loss, learning rate, throughput, the
+lm-evaluation-harness metrics of `eval.tasks` (keys eval/<task>/<metric>) and DPO's reward accuracy
+and margin (train.objective=dpo: training and held-out) when the run has them.
 
     python tools/plot_metrics.py runs/125M/log --out loss.png
     python tools/plot_metrics.py runs/125M/log --x tokens          # x axis in tokens, not steps
@@ -92,9 +93,10 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
 
     harness = [r for r in evals if any(k.startswith("eval/") for k in r)]
     losses = [r for r in evals if "eval_loss" in r]
-    rows = 4 if harness else 3
+    dpo = [r for r in train if "rewards_accuracy" in r]
+    rows = 3 + bool(harness) + bool(dpo)
     fig, axes = plt.subplots(rows, 1, figsize=(9, 9 + 2.5 * (rows - 3)), sharex=True,
-                             gridspec_kw={"height_ratios": [2, 1, 1, 2][:rows]})
+                             gridspec_kw={"height_ratios": [2, 1, 1] + [2] * (rows - 3)})
     ax_loss, ax_lr, ax_speed = axes[:3]
     x_train = xs(train)
     ax_loss.plot(x_train, [_num(r["loss"]) for r in train], lw=1.2, label="train loss")
@@ -119,6 +121,8 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
             ax_tasks.set_yscale("log")
         ax_tasks.set_ylabel("lm-eval tasks")
         ax_tasks.legend(loc="best", fontsize=7, ncol=2)
+    if dpo:
+        _plot_rewards(axes[-1], dpo, [r for r in evals if "eval_rewards_accuracy" in r], xs)
     axes[-1].set_xlabel("tokens" if x_axis == "tokens" else "step")
     if x_axis == "step":
         axes[-1].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -135,6 +139,32 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)
+
+
+def _plot_rewards(ax, train: List[Record], evals: List[Record], xs) -> None:
+    """DPO: reward accuracy (left axis, 0..1) and reward margin (right axis), training and held out."""
+    ax.plot(xs(train), [_num(r["rewards_accuracy"]) for r in train], lw=1.2, color="tab:blue", label="reward acc")
+    if evals:
+        ax.plot(xs(evals), [_num(r["eval_rewards_accuracy"]) for r in evals], "o-", ms=4, lw=1.2,
+                color="tab:orange", label="held-out reward acc")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("DPO reward accuracy")
+    ax.legend(loc="upper left", fontsize=7)
+    margin = ax.twinx()
+    margin.plot(xs(train), [_num(r.get("rewards_margin")) for r in train], lw=1, ls="--", color="tab:gray",
+                label="reward margin")
+    margin.set_ylabel("reward margin")
+    margin.legend(loc="lower right", fontsize=7)
+
+
+def held_out_reward_accuracy(evals: List[Record]) -> str:
+    """The last held-out DPO reward accuracy, as a line to print ('' when the run has none)."""
+    last = [r for r in evals if "eval_rewards_accuracy" in r]
+    if not last:
+        return ""
+    r = last[-1]
+    return (f"held-out reward accuracy (eval_rewards_accuracy) at step {r['step']}: {_num(r['eval_rewards_accuracy']):.3f}"
+            f" (margin {_num(r.get('eval_rewards_margin')):.3f})")
 
 
 def main(argv=None) -> int:
@@ -158,6 +188,8 @@ def main(argv=None) -> int:
         print(f"error: {path}: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({len(train)} training and {len(evals)} eval records)")
+    if line := held_out_reward_accuracy(evals):
+        print(line)
     return 0
 
 

@@ -169,7 +169,8 @@ class ChatEncoder:
     def __init__(self, tokenizer_path: str):
         from tokenizers import Tokenizer
 
-        self.hf = Tokenizer.from_file(str(tokenizer_path))
+        self.path = str(tokenizer_path)
+        self.hf = Tokenizer.from_file(self.path)
         self.hf.no_truncation()
         self.hf.no_padding()
         eos = "<|endoftext|>"
@@ -180,6 +181,14 @@ class ChatEncoder:
         self.template = ChatTemplate.for_tokenizer(tokenizer_path, eos)
         eot = self.template.special.get("eos_token", eos)
         self.end_of_turn_id = self.hf.token_to_id(eot)
+
+    def prompt_ids(self, messages: list) -> list[int]:
+        """The ids a model continues to answer `messages`: rendered with the generation prompt."""
+        try:
+            text = _render(self.template, _check_messages(messages, "messages"), add_generation_prompt=True)
+        except BadExample as e:
+            raise ConfigError(str(e)) from None
+        return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str, spans: Sequence[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         enc = self.hf.encode(text, add_special_tokens=False)
