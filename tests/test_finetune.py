@@ -160,3 +160,31 @@ def test_dpo_loss_is_rafailov_eq7():
     z = 0.5 * ((c - rc) - (r - rr))
     torch.testing.assert_close(loss, torch.log1p(torch.exp(-z)).mean())
     assert stats["rewards_accuracy"].tolist() == [1.0, 0.0]
+
+
+def test_generate_chat_renders_the_template_and_stops_at_end_of_turn(tok):
+    from megatron_neox.data.chat import ChatEncoder
+    from megatron_neox.generate import LoadedModel, generate_chat
+
+    model, cfg, padded = _model(300, seed=5)
+    enc = ChatEncoder(tok)
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok), eos_token="<|endoftext|>")
+    from megatron_neox.data.chat import BUILTIN_TEMPLATE
+
+    hf_tok.chat_template = BUILTIN_TEMPLATE
+    messages = [{"role": "user", "content": "Name a colour."}]
+    assert enc.prompt_ids(messages) == list(hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                                      add_generation_prompt=True))
+    # A head whose every hidden state scores the end-of-turn token highest: the answer ends at once.
+    with torch.no_grad():
+        norm = model._modules[str(cfg.num_layers + 1)].norm
+        norm.weight.zero_()
+        norm.bias.fill_(1.0)
+        head = model._modules[str(cfg.num_layers + 2)].final_linear.weight
+        head.zero_()
+        head[enc.end_of_turn_id] = 1.0
+    calls = []
+    original = model.forward
+    model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    answer = generate_chat(LoadedModel(model, cfg, None, padded), str(tok), messages, max_new_tokens=10)
+    assert answer == "" and len(calls) == 1
