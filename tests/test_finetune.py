@@ -188,3 +188,13 @@ def test_generate_chat_renders_the_template_and_stops_at_end_of_turn(tok):
     model.forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     answer = generate_chat(LoadedModel(model, cfg, None, padded), str(tok), messages, max_new_tokens=10)
     assert answer == "" and len(calls) == 1
+
+
+def test_finetune_objective_with_several_datasets_is_refused_at_config_time():
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.objective='sft' reads one dataset"):
+        config_from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
+                                    "vocab_size": 96},
+                          "train": {"iters": 1, "objective": "sft"}, "data": {"prefixes": ["a", "b"]}})
