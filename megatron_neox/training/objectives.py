@@ -140,13 +140,16 @@ class DPOObjective(Objective):
 
     def pop_stats(self, group=None) -> Dict[str, float]:
         """Means over every pair since the last call, combined over `group` (default: the world)."""
-        device = self._sums.device if self._sums is not None else None
-        sums = self._sums if self._sums is not None else torch.zeros(1 + len(DPO_STATS), dtype=torch.float64,
-                                                                     device=device)
-        self._sums = None
+        sums, self._sums = self._sums, None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            sums = sums.clone()
+            from deepspeed.accelerator import get_accelerator
+
+            # Ranks that computed no loss contribute zeros; NCCL needs every rank's tensor on its device.
+            device = get_accelerator().current_device_name()
+            sums = torch.zeros(1 + len(DPO_STATS), dtype=torch.float64, device=device) if sums is None else sums.to(device)
             dist.all_reduce(sums, group=group)
+        elif sums is None:
+            return {}
         pairs = float(sums[0])
         return {k: float(v) / pairs for k, v in zip(DPO_STATS, sums[1:].tolist())} if pairs else {}
 
