@@ -237,8 +237,8 @@ def _format_line(r: Dict[str, Any]) -> str:
     if harness:  # lm-eval task metrics (eval.tasks)
         return f"eval  step {r['step']:>6} | " + " | ".join(harness)
     if "eval_loss" in r:
-        return (f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])} | eval_ppl {_fmt(r['eval_ppl'])}"
-                + _rewards(r, "eval_"))
+        ppl = f" | eval_ppl {_fmt(r['eval_ppl'])}" if "eval_ppl" in r else ""
+        return f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])}{ppl}" + _rewards(r, "eval_")
     if "rollback_to" in r:
         a, b = r["skipped_batches"]
         return (f"spike step {r['step']:>6} | loss {_fmt(r['spike_loss'])} ({r['spike_reason']}) | rollback "

@@ -45,6 +45,8 @@ class Validator:
         if self.objective is not None:
             evals = self.objective.pop_stats()
             self.objective.swap_stats(window)
-        self.metrics.log({"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)),
-                          **{f"eval_{k}": v for k, v in evals.items()}})
+        record = {"step": step, "eval_loss": loss}
+        if self.objective is None or self.objective.name != "dpo":  # DPO's loss is no cross entropy
+            record["eval_ppl"] = math.exp(min(loss, 50.0))
+        self.metrics.log({**record, **{f"eval_{k}": v for k, v in evals.items()}})
         return loss
