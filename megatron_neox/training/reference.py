@@ -68,14 +68,15 @@ def compute_reference(engine, topo, objective, dataset, micro_batch_size: int) -
 
 
 def load_or_compute(path: Optional[str], start: str, iteration: int, engine, topo, objective, dataset,
-                    micro_batch_size: int) -> np.ndarray:
-    """The reference table of this run: read from `path` when it was saved for this start and data,
-    else computed now (only at step 0: later the weights are no longer the start model's)."""
+                    micro_batch_size: int) -> tuple[np.ndarray, bool]:
+    """(the reference table of this run, whether it was computed now): read from `path` when it was
+    saved for this start and data, else computed (only at step 0: later the weights are no longer
+    the start model's)."""
     key = data_key(dataset.sets)
     if path is not None and os.path.exists(path):
         with np.load(path) as saved:
             if str(saved["start"]) == start and str(saved["data"]) == key:
-                return saved["table"]
+                return saved["table"], False
         if iteration > 0:
             raise CheckpointError(f"{path} was computed for another start checkpoint or dataset, and this run is at "
                                   f"step {iteration}, past its start model; resume with the run's own data")
@@ -88,4 +89,4 @@ def load_or_compute(path: Optional[str], start: str, iteration: int, engine, top
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with atomic_write(path, "wb", durable=True) as f:
             np.savez(f, table=table, start=np.array(start), data=np.array(key))
-    return table
+    return table, True
