@@ -158,8 +158,8 @@ class _Run:
         path = os.path.join(cfg.checkpoint.dir, FILE_NAME) if cfg.checkpoint.dir else None
         start = f"{cfg.checkpoint.load}" if cfg.checkpoint.load else f"seed {cfg.train.seed}"
         t0 = time.perf_counter()
-        table, computed = load_or_compute(path, start, self.state.iteration, self.engine, self.topo, self.objective, train_ds,
-                                self.layout.micro_batch_size)
+        table, computed = load_or_compute(path, start, self.state.iteration, self.engine, self.topo, self.objective,
+                                          train_ds, self.layout.micro_batch_size)
         if self.topo.rank == 0:
             log_info(f"dpo: reference log-probabilities of {len(table):,} pairs (the start model's, "
                      f"{'computed' if computed else 'read back from ' + str(path)}) in {time.perf_counter() - t0:.1f} s")
