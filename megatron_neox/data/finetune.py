@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from megatron_neox.data.blended import DEFAULT_SPLIT, parse_split
 from megatron_neox.data.chat_preprocess import dpo_prefixes, sft_prefixes
 from megatron_neox.data.indexed import IndexedDataset
 from megatron_neox.data.loader import BatchLoader, document_positions
@@ -200,15 +201,13 @@ def build_finetune_datasets(data_cfg, objective: str, *, seq_length: int, seed: 
                             pad_id: int = 0, reference: Optional[np.ndarray] = None):
     """(train, valid, test) of `data.prefixes[0]` (the --output-prefix of tools/preprocess_data.py
     --format sft|dpo), split by examples with `data.split`; None for an empty split."""
-    from megatron_neox.data.blended import parse_split
-
     prefixes = [str(p) for p in getattr(data_cfg, "prefixes", None) or []]
     if len(prefixes) != 1:
         raise ConfigError(f"data.prefixes: train.objective={objective} takes one dataset (the --output-prefix of "
                           f"tools/preprocess_data.py --format {objective}), got {len(prefixes)}")
     names = sft_prefixes(prefixes[0]) if objective == "sft" else dpo_prefixes(prefixes[0])
     sets = _open_side_by_side(names)
-    ranges = parse_split(getattr(data_cfg, "split", None) or "969,30,1", sets[0].num_documents)
+    ranges = parse_split(getattr(data_cfg, "split", None) or DEFAULT_SPLIT, sets[0].num_documents)
     out = []
     for (a, b), n in zip(ranges, num_samples):
         if b <= a or n <= 0:
