@@ -124,3 +124,8 @@ def test_dpo_preprocess_and_mismatched_prompt(tmp_path, tok, capsys):
     rc = _preprocess(tmp_path, tok, [good, bad], "--format", "dpo")
     err = capsys.readouterr().err
     assert rc == 2 and "in.jsonl:2: the prompts of chosen and rejected differ" in err
+
+
+def test_pretraining_flags_are_refused_with_a_fine_tuning_format(tmp_path, tok, capsys):
+    rc = _preprocess(tmp_path, tok, [{"prompt": "a", "completion": " b"}], "--format", "sft", "--append-eod")
+    assert rc == 2 and "--append-eod does not apply to --format sft" in capsys.readouterr().err

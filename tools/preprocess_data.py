@@ -82,6 +82,13 @@ def main(argv=None) -> int:
 
 
 def _fine_tuning(args) -> int:
+    unused = [flag for flag, on in (("--append-eod", args.append_eod), ("--domain-tokens", args.domain_tokens),
+                                    ("--split-by-meta", args.split_by_meta), ("--jsonl-keys", args.keys != ["text"]))
+              if on]
+    if unused:
+        print(f"error: {unused[0]} does not apply to --format {args.format} (examples are rendered whole, with the "
+              "chat template's own end of turn); drop it", file=sys.stderr)
+        return 2
     try:
         summary = preprocess_chat(args.input, args.tokenizer, args.output_prefix, args.format,
                                   max_length=args.max_length, truncate=args.truncate,
