@@ -105,6 +105,9 @@ class ModelConfig(Section):
     """Attention kernel (model/attention.py). 'auto': SDPA on CPU, for decoding and for plain causal layers;
     on CUDA, layers with ALiBi, the local band or documents use flash-attn (installed, fp16/bf16), else
     FlexAttention (compiled), else SDPA with a mask. 'flex' has no attention dropout and, on CPU, no backward."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """torch.compile each transformer layer (regional: identical layers share one compiled graph; model/compile.py).
+    'auto': on for CUDA, off on CPU, off with dropout > 0 or ZeRO-3 (which `true` refuses). Decoding stays eager."""
 
     @property
     def head_dim(self) -> int:
@@ -307,7 +310,7 @@ class ActivationCheckpointConfig(Section):
     interval: int = Field(0, ge=0)
     """Recompute every block of this many transformer layers in backward (0 = off)."""
     partition_activations: bool = False
-    """Shard the saved checkpoint inputs across the TP group (DeepSpeed)."""
+    """Shard the saved checkpoint inputs across the TP group (DeepSpeed); a no-op at tp = 1."""
 
 
 class DataConfig(Section):
@@ -447,7 +450,11 @@ class Config(Section):
     def _check_cross(self) -> "Config":
         from megatron_neox.training.precision import precision_problems
 
+        from megatron_neox.model.compile import compile_problems
+
         problems = config_split_problems(self) + precision_problems(self)
+        problems += compile_problems(self.model.compile, zero_stage=self.zero.stage,
+                                     dropout=self.model.hidden_dropout > 0 or self.model.attention_dropout > 0)
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")
@@ -513,7 +520,9 @@ class Config(Section):
         ac = self.activation_checkpointing
         if ac.interval:
             ds["activation_checkpointing"] = {
-                "partition_activations": ac.partition_activations,
+                # At tp = 1 there is nothing to shard across, but DeepSpeed would still clone every
+                # checkpointed layer input (a copy of the hidden state per layer per micro-batch).
+                "partition_activations": ac.partition_activations and lay.tp > 1,
                 "contiguous_memory_optimization": False,
                 "cpu_checkpointing": False,
                 "number_checkpoints": None,
