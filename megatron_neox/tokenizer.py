@@ -1,8 +1,11 @@
 """Tokenizers: training a byte-level BPE, the runtime wrapper, and a fast exact encoder.
 
-The file format is HF `tokenizers`' tokenizer.json: a BPE model with a ByteLevel pre-tokenizer
-and decoder. The end of document is the token `<|endoftext|>`, wherever it sits: id 0 in
-GPT-NeoX-20B's tokenizer and ours (with `<|padding|>` = id 1), 50256 (the last id) in GPT-2's.
+The file format is HF `tokenizers`' tokenizer.json: ours is a BPE model with a ByteLevel
+pre-tokenizer and decoder; any other loads too (Llama-3's Split + ByteLevel, Llama-2's
+SentencePiece-style BPE with byte fallback). The end of document is the token `<|endoftext|>`,
+wherever it sits: id 0 in GPT-NeoX-20B's tokenizer and ours (with `<|padding|>` = id 1), 50256
+(the last id) in GPT-2's; a tokenizer without it uses its family's (`EOD_TOKENS`). The BOS a
+family puts before each text is read from the file's own post-processor (`Tokenizer.bos_ids`).
 
 Encoding semantics (the same in every path): text is encoded as plain text -- special tokens
 written literally in a document ("<|endoftext|>" in a file about GPT-2) are *not* turned into
@@ -14,7 +17,8 @@ The fast path: tiktoken's engine gives the same ids as HF 4-8x faster (measured 
 source and prose). tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF
 merges the pair that comes first in the merge list. These agree when token ids follow the merge
 order, which `_fast_encoder_or_reason` checks along with everything else that would make the
-two differ. Two HF steps that come before the BPE are reproduced: a Unicode normalizer (NFC for
+two differ. The split regex is GPT-2's for a ByteLevel pre-tokenizer, or the file's own for a
+Split + ByteLevel one (Llama-3). Two HF steps that come before the BPE are reproduced: a Unicode normalizer (NFC for
 GPT-NeoX-20B; HF's own normalizer object is applied to each non-ASCII document), and added
 tokens that are runs of spaces (GPT-NeoX-20B's 2-24 spaces, cut out before the split regex: see
 `_space_run_pattern`). The result is then verified by encoding every vocabulary token and a
