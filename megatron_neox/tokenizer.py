@@ -218,8 +218,8 @@ def _split_pattern_or_reason(pre: dict) -> tuple[str, str]:
         split, byte_level = steps
         regex = (split.get("pattern") or {}).get("Regex")
         if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
-            return "", ("its Split pre-tokenizer is not a regex whose matches are kept as pieces "
-                        f"(pattern {split.get('pattern')}, behavior {split.get('behavior')}, invert {split.get('invert')})")
+            return "", ("its Split pre-tokenizer is not a regex whose matches are kept as pieces (pattern "
+                        f"{split.get('pattern')}, behavior {split.get('behavior')}, invert {split.get('invert')})")
         if byte_level.get("add_prefix_space") or byte_level.get("use_regex", True):
             return "", "its ByteLevel step after the Split adds a prefix space or splits again with GPT-2's regex"
         return regex, ""

@@ -83,12 +83,14 @@ def llama3_style_tokenizer(texts, vocab_size: int, path: Path, reserved: int = 4
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", *(f"<|reserved_special_token_{i}|>" for i in range(reserved))]
+    specials = ["<|begin_of_text|>", "<|end_of_text|>",
+                *(f"<|reserved_special_token_{i}|>" for i in range(reserved))]
     tok.add_special_tokens(specials)
     bos = tok.token_to_id("<|begin_of_text|>")
     tok.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                      pair="<|begin_of_text|> $A <|begin_of_text|> $B",
                                       special_tokens=[("<|begin_of_text|>", bos)])])
     tok.save(str(path))
     return Path(path)
