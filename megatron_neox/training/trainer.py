@@ -195,14 +195,17 @@ def train(cfg: Config) -> RunResult:
     """Train (or resume) the run `cfg` describes on the ranks of this world."""
     # First thing: a preemption signal during set-up is honoured after the first step.
     stop = StopSignal()
+    lock = None
     try:
-        check_run_dirs(cfg)  # before anything is built
+        lock = check_run_dirs(cfg)  # before anything is built; one run per checkpoint.dir
         run = _Run(cfg, stop)
         try:
             return _loop(run)
         finally:
             run.metrics.close()
     finally:
+        if lock is not None:
+            lock.release()
         stop.restore()
 
 
