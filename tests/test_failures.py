@@ -89,8 +89,22 @@ def test_a_failing_eval_task_during_training_costs_no_checkpoint(run_dir, tmp_pa
     assert [e["step"] for e in errors] == [1, 2]
 
 
+@pytest.fixture(scope="module")
+def bad_tasks(tmp_path_factory):
+    """A task directory with a YAML naming an unknown output_type and one that is not YAML."""
+    bad = tmp_path_factory.mktemp("bad_tasks")
+    yaml = (TASKS / "mnx_choice.yaml").read_text().replace("tests/eval_tasks/", str(TASKS) + "/")
+    (bad / "mnx_choice.yaml").write_text(yaml.replace("output_type: multiple_choice", "output_type: frobnicate"))
+    (bad / "broken.yaml").write_text("task: [mnx_other\n")
+    return bad
+
+
+def test_evaluate_cli_refuses_an_empty_task_list_before_reading_the_checkpoint(tmp_path):
+    r = _run(TOOLS / "evaluate.py", "--checkpoint", tmp_path / "no_checkpoint", "--tasks", ",")
+    _clear_error(r, "--tasks ','", "names no task")
+
+
 @pytest.mark.parametrize("args, needles", [
-    (["--tasks", ","], ["--tasks ','", "names no task"]),
     (["--tasks", ""], ["--tasks ''", "names no task"]),
     (["--tasks", "mnx_choice", "--include-path", TASKS, "--limit", "0"], ["--limit=0.0", "expected > 0"]),
     (["--tasks", "mnx_choice", "--include-path", TASKS, "--limit", "-1"], ["--limit=-1.0", "expected > 0"]),
@@ -104,17 +118,18 @@ def test_a_failing_eval_task_during_training_costs_no_checkpoint(run_dir, tmp_pa
     (["--tasks", "mnx_choice", "--include-path", TASKS, "--output", "DIR"], ["--output", "is a directory"]),
     (["--tasks", "mnx_choice", "--include-path", TASKS, "--output", "FILE/out.json"], ["is a file, not a directory"]),
 ])
-def test_evaluate_refuses_bad_tasks_and_outputs_before_loading_the_model(tmp_path, args, needles):
-    """The checkpoint does not exist: each error must come before it is read (seconds, not a whole evaluation)."""
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    yaml = (TASKS / "mnx_choice.yaml").read_text().replace("tests/eval_tasks/", str(TASKS) + "/")
-    (bad / "mnx_choice.yaml").write_text(yaml.replace("output_type: multiple_choice", "output_type: frobnicate"))
-    (bad / "broken.yaml").write_text("task: [mnx_other\n")
+def test_evaluate_refuses_bad_tasks_and_outputs_before_loading_the_model(bad_tasks, tmp_path, capsys, args, needles):
+    """The checkpoint does not exist: each error must come before it is read (seconds, not a whole
+    evaluation). In-process (tools/evaluate.py's main), so lm-eval's task index is built once."""
+    from _train import load_tool
+
     (tmp_path / "DIR").mkdir()
     (tmp_path / "FILE").write_text("x")
-    subst = {"BAD": bad, "MISSING": tmp_path / "missing", "DIR": tmp_path / "DIR",
+    subst = {"BAD": bad_tasks, "MISSING": tmp_path / "missing", "DIR": tmp_path / "DIR",
              "FILE/out.json": tmp_path / "FILE" / "out.json"}
-    r = _run(TOOLS / "evaluate.py", "--checkpoint", tmp_path / "no_checkpoint", *[subst.get(a, a) for a in args])
-    _clear_error(r, *needles)
-    assert "no_checkpoint" not in r.stderr
+    argv = ["--checkpoint", str(tmp_path / "no_checkpoint"), *[str(subst.get(a, a)) for a in args]]
+    assert load_tool("evaluate").main(argv) == 2
+    err = capsys.readouterr().err
+    for n in needles:
+        assert n in err, (n, err[-3000:])
+    assert "no_checkpoint" not in err

@@ -77,12 +77,13 @@ def main(argv=None) -> int:
             _check_output_file(Path(args.output))
         tasks = None
         if args.tasks is not None:  # before the model is loaded: a bad task costs seconds, not a whole evaluation
-            from megatron_neox.evaluation.harness import check_task_setup, task_manager
+            from megatron_neox.evaluation.harness import check_include_path, check_task_setup, task_manager
 
             names = [t.strip() for t in args.tasks.split(",") if t.strip()]
             if not names:
                 raise ConfigError(f"--tasks {args.tasks!r}: names no task; expected lm-eval task names, comma-separated, "
                                   "or a preset: neox20b, gpt3 (leave --tasks out for perplexity)")
+            check_include_path(args.include_path)  # before lm-eval indexes it
             tasks = check_task_setup(names, task_manager(args.include_path),
                                      num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path)
         loaded = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))

@@ -174,10 +174,22 @@ def preserved_rng():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def check_training_tasks(cfg) -> List[str]:
+    """eval.tasks checked whole (`check_task_setup`) with the config's key names; [] when none."""
+    if not cfg.eval.tasks:
+        return []
+    check_include_path(cfg.eval.include_path, "eval.include_path")  # before lm-eval indexes it
+    return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path), num_fewshot=cfg.eval.num_fewshot,
+                            limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
+                            flags=("eval.include_path", "eval.num_fewshot", "eval.tasks_limit"))
+
+
 class TrainingHarness:
     """`eval.tasks` on the training engine; see the module docstring."""
 
-    def __init__(self, cfg, engine=None, topo=None, tokenizer=None, metrics=None):
+    def __init__(self, cfg, engine=None, topo=None, tokenizer=None, metrics=None, tasks: Optional[List[str]] = None):
+        """`tasks`: what `check_training_tasks(cfg)` returned (the trainer calls it before building
+        the model, so a bad task costs seconds); checked here when not given."""
         self.cfg, self.metrics = cfg, metrics
         self.enabled = bool(cfg.eval.tasks)
         if not self.enabled:
@@ -186,10 +198,7 @@ class TrainingHarness:
         from megatron_neox.evaluation.lm import NeoXLM
 
         self.manager = task_manager(cfg.eval.include_path)
-        # Every task built and its few-shot count checked before the first step, not at the first eval.
-        self.tasks = check_task_setup(cfg.eval.tasks, self.manager, num_fewshot=cfg.eval.num_fewshot,
-                                      limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
-                                      flags=("eval.include_path", "eval.num_fewshot", "eval.tasks_limit"))
+        self.tasks = tasks if tasks is not None else check_training_tasks(cfg)
         backend = EngineModel(engine, topo, tokenizer.vocab_size, cfg.parallel.sequence_parallel)
         self.lm = NeoXLM(backend, tokenizer, max_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size,
                          seed=cfg.train.seed, show_progress=False)

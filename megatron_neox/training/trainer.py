@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
-from megatron_neox.evaluation.harness import TrainingHarness
+from megatron_neox.evaluation.harness import TrainingHarness, check_training_tasks
 from megatron_neox.layout import Layout
 from megatron_neox.outputs import check_run_dirs
 from megatron_neox.topology import Topology
@@ -99,6 +99,7 @@ class _Run:
         self.cfg = cfg
         self.layout, self.topo = setup(cfg)
         tok = _check_tokenizer(cfg)
+        tasks = check_training_tasks(cfg)  # every lm-eval task built and checked before the model is
         eod = tok.eod_id if tok is not None else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
         self.batches = BatchSchedule.from_config(cfg, self.layout)
@@ -129,7 +130,7 @@ class _Run:
         self.validator = Validator(cfg, self.engine, self.topo, valid_ds, micro_batch_size=self.layout.micro_batch_size,
                                    global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics)
         # eval.tasks: lm-evaluation-harness on the sharded engine
-        self.harness = TrainingHarness(cfg, self.engine, self.topo, tok, metrics=self.metrics)
+        self.harness = TrainingHarness(cfg, self.engine, self.topo, tok, metrics=self.metrics, tasks=tasks)
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
             log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state))
