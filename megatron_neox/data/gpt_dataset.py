@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import Optional
 
 import numpy as np
 
@@ -340,6 +341,14 @@ def _save_npy(path: str, array: np.ndarray) -> None:
             os.remove(tmp)
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -393,7 +402,10 @@ class GPTDataset:
         dist = _dist()
         rank = dist.get_rank() if dist else 0
         failure = None
-        if rank == 0 and not self._cached():
+        problem = self._cache_problem() if rank == 0 else None
+        if problem is not None:
+            if problem != "missing":
+                logger.warning("warning: %s: index cache %s; rebuilding it", name, problem)
             try:
                 self._build()
             except BaseException as e:  # still reach the barrier, so no rank is left waiting
@@ -418,6 +430,28 @@ class GPTDataset:
         # The description is written last, so its presence means all three arrays are complete.
         return os.path.exists(self.description_path) and all(os.path.exists(p) for p in self.paths.values())
 
+    def _cache_problem(self) -> Optional[str]:
+        """None when the cached arrays match the sizes and SHA-256 recorded with them when they were
+        built; "missing"; or what is wrong with them (a truncated or altered file would otherwise
+        fail every run with numpy's IndexError until the user deleted it)."""
+        if not self._cached():
+            return "missing"
+        try:
+            with open(self.description_path) as f:
+                recorded = json.load(f).get("arrays") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{self.description_path} is unreadable ({e})"
+        for a, path in self.paths.items():
+            want = recorded.get(a)
+            if not want:
+                return f"{self.description_path} records no checksum for {path} (written by an older version)"
+            size = os.path.getsize(path)
+            if size != want["bytes"]:
+                return f"{path} holds {size} bytes, {want['bytes']} were written (truncated or replaced)"
+            if _sha256(path) != want["sha256"]:
+                return f"{path} differs from the checksum recorded when it was built (altered or corrupt)"
+        return None
+
     def _build(self) -> None:
         t0 = time.time()
         arrays = build_indices(self.indexed.document_sizes(), self.doc_range, self.num_samples,
@@ -426,8 +460,9 @@ class GPTDataset:
             _save_npy(self.paths[a], arr)
         tmp = f"{self.description_path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:  # the file name is for people reading the cache, not part of the key
-            json.dump({**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
-                      f, indent=1)
+            arrays = {a: {"bytes": os.path.getsize(p), "sha256": _sha256(p)} for a, p in self.paths.items()}
+            json.dump({**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix)),
+                       "arrays": arrays}, f, indent=1)
         os.replace(tmp, self.description_path)
         self.built_here = True
         logger.info("%s: built indices for %d epoch(s), %d samples, in %.1f s", self.name,
