@@ -234,6 +234,9 @@ class TrainConfig(Section):
             raise ValueError("set train.iters or train.train_tokens (how long to train)")
         if any(s < 1 for s in self.inject_spike_at):
             raise ValueError(f"train.inject_spike_at={self.inject_spike_at}: expected step numbers >= 1")
+        if self.inject_spike_at and self.on_spike != "rollback":
+            raise ValueError(f"train.inject_spike_at={self.inject_spike_at} tests the rollback policy, but "
+                             f"train.on_spike={self.on_spike!r} looks for no spikes; set train.on_spike=rollback")
         return self
 
 

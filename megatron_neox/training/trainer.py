@@ -94,13 +94,15 @@ class _Run:
     first (their errors come before the model is built), then the engine, then the resume."""
 
     def __init__(self, cfg: Config, stop: StopSignal):
-        from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options, size_warnings
+        from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
+                                               size_warnings)
 
         self.cfg = cfg
         self.layout, self.topo = setup(cfg)
         tok = _check_tokenizer(cfg)
         tasks = check_training_tasks(cfg)  # every lm-eval task built and checked before the model is
-        eod = tok.eod_id if tok is not None else None
+        # The end-of-document id only where something uses it: a tokenizer without one is fine otherwise.
+        eod = tok.eod_id if tok is not None and (eod_flags(cfg.data) or cfg.eval.tasks) else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
         self.batches = BatchSchedule.from_config(cfg, self.layout)
         self.iters = total_iterations(cfg, self.batches)
@@ -113,7 +115,8 @@ class _Run:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
         if self.topo.rank == 0:
             for w in size_warnings(cfg.data, train_ds, valid_ds, seq_length=cfg.model.seq_length,
-                                   train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters):
+                                   train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters) + \
+                    eod_warnings(cfg.data, train_ds, eod):
                 log_info(f"warning: {w}")
 
         self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
