@@ -60,6 +60,22 @@ class ZeroChoice:
     why: str  # for the start-up line, e.g. "auto: one data-parallel rank, fp32"
 
 
+def loads_universal(cfg) -> bool:
+    """checkpoint.load names a universal checkpoint (tools/reshard.py). DeepSpeed 0.19.8 loads its
+    optimizer state through the ZeRO optimizer only: at ZeRO-0 the load fails inside DeepSpeed
+    (`'NoneType' object has no attribute 'copy'`). A missing or damaged one is left to the loader,
+    which names it."""
+    from megatron_neox.checkpoint_files import read_meta, resolve_tag_dir
+    from megatron_neox.errors import CheckpointError
+
+    if not cfg.checkpoint.load:
+        return False
+    try:
+        return bool(read_meta(resolve_tag_dir(cfg.checkpoint.load)).get("universal"))
+    except (CheckpointError, OSError):
+        return False
+
+
 def choose_zero(cfg, dp: int) -> ZeroChoice:
     """The ZeRO stage and overlap_comm this run uses on `dp` data-parallel ranks."""
     z = cfg.zero
@@ -68,6 +84,8 @@ def choose_zero(cfg, dp: int) -> ZeroChoice:
             stage, why = 1, f"auto: {cfg.precision} needs the ZeRO optimizer's fp32 master weights"
         elif z.offload_optimizer != "none":
             stage, why = 1, "auto: optimizer offload"
+        elif dp == 1 and loads_universal(cfg):
+            stage, why = 1, "auto: checkpoint.load is universal, whose optimizer state only ZeRO loads"
         elif dp == 1:
             stage, why = 0, "auto: one data-parallel rank, nothing to shard"
         else:

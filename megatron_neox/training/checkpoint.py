@@ -268,6 +268,9 @@ def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool,
               universal: bool) -> Optional[Dict[str, Any]]:
     # A universal checkpoint (tools/reshard.py) is re-sliced by DeepSpeed for this run's layout;
     # the flag lives in the engine's config and is only read while loading.
+    if universal and not finetune and engine.zero_optimization_stage() == 0:
+        raise CheckpointError(f"{load_dir / tag}: a universal checkpoint, whose optimizer state DeepSpeed loads only "
+                              "into a ZeRO optimizer; set zero.stage=1 (or 'auto', which picks it for this load)")
     engine._config.load_universal_checkpoint = universal
     path, client = engine.load_checkpoint(
         str(load_dir), tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=False,
