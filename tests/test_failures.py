@@ -3,10 +3,12 @@ runs the CLI the way the user meets it (a subprocess) and checks the exit status
 and what is left on disk."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from _train import REPO, config_dict, make_dataset
@@ -42,6 +44,13 @@ def run_dir(tmp_path_factory):
     tok, _ = train_bpe(((t, None) for t in texts), 300)
     save_tokenizer(tok, tmp / "tokenizer.json")
     make_dataset(str(tmp / "data" / "rand"))
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    plain = Tokenizer(models.BPE())  # no <|endoftext|>: fine for a run that uses no end-of-document feature
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=280, show_progress=False,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    plain.save(str(tmp / "no_eod_tokenizer.json"))
     return tmp
 
 
@@ -68,25 +77,81 @@ def test_training_checks_eval_tasks_few_shot_at_start_up(run_dir):
     assert not (run_dir / "fewshot" / "ckpt" / "latest").exists()
 
 
-def test_a_failing_eval_task_during_training_costs_no_checkpoint(run_dir, tmp_path):
-    """A task whose own code fails at evaluation time (start-up cannot see it): the run logs the
-    failure, trains on and saves its last step."""
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
+@pytest.fixture(scope="module")
+def trained(run_dir, tmp_path_factory):
+    """One 1-rank run of 2 steps at ZeRO-1, saving every step, with an lm-eval task whose own code
+    fails at evaluation time (start-up cannot see it). Later tests resume it, reshard it, lock it."""
+    tasks = tmp_path_factory.mktemp("boom_tasks")
     yaml = (TASKS / "mnx_choice.yaml").read_text().replace("task: mnx_choice", "task: mnx_boom")
     yaml = yaml.replace("tests/eval_tasks/", str(TASKS) + "/") + "process_results: !function utils.boom\n"
     (tasks / "mnx_boom.yaml").write_text(yaml)
     (tasks / "utils.py").write_text("def boom(doc, results):\n    raise RuntimeError('task code failed')\n")
-    cfg = _config(run_dir, "boom", eval__tasks=["mnx_boom"], eval__include_path=str(tasks), eval__tasks_interval=1,
-                  eval__tasks_limit=2, checkpoint__save_interval=1)
+    cfg = _config(run_dir, "run", eval__tasks=["mnx_boom"], eval__include_path=str(tasks), eval__tasks_interval=1,
+                  eval__tasks_limit=2, checkpoint__save_interval=1, zero__stage=1)
     r = _run(TRAIN, "--config", cfg)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "eval.tasks at step 1 failed, training goes on: RuntimeError: task code failed" in r.stdout
-    ckpt = run_dir / "boom" / "ckpt"
-    assert (ckpt / "latest").read_text().strip() == "global_step2"
-    errors = [json.loads(line) for line in (run_dir / "boom" / "log" / "metrics.jsonl").read_text().splitlines()
-              if "eval_tasks_error" in line]
-    assert [e["step"] for e in errors] == [1, 2]
+    return {"cfg": cfg, "root": run_dir / "run", "ckpt": run_dir / "run" / "ckpt", "out": r.stdout}
+
+
+def test_a_failing_eval_task_during_training_costs_no_checkpoint(trained):
+    """Issue 19 item 1: the failure is logged (stdout and metrics.jsonl) and training goes on to save."""
+    assert "eval.tasks at step 1 failed, training goes on: RuntimeError: task code failed" in trained["out"]
+    assert (trained["ckpt"] / "latest").read_text().strip() == "global_step2"
+    lines = (trained["root"] / "log" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines if "eval_tasks_error" in line] == [1, 2]
+
+
+def test_reshard_refuses_to_write_into_another_runs_checkpoint_dir(trained, tmp_path):
+    """Item 2: --out holding a training checkpoint (a copy of the run, as another run B) is refused
+    before any conversion; B's `latest` still names its own step."""
+    other = tmp_path / "B" / "ckpt"
+    shutil.copytree(trained["ckpt"], other)
+    r = _run(TOOLS / "reshard.py", "--checkpoint", trained["ckpt"], "--out", other)
+    _clear_error(r, f"--out {other}: global_step1 there is a training checkpoint")
+    assert (other / "latest").read_text().strip() == "global_step2"
+    assert not (other / "latest_universal").exists()
+
+
+def test_a_second_run_on_a_locked_checkpoint_dir_is_refused_naming_the_holder(trained):
+    """Item 3: another live run holds checkpoint.dir (here this test process holds its lock): the
+    new run exits 2 naming that run's pid and host, before building anything."""
+    import fcntl
+    import socket
+
+    lock = trained["ckpt"] / ".run.lock"
+    with open(lock, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": "now"}))
+        f.flush()
+        r = _run(TRAIN, "--config", trained["cfg"], "--set", "train.iters=3")
+    _clear_error(r, f"checkpoint.dir {trained['ckpt']}: in use by another run (pid {os.getpid()} on host "
+                    f"{socket.gethostname()}")
+    assert (trained["ckpt"] / "latest").read_text().strip() == "global_step2"
+
+
+def test_resume_repairs_a_torn_metrics_tail_rebuilds_a_bad_cache_and_ignores_a_dead_runs_lock(trained):
+    """Items 4, 13, 3: the run before was cut mid-record in metrics.jsonl, one cached index array was
+    truncated, and the lock file names a run that is gone (no flock held): the resumed run says so
+    for the first two, goes on, and plot_metrics reads the result."""
+    from _train import load_tool
+
+    log = trained["root"] / "log" / "metrics.jsonl"
+    with open(log, "a") as f:
+        f.write('{"step": 3, "loss": 4.')
+    cache = sorted((trained["root"].parent / "data").rglob("*_doc_idx.npy"))[0]
+    cache.write_bytes(cache.read_bytes()[:-8])
+    (trained["ckpt"] / ".run.lock").write_text(json.dumps({"pid": 2 ** 22 + 1, "host": "gone", "started": "then"}))
+    # Item 18 too: a tokenizer without <|endoftext|> is fine when nothing needs the end-of-document id.
+    r = _run(TRAIN, "--config", trained["cfg"], "--set", "train.iters=3", "eval.tasks=[]",
+             f"tokenizer.path={trained['root'].parent / 'no_eod_tokenizer.json'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{log}: its last line was cut mid-record (22 bytes without a newline" in r.stdout
+    assert f"{cache} holds" in r.stderr and "were written (truncated or replaced); rebuilding it" in r.stderr
+    records = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
+    assert [x["step"] for x in records if "loss" in x] == [1, 2, 3]
+    assert (trained["ckpt"] / "latest").read_text().strip() == "global_step3"
+    assert load_tool("plot_metrics").main([str(log.parent), "--out", str(trained["root"] / "loss.png")]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +198,45 @@ def test_evaluate_refuses_bad_tasks_and_outputs_before_loading_the_model(bad_tas
     for n in needles:
         assert n in err, (n, err[-3000:])
     assert "no_checkpoint" not in err
+
+
+# ---- 8, 11, 12, 18: refused or said at start-up -----------------------------------------------------
+
+
+def test_eod_flags_on_data_without_eod_warn_and_flex_is_refused_for_cpu_training(run_dir):
+    """Item 8: the EOD flags on data preprocessed without --append-eod are said, with the numbers;
+    item 11: FlexAttention, which has no CPU backward, is refused before the first step."""
+    from test_robustness import _write_index
+
+    rng = np.random.default_rng(0)
+    prefix = _write_index(run_dir / "no_eod" / "data", [rng.integers(2, 96, 40) for _ in range(200)])
+    cfg = _config(run_dir, "no_eod", data__reset_attention_mask=True, data__eod_mask_loss=True)
+    r = _run(TRAIN, "--config", cfg, "--set", f"data.prefixes=[\"{prefix}\"]", "model.attention_kernel=flex")
+    _clear_error(r, "model.attention_kernel='flex' cannot train on the CPU")
+    assert ("data.eod_mask_loss, data.reset_attention_mask: the first 16 training samples (272 tokens)" in r.stdout
+            and "hold no end-of-document token (id 0), so these flags change nothing" in r.stdout), r.stdout[-3000:]
+
+
+def test_config_errors_found_when_the_config_is_read(tmp_path, capsys):
+    """Item 12: a config that is not UTF-8 is named with its line; item 18: inject_spike_at under
+    on_spike=abort (which looks for no spikes) is refused. launch/train.py's main, in-process: both
+    come before any process group is joined."""
+    train_main = _load_train()
+    bad = tmp_path / "latin1.json"
+    bad.write_bytes(b'{\n  "comment": "caf\xe9"\n}\n')
+    assert train_main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8 text (byte b'\\xe9' at offset 16)" in err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(config_dict(str(tmp_path), train__inject_spike_at=[3])))
+    assert train_main(["--config", str(good)]) == 2
+    assert "train.inject_spike_at=[3] tests the rollback policy" in capsys.readouterr().err
+
+
+def _load_train():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_train", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

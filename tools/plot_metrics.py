@@ -54,6 +54,8 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
         if "eval_loss" in rec or any(k.startswith("eval/") for k in rec):
             evals.append(rec)
             continue
+        if "eval_tasks_error" in rec:  # an in-training lm-eval failure, logged and passed over
+            continue
         if "rollback_to" in rec:  # a loss-spike rollback: the replayed steps that follow replace the old ones
             continue
         if "loss" not in rec:

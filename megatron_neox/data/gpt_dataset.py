@@ -454,8 +454,8 @@ class GPTDataset:
             _save_npy(self.paths[a], arr)
         # The file name is for people reading the cache, not part of the key; the arrays' sizes and
         # hashes let a later run tell a truncated or altered file from a good one.
-        arrays = {a: {"bytes": os.path.getsize(p), "sha256": _sha256(p)} for a, p in self.paths.items()}
-        write_json(self.description_path, {**self.description, "arrays": arrays,
+        checksums = {a: {"bytes": os.path.getsize(p), "sha256": _sha256(p)} for a, p in self.paths.items()}
+        write_json(self.description_path, {**self.description, "arrays": checksums,
                                            "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
                    indent=1)
         self.built_here = True
