@@ -240,3 +240,136 @@ def _load_train():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
+
+
+# ---- 14: the README's universal-resume recipe on one fp32 rank ----------------------------------------
+
+
+def test_zero_auto_picks_zero_1_to_load_a_universal_checkpoint_on_one_rank(tmp_path):
+    """Item 14: at one data-parallel rank fp32 'auto' means ZeRO-0, which DeepSpeed cannot load a
+    universal checkpoint's optimizer state into; with checkpoint.load naming one, 'auto' picks ZeRO-1."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.precision import choose_zero
+
+    universal = tmp_path / "universal"
+    (universal / "global_step4").mkdir(parents=True)
+    (universal / "global_step4" / "complete.json").write_text(json.dumps({"universal": True, "iteration": 4}))
+    (universal / "latest").write_text("global_step4")
+    plain = config_from_dict(config_dict(str(tmp_path)))
+    assert choose_zero(plain, dp=1).stage == 0
+    loading = config_from_dict(config_dict(str(tmp_path), checkpoint__load=str(universal)))
+    choice = choose_zero(loading, dp=1)
+    assert choice.stage == 1 and "universal" in choice.why
+
+
+# ---- 17, 18: signals and deaths under the launchers ------------------------------------------------
+
+
+def test_sigterm_to_the_plain_deepspeed_runner_makes_its_rank_save_and_exit(run_dir):
+    """Item 17: `deepspeed --num_gpus 1 launch/train.py ...` and SIGTERM to the runner's pid. The
+    runner dies of it (DeepSpeed's own code, exit 143); the rank notices its runner is gone,
+    finishes the step, saves it and exits, and its per-node launcher with it: nothing trains on."""
+    import psutil
+    import signal
+    import time
+
+    from test_launch import DEEPSPEED, _env, _free_port, _kill_all, _latest_checkpoint, _start, _tail, \
+        _train_steps, _wait_for_step
+
+    cfg = _config(run_dir, "runner", train__iters=300)
+    root = run_dir / "runner"
+    out = root / "deepspeed.out"
+    proc = _start([DEEPSPEED, "--num_gpus", "1", "--master_port", str(_free_port()), TRAIN, "--config", str(cfg)],
+                  _env(), out)
+    try:
+        _wait_for_step(root / "log", 2, [proc], out, timeout=300)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == -signal.SIGTERM
+        deadline = time.monotonic() + 180
+        while [p for p in psutil.process_iter() if _session_of(p) == proc.pid]:
+            assert time.monotonic() < deadline, f"the rank trains on as an orphan:\n{_tail(out)}"
+            time.sleep(0.5)
+    finally:
+        _kill_all([proc])
+    steps = _train_steps(root / "log")
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < 300
+    iteration, _ = _latest_checkpoint(root / "ckpt")
+    assert iteration == steps[-1], _tail(out)  # the step in flight, saved
+    assert "the deepspeed runner (pid" in out.read_text() and "is gone" in out.read_text()
+
+
+def _session_of(p) -> int:
+    try:
+        return os.getsid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return -1
+
+
+def test_run_py_names_the_rank_that_died_and_the_signal(tmp_path, capsys):
+    """Item 18: DeepSpeed's per-node launcher exits 247 when a rank is SIGKILLed (256 - 9); launch/run.py
+    says which announced rank never reported its exit, and how it died. Its decision function on
+    the files two ranks leave (one reported, one killed)."""
+    from megatron_neox.training.preemption import _exit_status
+
+    (tmp_path / "rank-101.json").write_text(json.dumps({"rank": "0"}))
+    (tmp_path / "rank-102.json").write_text(json.dumps({"rank": "1"}))
+    (tmp_path / "exit-101.json").write_text(json.dumps({"rank": "0", "code": 1, "stopped_by_signal": False}))
+    assert _exit_status(247, tmp_path, signalled=False) == 247
+    err = capsys.readouterr().err
+    assert "rank 1 (pid 102) died without reporting its exit: killed by SIGKILL (the launcher's exit 247" in err
+    assert "rank 0" not in err
+
+
+# ---- 5, 6: skipped batches and rollbacks --------------------------------------------------------------
+
+
+def _trained_tokens(tmp: Path, iters: int, **overrides) -> list:
+    """The tokens of each global batch a 1-rank run of `iters` steps trains on, through the trainer's
+    own dataset sizing and the loader (no model: what the data path hands the step)."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.data.loader import BatchLoader, build_datasets
+    from megatron_neox.training.schedules import BatchSchedule
+    from megatron_neox.training.trainer import _dataset_sizes
+
+    cfg = config_from_dict(config_dict(str(tmp), train__iters=iters, **overrides))
+    batches = BatchSchedule.from_config(cfg, cfg.layout(1))
+    train_ds, _, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
+                                    num_samples=_dataset_sizes(cfg, iters, batches))
+    loader = BatchLoader(train_ds, micro_batch_size=2, dp_rank=0, dp_size=1,
+                         skip_ranges=cfg.data.skip_batches)
+    out = [np.concatenate([m["tokens"].numpy().ravel() for m in loader.next_global_batch(8)]) for _ in range(iters)]
+    assert loader.consumed_samples <= len(train_ds)  # never past the end: no wrap into the first samples
+    return out
+
+
+@pytest.mark.parametrize("blend, skips", [(True, [[1, 3]]), (False, [[0, 10]])])
+def test_skipped_batches_are_covered_by_the_dataset_and_keep_a_longer_run_prefix_stable(tmp_path, blend, skips):
+    """Item 5: a run of 4 steps with data.skip_batches trains on the first 4 batches of the same run
+    at 8 steps (blended data or one prefix), and none of them repeats an earlier one."""
+    prefixes = [str(tmp_path / "data" / "rand")]
+    make_dataset(prefixes[0])
+    if blend:
+        prefixes.append(make_dataset(str(tmp_path / "data" / "other"), seed=1))
+    short = _trained_tokens(tmp_path, 4, data__prefixes=prefixes, data__skip_batches=skips)
+    long = _trained_tokens(tmp_path, 8, data__prefixes=prefixes, data__skip_batches=skips)
+    for a, b in zip(short, long):
+        assert np.array_equal(a, b)
+    assert len({t.tobytes() for t in long}) == 8
+
+
+def test_rollback_room_is_reserved_and_repeated_rollbacks_skip_onward(tmp_path):
+    """Items 5 and 6: with on_spike=rollback the train split holds room for every rollback's skip,
+    and a second rollback to the same checkpoint skips the batches after the first one's range."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training.checkpointer import TrainState
+    from megatron_neox.training.spikes import SpikePolicy
+    from megatron_neox.training.trainer import train_batches_needed
+
+    cfg = config_from_dict(config_dict(str(tmp_path), train__iters=5, train__on_spike="rollback",
+                                       checkpoint__save_interval=2, train__spike_skip_batches=3,
+                                       train__max_rollbacks=2, data__skip_batches=[[1, 3], [2, 4], [100, 200]]))
+    assert train_batches_needed(cfg, 5) == 5 + 3 + 2 * 3  # [1, 4) merged; [100, 200) lies past the run
+    policy, restored = SpikePolicy(cfg), TrainState(iteration=6, consumed_batches=8)
+    first = policy.record(9, 5.0, "spike", restored, [])
+    second = policy.record(9, 5.0, "spike", restored, [first])
+    assert first["skipped_batches"] == [8, 11] and second["skipped_batches"] == [11, 14]

@@ -66,8 +66,29 @@ class SkipGuard:
         return False
 
 
+def train_batches_needed(cfg: Config, iters: int) -> int:
+    """Global batches the train split must hold: the run's `iters` steps, the data.skip_batches
+    ranges passed over on the way, and room for every rollback's skip (train.max_rollbacks x
+    train.spike_skip_batches). Sized so, the loader never runs past the end and wraps into the
+    run's own first samples, and a longer run with the same skips trains on the same first batches
+    (the train split's first k samples do not depend on how many are asked for)."""
+    merged: List[List[int]] = []
+    for a, b in sorted(map(list, cfg.data.skip_batches)):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    end = iters
+    for a, b in merged:  # each range that starts before the run's last batch pushes that batch back
+        if a < end:
+            end += b - a
+    if cfg.train.on_spike == "rollback":
+        end += cfg.train.max_rollbacks * cfg.train.spike_skip_batches
+    return end
+
+
 def _dataset_sizes(cfg: Config, iters: int, batches: BatchSchedule) -> tuple:
-    train = iters * batches.full
+    train = train_batches_needed(cfg, iters) * batches.full
     evals = (iters // cfg.eval.interval + 1) if cfg.eval.interval else 1
     valid = evals * cfg.eval.iters * batches.full
     test = cfg.eval.iters * batches.full
@@ -115,7 +136,8 @@ class _Run:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
         if self.topo.rank == 0:
             for w in size_warnings(cfg.data, train_ds, valid_ds, seq_length=cfg.model.seq_length,
-                                   train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters) + \
+                                   train_tokens=self.iters * self.batches.full * cfg.model.seq_length,
+                                   eval_iters=cfg.eval.iters) + \
                     eod_warnings(cfg.data, train_ds, eod):
                 log_info(f"warning: {w}")
 
@@ -175,7 +197,7 @@ class _Run:
             raise TrainingAborted(f"step {step}: loss {loss:.4g} is a spike ({reason}) but {ckpt_dir} holds no "
                                   "checkpoint to roll back to yet; lower checkpoint.save_interval")
         state.load(saved)
-        record = self.spikes.record(step, loss, reason, state)
+        record = self.spikes.record(step, loss, reason, state, done)
         state.rollbacks = done + [record]
         self.loader.consumed_samples, self.loader.consumed_batches = state.consumed_samples, state.consumed_batches
         self.loader.skip_ranges = [tuple(r) for r in self.spikes.skip_ranges(state)]
