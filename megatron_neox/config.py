@@ -377,6 +377,10 @@ class CheckpointConfig(Section):
     """Keep only the newest K checkpoints."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
+    allow_data_change: bool = False
+    """Resume although the data setup differs from the checkpoint's (model.seq_length, data.prefixes,
+    data.weights, data.preset, data.split, train.seed): the saved data position then counts
+    samples of another order. Refused unless set; when set, the log names what changed."""
     async_save: bool = False
     """Write checkpoints in a background thread: a save costs the training loop one host copy of
     this rank's state (extra host memory of that size) instead of the whole write. A checkpoint is
