@@ -57,8 +57,8 @@ def run_dir(tmp_path_factory):
 def _config(tmp: Path, name: str, **overrides) -> Path:
     """A config for a run under tmp/name, sharing the module's dataset and tokenizer."""
     root = tmp / name
-    cfg = config_dict(str(root), log__peak_tflops=1.0, train__iters=2, model__vocab_size=300,
-                      tokenizer__path=str(tmp / "tokenizer.json"), **overrides)
+    cfg = config_dict(str(root), **{"log__peak_tflops": 1.0, "train__iters": 2, "model__vocab_size": 300,
+                                    "tokenizer__path": str(tmp / "tokenizer.json"), **overrides})
     cfg["data"]["prefixes"] = [str(tmp / "data" / "rand")]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "config.json"
@@ -226,7 +226,7 @@ def test_config_errors_found_when_the_config_is_read(tmp_path, capsys):
     bad.write_bytes(b'{\n  "comment": "caf\xe9"\n}\n')
     assert train_main(["--config", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}:2: not UTF-8 text (byte b'\\xe9' at offset 16)" in err
+    assert f"{bad}:2: not UTF-8 text (byte b'\\xe9' at offset 19)" in err
     good = tmp_path / "good.json"
     good.write_text(json.dumps(config_dict(str(tmp_path), train__inject_spike_at=[3])))
     assert train_main(["--config", str(good)]) == 2
@@ -255,9 +255,9 @@ def test_zero_auto_picks_zero_1_to_load_a_universal_checkpoint_on_one_rank(tmp_p
     (universal / "global_step4").mkdir(parents=True)
     (universal / "global_step4" / "complete.json").write_text(json.dumps({"universal": True, "iteration": 4}))
     (universal / "latest").write_text("global_step4")
-    plain = config_from_dict(config_dict(str(tmp_path)))
+    plain = config_from_dict(config_dict(str(tmp_path), zero__stage="auto"))
     assert choose_zero(plain, dp=1).stage == 0
-    loading = config_from_dict(config_dict(str(tmp_path), checkpoint__load=str(universal)))
+    loading = config_from_dict(config_dict(str(tmp_path), zero__stage="auto", checkpoint__load=str(universal)))
     choice = choose_zero(loading, dp=1)
     assert choice.stage == 1 and "universal" in choice.why
 
@@ -273,13 +273,13 @@ def test_sigterm_to_the_plain_deepspeed_runner_makes_its_rank_save_and_exit(run_
     import signal
     import time
 
-    from test_launch import DEEPSPEED, _env, _free_port, _kill_all, _latest_checkpoint, _start, _tail, \
-        _train_steps, _wait_for_step
+    from megatron_neox.ranks import free_port
+    from test_launch import DEEPSPEED, _env, _kill_all, _latest_checkpoint, _start, _tail, _train_steps, _wait_for_step
 
     cfg = _config(run_dir, "runner", train__iters=300)
     root = run_dir / "runner"
     out = root / "deepspeed.out"
-    proc = _start([DEEPSPEED, "--num_gpus", "1", "--master_port", str(_free_port()), TRAIN, "--config", str(cfg)],
+    proc = _start([DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), TRAIN, "--config", str(cfg)],
                   _env(), out)
     try:
         _wait_for_step(root / "log", 2, [proc], out, timeout=300)
@@ -373,3 +373,39 @@ def test_rollback_room_is_reserved_and_repeated_rollbacks_skip_onward(tmp_path):
     first = policy.record(9, 5.0, "spike", restored, [])
     second = policy.record(9, 5.0, "spike", restored, [first])
     assert first["skipped_batches"] == [8, 11] and second["skipped_batches"] == [11, 14]
+
+
+# ---- 7, 10: resuming under another data setup; a full disk during a save ------------------------------
+
+
+def test_resume_with_a_changed_data_setup_is_refused_naming_key_and_values(trained):
+    """Item 7: the saved data position counts samples of the checkpoint's order; another seed or
+    sequence length would read other data from it. Refused (exit 2) with each key and both values."""
+    r = _run(TRAIN, "--config", trained["cfg"], "--set", "train.iters=4", "train.seed=42", "model.seq_length=8",
+             "eval.tasks=[]")
+    _clear_error(r, "resuming with another data setup", "model.seq_length: checkpoint 16, now 8",
+                 "train.seed: checkpoint 1234, now 42", "checkpoint.allow_data_change=true")
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def test_a_full_disk_during_a_save_is_named_and_latest_kept(trained, tmp_path):
+    """Item 10: checkpoint.dir on a tmpfs with room for one checkpoint of this model (a real full
+    disk, ENOSPC from the kernel): the second save fails with exit 2 naming the file and "No space
+    left on device", and `latest` still names the first."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    room = int(_tree_bytes(trained["ckpt"] / "global_step1") * 1.5)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        cfg = _config(trained["root"].parent, "full", train__iters=3, checkpoint__save_interval=1, zero__stage=1,
+                      checkpoint__dir=str(mnt / "ckpt"))
+        r = _run(TRAIN, "--config", cfg)
+        _clear_error(r, str(mnt / "ckpt" / "global_step2"), "No space left on device",
+                     "`latest` still names the last complete checkpoint")
+        assert (mnt / "ckpt" / "latest").read_text().strip() == "global_step1"
+    finally:
+        subprocess.run(["umount", str(mnt)])
