@@ -59,7 +59,7 @@ def write_failure(path: os.PathLike, e: BaseException) -> CheckpointError:
             except OSError:
                 pass
     reason = reason or f"{type(e).__name__}: {e}"
-    return CheckpointError(f"{path}: writing the checkpoint failed: {reason}; `latest` still names the last "
+    return CheckpointError(f"{path}: writing the checkpoint file failed: {reason}; `latest` still names the last "
                            "complete checkpoint (free space or fix the permissions, then resume)")
 
 
