@@ -1,6 +1,8 @@
 """Nothing lost, round 3 (issue 19): what a hostile user found in the newer features. Each case
-runs the CLI the way the user meets it (a subprocess) and checks the exit status, the message
-and what is left on disk."""
+runs the CLI the way the user meets it (a subprocess of launch/train.py or tools/*.py, or a tool's
+`main` in-process where only argument checks run) and checks the exit status, the message and what
+is left on disk; the data-path cases (skips, rollbacks) drive the trainer's own sizing and loader.
+Most cases share one 2-step run (`trained`), resumed, resharded and locked in turn."""
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 
 from _train import REPO, config_dict, make_dataset
+from test_robustness import _clear_error, _one_rank_env
 
 PYTHON = sys.executable
 TOOLS = Path(REPO) / "tools"
@@ -20,23 +23,17 @@ TASKS = Path(REPO) / "tests" / "eval_tasks"
 
 
 def _run(script, *args, env=None, timeout=240) -> subprocess.CompletedProcess:
-    from test_robustness import _one_rank_env
-
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_DATASETS_OFFLINE": "1",
                 "HF_HUB_OFFLINE": "1", **_one_rank_env(), **(env or {})}
     return subprocess.run([PYTHON, str(script), *map(str, args)], capture_output=True, text=True, cwd=REPO,
                           env=full_env, timeout=timeout)
 
 
-def _clear_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    from test_robustness import _clear_error as clear
-
-    return clear(r, *needles)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A tokenizer (300 ids), a random dataset and a config writer for 1-rank runs of the tiny model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
     from megatron_neox.tokenizer import save_tokenizer, train_bpe
 
     tmp = tmp_path_factory.mktemp("failures")
@@ -44,8 +41,6 @@ def run_dir(tmp_path_factory):
     tok, _ = train_bpe(((t, None) for t in texts), 300)
     save_tokenizer(tok, tmp / "tokenizer.json")
     make_dataset(str(tmp / "data" / "rand"))
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     plain = Tokenizer(models.BPE())  # no <|endoftext|>: fine for a run that uses no end-of-document feature
     plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     plain.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=280, show_progress=False,
@@ -70,6 +65,7 @@ def _config(tmp: Path, name: str, **overrides) -> Path:
 
 
 def test_training_checks_eval_tasks_few_shot_at_start_up(run_dir):
+    """Item 1: more few-shot examples than the task has is exit 2 before the model is built."""
     cfg = _config(run_dir, "fewshot", eval__tasks=["mnx_choice"], eval__include_path=str(TASKS),
                   eval__num_fewshot=1000)
     r = _run(TRAIN, "--config", cfg)
