@@ -38,7 +38,7 @@ def main(argv=None) -> int:
 
         stopped = train(cfg).stopped_by_signal
         code = 0
-    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable directory, a full disk (named)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable checkpoint or log dir, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr, flush=True)
         code = 2
     finally:

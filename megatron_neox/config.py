@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from megatron_neox.data.blended import DEFAULT_SPLIT, mixture_problems
 from megatron_neox.errors import ConfigError
@@ -31,9 +31,11 @@ CONFIG_DIR = Path(os.environ.get("MEGATRON_NEOX_CONFIGS", Path(__file__).resolve
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+    """Base of every config section: unknown keys are errors, and a section is immutable once
+    validated (a changed value is a new config: `resolve.with_values`, `model_copy`), so the config
+    that set-up resolved is the one every component reads."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def pad_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
@@ -458,9 +460,24 @@ class Config(Section):
 
     # ---- derived values -------------------------------------------------------------------
 
+    _resolution: Any = PrivateAttr(None)
+
     def layout(self, world_size: int) -> Layout:
         """This config on `world_size` ranks (see `megatron_neox.layout`); ConfigError if it does not fit."""
         return Layout.from_config(self, world_size)
+
+    @property
+    def resolved(self) -> Any:
+        """What set-up decided for this run (`megatron_neox.resolve.Resolution`: the layout and every
+        'auto' choice with its reason); only on the config `resolve` returned."""
+        if self._resolution is None:
+            raise ConfigError("this config is not resolved for a world yet: call megatron_neox.resolve.resolve(cfg, "
+                              "world_size) (training/launch.py setup does) and pass the config it returns")
+        return self._resolution
+
+    @property
+    def is_resolved(self) -> bool:
+        return self._resolution is not None
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")

@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from megatron_neox.durable import write_json  # noqa: E402
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 from megatron_neox.hardware import DTYPES  # noqa: E402
 
 
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
                 print(make_table(out, "groups"))
         if args.output:
             _write_json(Path(args.output), out, report, args)
-    except (MegatronNeoxError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -244,5 +244,7 @@ class BatchLoader:
         return {"consumed_samples": self.consumed_samples, "consumed_batches": self.consumed_batches}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s position (training/checkpointer.py TrainState.data_position
+        supplies it, also for checkpoints older than consumed_batches)."""
         self.consumed_samples = int(state["consumed_samples"])
-        self.consumed_batches = int(state.get("consumed_batches", 0))
+        self.consumed_batches = int(state["consumed_batches"])

@@ -4,7 +4,7 @@
 (`results[task]["acc,none"]`, ...), and `lm_eval.utils.make_table` prints lm-eval's table.
 `flatten_metrics` turns it into the `eval/<task>/<metric>` keys of metrics.jsonl.
 
-`TrainingHarness` is the trainer's view: `maybe_evaluate(step, last_step)` runs `eval.tasks` every
+`TrainingHarness` is the trainer's view: `after_step(state, last_step)` runs `eval.tasks` every
 `eval.tasks_interval` steps (and after the last step) on the sharded training engine, logs the
 metrics (metrics.jsonl, TensorBoard, wandb) and returns them. lm-eval reseeds Python's, numpy's and torch's global
 generators; the training RNG states are put back afterwards, so evaluating does not change what
@@ -203,16 +203,21 @@ class TrainingHarness:
         self.lm = NeoXLM(backend, tokenizer, max_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size,
                          seed=cfg.train.seed, show_progress=False)
 
-    def due(self, step: int, last_step: int) -> bool:
+    def should_evaluate(self, step: int, last_step: int) -> bool:
         interval = self.cfg.eval.tasks_interval
         return self.enabled and (step == last_step or bool(interval and step % interval == 0))
 
-    def maybe_evaluate(self, step: int, last_step: int) -> Dict[str, float]:
-        """`eval/<task>/<metric>` values when evaluation is due at `step`, else {}. Every rank must
-        call it (the engine's forward passes are collective); the values come back on each node's
-        first process (LOCAL_RANK 0, global rank 0 among them), the others get {}."""
-        if not self.due(step, last_step):
-            return {}
+    def after_step(self, state, last_step: int, trained: bool = True) -> bool:
+        """The trainer's component convention (training/trainer.py): evaluate when due after a
+        trained step; never asks the run to stop."""
+        if trained and self.should_evaluate(state.iteration, last_step):
+            self.evaluate(state.iteration)
+        return False
+
+    def evaluate(self, step: int) -> Dict[str, float]:
+        """`eval/<task>/<metric>` values at `step`. Every rank must call it (the engine's forward
+        passes are collective); the values come back on each node's first process (LOCAL_RANK 0,
+        global rank 0 among them), the others get {}."""
         quiet = logging.getLogger("lm_eval")
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # lm-eval logs every task build at INFO on every rank

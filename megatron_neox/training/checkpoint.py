@@ -124,12 +124,15 @@ def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state
         if stale.exists():  # an earlier crashed save of the same step: start it afresh
             shutil.rmtree(stale)
     _barrier()
+    # The resolved config (every 'auto' decided: megatron_neox/resolve.py) is what ran.
+    state = {**state, "config": cfg.to_dict()}
     client = {CLIENT_KEY: state, "universal_checkpoint_info": universal_checkpoint_info(cfg, padded)}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     engine.checkpoint_engine.save(_rng_state(), str(ckpt_dir / tag / f"rng_state_{rank}.pt"))
     meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
-            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded, "data_setup": data_setup(cfg)}
+            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded, "config": state["config"],
+            "data_setup": data_setup(cfg)}
     return PendingSave(ckpt_dir, tag, meta)
 
 
