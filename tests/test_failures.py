@@ -245,17 +245,17 @@ def test_zero_auto_picks_zero_1_to_load_a_universal_checkpoint_on_one_rank(tmp_p
     """Item 14: at one data-parallel rank fp32 'auto' means ZeRO-0, which DeepSpeed cannot load a
     universal checkpoint's optimizer state into; with checkpoint.load naming one, 'auto' picks ZeRO-1."""
     from megatron_neox.config import config_from_dict
-    from megatron_neox.precision import choose_zero
+    from megatron_neox.precision import auto_zero_stage
 
     universal = tmp_path / "universal"
     (universal / "global_step4").mkdir(parents=True)
     (universal / "global_step4" / "complete.json").write_text(json.dumps({"universal": True, "iteration": 4}))
     (universal / "latest").write_text("global_step4")
     plain = config_from_dict(config_dict(str(tmp_path), zero__stage="auto"))
-    assert choose_zero(plain, dp=1).stage == 0
+    assert auto_zero_stage(plain, dp=1)[0] == 0
     loading = config_from_dict(config_dict(str(tmp_path), zero__stage="auto", checkpoint__load=str(universal)))
-    choice = choose_zero(loading, dp=1)
-    assert choice.stage == 1 and "universal" in choice.why
+    stage, why = auto_zero_stage(loading, dp=1)
+    assert stage == 1 and "universal" in why
 
 
 # ---- 17, 18: signals and deaths under the launchers ------------------------------------------------
@@ -324,13 +324,13 @@ def _trained_tokens(tmp: Path, iters: int, **overrides) -> list:
     own dataset sizing and the loader (no model: what the data path hands the step)."""
     from megatron_neox.config import config_from_dict
     from megatron_neox.data.loader import BatchLoader, build_datasets
-    from megatron_neox.training.schedules import BatchSchedule
+    from megatron_neox.resolve import resolve
+    from megatron_neox.training.schedules import Schedule
     from megatron_neox.training.trainer import _dataset_sizes
 
-    cfg = config_from_dict(config_dict(str(tmp), train__iters=iters, **overrides))
-    batches = BatchSchedule.from_config(cfg, cfg.layout(1))
+    cfg = resolve(config_from_dict(config_dict(str(tmp), train__iters=iters, **overrides)), 1)
     train_ds, _, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
-                                    num_samples=_dataset_sizes(cfg, iters, batches))
+                                    num_samples=_dataset_sizes(cfg, Schedule.from_config(cfg)))
     loader = BatchLoader(train_ds, micro_batch_size=2, dp_rank=0, dp_size=1,
                          skip_ranges=cfg.data.skip_batches)
     out = [np.concatenate([m["tokens"].numpy().ravel() for m in loader.next_global_batch(8)]) for _ in range(iters)]
