@@ -239,6 +239,9 @@ class TrainConfig(Section):
             raise ValueError("set train.iters or train.train_tokens (how long to train)")
         if any(s < 1 for s in self.inject_spike_at):
             raise ValueError(f"train.inject_spike_at={self.inject_spike_at}: expected step numbers >= 1")
+        if self.inject_spike_at and self.on_spike != "rollback":
+            raise ValueError(f"train.inject_spike_at={self.inject_spike_at} tests the rollback policy, but "
+                             f"train.on_spike={self.on_spike!r} looks for no spikes; set train.on_spike=rollback")
         return self
 
 
@@ -379,6 +382,10 @@ class CheckpointConfig(Section):
     """Keep only the newest K checkpoints."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
+    allow_data_change: bool = False
+    """Resume although the data setup differs from the checkpoint's (model.seq_length, data.prefixes,
+    data.weights, data.preset, data.split, train.seed): the saved data position then counts
+    samples of another order. Refused unless set; when set, the log names what changed."""
     async_save: bool = False
     """Write checkpoints in a background thread: a save costs the training loop one host copy of
     this rank's state (extra host memory of that size) instead of the whole write. A checkpoint is
@@ -543,7 +550,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_config_file(path: Path) -> Dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                          "expected a JSON or YAML config saved as UTF-8") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)

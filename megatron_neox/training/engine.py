@@ -20,9 +20,11 @@ from megatron_neox.training.clipping import GlobalNormClipper
 
 
 def check_precision_supported(cfg: Config) -> None:
-    from megatron_neox.hardware import check_precision_supported as check
+    """The precision and the attention kernel can train on this machine's accelerator."""
+    from megatron_neox.hardware import check_attention_kernel_trains, check_precision_supported as check
 
     check(cfg.precision)
+    check_attention_kernel_trains(cfg.model.attention_kernel)
 
 
 def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None
