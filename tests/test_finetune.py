@@ -190,11 +190,14 @@ def test_generate_chat_renders_the_template_and_stops_at_end_of_turn(tok):
     assert answer == "" and len(calls) == 1
 
 
-def test_finetune_objective_with_several_datasets_is_refused_at_config_time():
+@pytest.mark.parametrize("data,words", [({"prefixes": ["a", "b"]}, "train.objective='sft' reads one dataset"),
+                                        ({"prefixes": ["a"], "reset_attention_mask": True},
+                                         "data.reset_attention_mask does not apply to train.objective='sft'")])
+def test_finetune_objective_config_conflicts_are_refused_at_config_time(data, words):
     from megatron_neox.config import config_from_dict
     from megatron_neox.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="train.objective='sft' reads one dataset"):
+    with pytest.raises(ConfigError, match=words):
         config_from_dict({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
                                     "vocab_size": 96},
-                          "train": {"iters": 1, "objective": "sft"}, "data": {"prefixes": ["a", "b"]}})
+                          "train": {"iters": 1, "objective": "sft"}, "data": data, "tokenizer": {"path": "t.json"}})

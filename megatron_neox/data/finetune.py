@@ -144,10 +144,7 @@ class FinetuneLoader(BatchLoader):
     ranges; the micro-batches are built from the datasets above."""
 
     def __init__(self, dataset, objective: str, **kwargs):
-        for flag in ("eod_mask_loss", "reset_position_ids", "reset_attention_mask"):
-            kwargs.pop(flag, None)  # SFT packing sets documents and positions itself; DPO rows are one each
-        kwargs.pop("eod_token_id", None)
-        super().__init__(dataset, **kwargs)
+        super().__init__(dataset, **kwargs)  # the data.* EOD flags are refused with these objectives (config.py)
         self.objective = objective
 
     def next_global_batch(self, global_batch_size: int) -> list[dict]:
