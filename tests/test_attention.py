@@ -164,6 +164,21 @@ def test_masked_loss_differs_from_unmasked_on_the_same_tokens():
     assert abs(float(masked) - float(plain)) > 1e-3
 
 
+def test_loss_is_the_mean_cross_entropy_over_the_unmasked_tokens():
+    # The reference: torch's cross entropy per token, averaged over the tokens whose mask is 1.
+    model = _model("rotary")
+    tokens, _ = _packed()
+    mask = (tokens != EOD).float()
+    mask[1, :9] = 0  # and a whole document of row 1
+    with torch.no_grad():
+        logits = model(tokens)
+        loss = model(tokens, labels=tokens, loss_mask=mask)
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")
+    want = (per_token * mask.flatten()).sum() / mask.sum()
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(loss) != pytest.approx(float(per_token.mean()), rel=1e-3)  # the mask matters here
+
+
 # ---- kernels ---------------------------------------------------------------------------------
 
 

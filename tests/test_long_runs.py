@@ -229,6 +229,7 @@ class FileOps:
         renames = [(i, e[1]) for i, e in enumerate(self.events) if e[0] == "replace" and e[2] == path]
         assert renames, (path, self.events)
         i, tmp = renames[-1]
+        assert tmp != path, (path, "written in place, not under a temporary name then renamed")
         synced = [j for j, e in enumerate(self.events[:i]) if e == ("fsync", tmp)]
         dir_synced = [j for j, e in enumerate(self.events) if j > i and e == ("fsync", os.path.dirname(path))]
         assert synced and dir_synced, (path, "written without fsync of the file or of its directory", self.events)
