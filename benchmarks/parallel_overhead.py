@@ -283,9 +283,9 @@ def preload() -> None:
 def write_result(result: dict) -> None:
     """Called by a worker rank: hand its JSON result to `run_ranks`."""
     path = os.path.join(os.environ["MNX_RESULT_DIR"], f"rank{os.environ['RANK']}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
+    from megatron_neox.durable import write_json
+
+    write_json(path, result)
 
 
 # ---- (a) ours vs Hugging Face on one rank --------------------------------------------------------

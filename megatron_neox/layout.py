@@ -7,17 +7,15 @@ size (heads, MLP width and vocab divisible by tp, a layer per stage, ZeRO with a
 sequence length under sequence parallelism) are `split_problems`, which the config validator
 runs as soon as a config is read, so a bad config fails before any rank starts.
 
-Messages name the config keys, the numbers and a fix.
+Messages name the config keys, the numbers and a fix. A `cfg` here is a `megatron_neox.config.Config`;
+this module sits below config.py (which builds its `Layout` from here) and does not import it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_neox.errors import ConfigError
-
-if TYPE_CHECKING:  # config.py imports this module
-    from megatron_neox.config import Config
 
 
 def _check_positive_ints(**values) -> None:
@@ -81,17 +79,17 @@ def validate_layout(world_size: int, pp: int, tp: int, *, num_layers: int, num_h
     return data_parallel_size(world_size, pp, tp)
 
 
-def _config_shape(cfg: "Config") -> Dict[str, Any]:
+def _config_shape(cfg) -> Dict[str, Any]:
     """The `split_problems` keywords of a config."""
     m, p = cfg.model, cfg.parallel
     return dict(pp=p.pp, tp=p.tp, num_layers=m.num_layers, num_heads=m.num_attention_heads, ffn_size=m.ffn_size,
                 padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by,
-                # 'auto' resolves to 0 or 1 (training/precision.py), both fine at any pp.
+                # 'auto' resolves to 0 or 1 (megatron_neox/precision.py), both fine at any pp.
                 zero_stage=0 if cfg.zero.stage == "auto" else cfg.zero.stage, seq_length=m.seq_length,
                 sequence_parallel=p.sequence_parallel)
 
 
-def config_split_problems(cfg: "Config") -> List[str]:
+def config_split_problems(cfg) -> List[str]:
     """`split_problems` for a whole config (what its validator runs)."""
     return split_problems(**_config_shape(cfg))
 
@@ -113,7 +111,7 @@ class Layout:
         return self.pp * self.tp * self.dp
 
     @classmethod
-    def from_config(cls, cfg: "Config", world_size: int) -> "Layout":
+    def from_config(cls, cfg, world_size: int) -> "Layout":
         """Data-parallel size and batch identity for `world_size` ranks; ConfigError if it does not fit."""
         t = cfg.train
         dp = validate_layout(world_size, **_config_shape(cfg))

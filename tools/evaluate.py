@@ -25,13 +25,12 @@ Knowledge probe (--facts): accuracy per attribute, and the knowledge stored in b
 per parameter (Physics of Language Models 3.3; megatron_neox/evaluation/knowledge.py).
 """
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+from megatron_neox.durable import write_json  # noqa: E402
 from megatron_neox.errors import MegatronNeoxError  # noqa: E402
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -142,12 +141,7 @@ def _write_json(path: Path, out, report: dict, args) -> None:
     doc.pop("samples", None)
     doc["megatron_neox"] = {"checkpoint": str(args.checkpoint), "device": args.device, "dtype": args.dtype, **report}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
 if __name__ == "__main__":

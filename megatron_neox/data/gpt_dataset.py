@@ -37,11 +37,11 @@ import os
 import sys
 import threading
 import time
-import uuid
 
 import numpy as np
 
 from megatron_neox.data.indexed import IndexedDataset, index_file_path
+from megatron_neox.durable import atomic_write, write_json
 from megatron_neox.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -329,15 +329,9 @@ def _dist():
 
 
 def _save_npy(path: str, array: np.ndarray) -> None:
-    # Temporary name + rename: a rank that finds the final name finds a complete file.
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # A rank that finds the final name finds a complete file.
+    with atomic_write(path) as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def cache_key(description: dict) -> str:
@@ -424,11 +418,9 @@ class GPTDataset:
                                self.seq_length, self.seed)
         for a, arr in zip(_ARRAYS, arrays):
             _save_npy(self.paths[a], arr)
-        tmp = f"{self.description_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:  # the file name is for people reading the cache, not part of the key
-            json.dump({**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
-                      f, indent=1)
-        os.replace(tmp, self.description_path)
+        # The file name is for people reading the cache, not part of the key.
+        write_json(self.description_path,
+                   {**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix))}, indent=1)
         self.built_here = True
         logger.info("%s: built indices for %d epoch(s), %d samples, in %.1f s", self.name,
                     self.description["epochs"], len(arrays[1]) - 1, time.time() - t0)
