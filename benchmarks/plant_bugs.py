@@ -13,6 +13,7 @@ that already fails would make every mutation look caught. Slow (real multi-rank 
 
     python benchmarks/plant_bugs.py                    # every mutation, then the table
     python benchmarks/plant_bugs.py --list             # names and rules only
+    python benchmarks/plant_bugs.py --check            # is every target text still there? (no tests)
     python benchmarks/plant_bugs.py --only rotary_interleaved local_window_plus_one --no-baseline
 
 Exit status 0 when every mutation was caught, 1 when any slipped, was stale, or the baseline or a
@@ -48,11 +49,11 @@ PROBE = ("tests/test_evaluation.py", "-k", "knowledge")
 
 MUTATIONS: Tuple[Mutation, ...] = (
     # -- half precision: the learning rate actually applied ------------------------------------------
-    Mutation("bf16_lr_x0.1", "bf16 trains at the configured learning rate", "megatron_neox/config.py",
-             '"params": {"lr": o.lr,', '"params": {"lr": o.lr * (0.1 if self.precision == "bf16" else 1.0),',
+    Mutation("bf16_lr_x0.1", "bf16 trains at the configured learning rate", "megatron_neox/training/engine.py",
+             '"params": {"lr": o.lr,', '"params": {"lr": o.lr * (0.1 if cfg.precision == "bf16" else 1.0),',
              PRECISION),
-    Mutation("fp16_lr_x0.5", "fp16 trains at the configured learning rate", "megatron_neox/config.py",
-             '"params": {"lr": o.lr,', '"params": {"lr": o.lr * (0.5 if self.precision == "fp16" else 1.0),',
+    Mutation("fp16_lr_x0.5", "fp16 trains at the configured learning rate", "megatron_neox/training/engine.py",
+             '"params": {"lr": o.lr,', '"params": {"lr": o.lr * (0.5 if cfg.precision == "fp16" else 1.0),',
              PRECISION),
     # -- the sample corpus: each split holds each component's share of the tokens --------------------
     Mutation("corpus_whole_files", "Github documents are <= 4 KB pieces, so every split holds its token share",
@@ -70,23 +71,21 @@ MUTATIONS: Tuple[Mutation, ...] = (
     # -- checkpoints: durable files, complete.json before latest, old markers before old files ---------
     Mutation("latest_before_complete", "complete.json is durable before `latest` names the tag",
              "megatron_neox/training/checkpoint.py",
-             "    _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))\n"
-             "    _write_atomic(ckpt_dir / \"latest\", tag)\n",
-             "    _write_atomic(ckpt_dir / \"latest\", tag)\n"
-             "    _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))\n", FINALIZE),
+             "    write_meta(ckpt_dir / tag, pending.meta)\n    write_latest(ckpt_dir, tag)\n",
+             "    write_latest(ckpt_dir, tag)\n    write_meta(ckpt_dir / tag, pending.meta)\n", FINALIZE),
     Mutation("old_files_before_marker", "an old checkpoint loses its complete.json before its files",
              "megatron_neox/training/checkpoint.py",
              "            (ckpt_dir / old / COMPLETE).unlink()\n"
              "            fsync_dir(ckpt_dir / old)\n"
              "            shutil.rmtree(ckpt_dir / old, ignore_errors=True)\n",
              "            shutil.rmtree(ckpt_dir / old, ignore_errors=True)\n", FINALIZE),
-    Mutation("no_file_fsync", "a checkpoint file is fsynced before its rename", "megatron_neox/training/writer.py",
-             "        os.fsync(f.fileno())\n", "", FINALIZE),
-    Mutation("no_dir_fsync", "the rename is made durable (directory fsync)", "megatron_neox/training/writer.py",
-             "    fd = os.open(path, os.O_RDONLY)\n", "    return\n    fd = os.open(path, os.O_RDONLY)\n", FINALIZE),
-    Mutation("write_in_place", "files are written under a temporary name and renamed (atomic write)",
-             "megatron_neox/training/writer.py",
-             'tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")', "tmp = path", FINALIZE),
+    Mutation("no_file_fsync", "a durable file is fsynced before its rename", "megatron_neox/durable.py",
+             "        _fsync_file(Path(tmp))\n", "        pass\n", FINALIZE),
+    Mutation("no_dir_fsync", "a durable rename is made durable (directory fsync)", "megatron_neox/durable.py",
+             "        fsync_dir(Path(path).resolve().parent)\n", "        pass\n", FINALIZE),
+    Mutation("copy_not_rename", "a finished temporary file is renamed into place (atomic write), not copied",
+             "megatron_neox/durable.py", "    os.replace(tmp, path)\n", '    __import__("shutil").copyfile(tmp, path)\n',
+             FINALIZE),
     Mutation("complete_before_durable", "an async checkpoint is declared complete only once every file is durable",
              "megatron_neox/training/checkpointer.py",
              "if self.pending is not None and not writing:", "if self.pending is not None:",
@@ -106,7 +105,7 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation("vocab_padding_ignores_tp", "the vocab is padded to a multiple of 128 x tp", "megatron_neox/config.py",
              "    step = multiple * tp\n", "    step = multiple\n", ("tests/test_tokenizer.py", "-k", "pad_vocab")),
     Mutation("qkv_split_per_block", "a TP rank's rows of the fused QKV hold whole heads ([head][q|k|v])",
-             "megatron_neox/convert/sharding.py",
+             "megatron_neox/parallel/sharding.py",
              'return rule.dim, 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1',
              'return rule.dim, 3 if "query_key_value" in name else 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1',
              ("tests/test_sharding.py",)),
@@ -144,19 +143,27 @@ def copy_repo(repo: str, dest: str) -> None:
         shutil.copy2(os.path.join(repo, rel), target)
 
 
-def apply(m: Mutation, root: str) -> Optional[str]:
-    """Plant `m` in the copy at `root`; None on success, else why it is stale."""
+def stale(m: Mutation, root: str) -> Optional[str]:
+    """Why `m` cannot be planted in the tree at `root` (its file or exact text is gone, or the text is
+    ambiguous), else None."""
     path = os.path.join(root, m.file)
     if not os.path.isfile(path):
         return f"{m.file} does not exist"
     with open(path, encoding="utf-8") as f:
-        text = f.read()
-    n = text.count(m.old)
-    if n != 1:
-        return f"{m.file}: the target text occurs {n} times (expected once): {m.old.strip()[:60]!r}"
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text.replace(m.old, m.new))
-    return None
+        n = f.read().count(m.old)
+    return None if n == 1 else f"{m.file}: the target text occurs {n} times (expected once): {m.old.strip()[:60]!r}"
+
+
+def apply(m: Mutation, root: str) -> Optional[str]:
+    """Plant `m` in the copy at `root`; None on success, else why it is stale."""
+    why = stale(m, root)
+    if why is None:
+        path = os.path.join(root, m.file)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text.replace(m.old, m.new))
+    return why
 
 
 def run_tests(root: str, tests: Sequence[str], timeout: float) -> Tuple[int, float, str]:
@@ -196,6 +203,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", nargs="+", metavar="NAME", help="run these mutations only")
     p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--check", action="store_true", help="only check that every target text is still there")
     p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
     p.add_argument("--timeout", type=float, default=900, help="seconds per pytest run (default 900)")
     args = p.parse_args(argv)
@@ -207,10 +215,11 @@ def main(argv=None) -> int:
             print(f"unknown mutation(s) {unknown}; known: {[m.name for m in MUTATIONS]}", file=sys.stderr)
             return 2
         mutations = [m for m in MUTATIONS if m.name in args.only]
-    if args.list:
-        for m in mutations:
-            print(f"{m.name:<32} {m.file:<40} {m.rule}")
-        return 0
+    if args.list or args.check:
+        problems = [(m, stale(m, REPO) if args.check else None) for m in mutations]
+        for m, why in problems:
+            print(f"{m.name:<32} {m.file:<40} {'STALE: ' + why if why else m.rule}")
+        return 1 if any(why for _, why in problems) else 0
 
     failed = False
     with tempfile.TemporaryDirectory(prefix="plant_bugs_") as tmp:
@@ -233,9 +242,9 @@ def main(argv=None) -> int:
         for m in mutations:
             root = os.path.join(tmp, m.name)
             shutil.copytree(base, root)
-            stale = apply(m, root)
-            if stale:
-                verdict, secs, tail = "STALE", 0.0, stale
+            why = apply(m, root)
+            if why:
+                verdict, secs, tail = "STALE", 0.0, why
             else:
                 rc, secs, tail = run_tests(root, m.tests, args.timeout)
                 verdict = {0: "SLIPPED", 1: "caught"}.get(rc, f"ERROR (exit {rc})")

@@ -339,7 +339,7 @@ def _losses_by_step(log_dir: Path) -> dict:
 
 def _saving(ckpt: Path) -> bool:
     """A save is under way: a file being written (temporary name) or a newer step dir than `latest`."""
-    if any(ckpt.glob("global_step*/.*.tmp*")):
+    if any(ckpt.glob("global_step*/*.tmp-*")):
         return True
     latest = ckpt / "latest"
     done = int(latest.read_text().strip()[len("global_step"):]) if latest.is_file() else 0
@@ -370,7 +370,7 @@ def _kill_when(ranks, out: Path, log_dir: Path, ckpt: Path, after_step: int, dur
     latest = _latest_checkpoint(ckpt)[0] if (ckpt / "latest").exists() else 0
     partial = sorted(p.name for p in ckpt.glob("global_step*") if not (p / "complete.json").exists())
     unfinished = [t for t in partial if int(t[len("global_step"):]) >= max(after_step, latest + 1)]
-    inside = bool(unfinished or list(ckpt.glob("global_step*/.*.tmp*")))
+    inside = bool(unfinished or list(ckpt.glob("global_step*/*.tmp-*")))
     return {"after_step": after_step, "latest": latest, "partial": partial, "inside_save": inside}
 
 
@@ -420,7 +420,7 @@ def test_kill_9_during_async_saves_resumes_every_loss_exactly(tmp_path):
         assert all(loss == expected[step] for loss in losses), (step, losses, expected[step], kills)
     assert sum(len(v) for v in got.values()) > 12  # steps after a checkpoint were trained (and logged) twice
     assert _latest_checkpoint(ckpt)[0] == 12
-    assert not list(ckpt.glob("global_step12/.*.tmp*"))
+    assert not list(ckpt.glob("global_step12/*.tmp-*"))
     print("kill -9 left:", kills)
 
 
