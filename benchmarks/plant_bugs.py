@@ -250,6 +250,9 @@ def main(argv=None) -> int:
                 verdict = {0: "SLIPPED", 1: "caught"}.get(rc, f"ERROR (exit {rc})")
             rows.append((m, verdict, secs))
             print(f"{m.name:<32} {verdict:<16} {secs:6.0f} s  {' '.join(m.tests)}", flush=True)
+            if verdict == "caught":  # by which test (pytest -q's summary line)
+                failed_by = [ln for ln in tail.splitlines() if ln.startswith("FAILED ")][:1]
+                print("    " + (failed_by[0][:150] if failed_by else "(no FAILED line)"), flush=True)
             if verdict != "caught":
                 print("    " + tail.replace("\n", "\n    "))
                 failed = True
