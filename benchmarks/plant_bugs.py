@@ -89,6 +89,9 @@ MUTATIONS: Tuple[Mutation, ...] = (
     Mutation("complete_before_durable", "an async checkpoint is declared complete only once every file is durable",
              "megatron_neox/training/checkpointer.py",
              "if self.pending is not None and not writing:", "if self.pending is not None:",
+             ("tests/test_long_runs.py", "-k", "no_rank_is_still_writing")),
+    Mutation("partial_tag_counts_as_complete", "a run resumes from its newest *complete* checkpoint (after kill -9)",
+             "megatron_neox/checkpoint_files.py", "if m and (p / COMPLETE).is_file():", "if m:",
              ("tests/test_launch.py", "-k", "kill_9")),
     # -- the knowledge probe ----------------------------------------------------------------------------
     Mutation("probe_bits_in_nats", "knowledge is counted in bits (log2)", "megatron_neox/evaluation/knowledge.py",

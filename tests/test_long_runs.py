@@ -268,6 +268,45 @@ def test_background_write_error_names_the_file_on_the_training_thread(tmp_path):
         writer.wait()
 
 
+def test_async_checkpoint_is_declared_complete_only_when_no_rank_is_still_writing(tmp_path, monkeypatch):
+    # A kill -9 while some rank's files are still in flight must not leave a complete.json (or a
+    # `latest`) naming them. The test in test_launch.py cannot aim a kill at that moment; here the
+    # writers' states are set by hand.
+    from types import SimpleNamespace
+
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training import checkpoint
+    from megatron_neox.training.checkpointer import Checkpointer, TrainState
+
+    class Writer:  # this rank's background writer
+        busy = True
+
+        def pending(self):
+            return self.busy
+
+    class Stop:  # the all-reduce over the ranks of (signalled, busy)
+        other_rank_busy = False
+
+        def any_rank(self, busy=False):
+            return False, busy or self.other_rank_busy
+
+    writer, stop, finalized = Writer(), Stop(), []
+    monkeypatch.setattr(checkpoint, "use_durable_writer", lambda engine, background: writer)
+    monkeypatch.setattr(checkpoint, "finalize_tag", lambda pending, keep_last: finalized.append(pending.tag))
+    cfg = config_from_dict(config_dict(str(tmp_path), checkpoint__async_save=True, checkpoint__save_interval=100))
+    ck = Checkpointer(cfg, None, SimpleNamespace(rank=0), stop)
+    ck.pending = checkpoint.PendingSave(tmp_path, "global_step4", {"iteration": 4})
+    state = TrainState(iteration=5)
+    ck.after_step(state, 10)
+    assert finalized == []  # this rank is still writing
+    writer.busy, stop.other_rank_busy = False, True
+    ck.after_step(state, 10)
+    assert finalized == []  # this rank is done, another one is not
+    stop.other_rank_busy = False
+    ck.after_step(state, 10)
+    assert finalized == ["global_step4"] and ck.pending is None
+
+
 def test_finalize_writes_complete_then_latest_and_drops_old_markers_first(tmp_path, monkeypatch):
     from megatron_neox.checkpoint_files import complete_tags
     from megatron_neox.training.checkpoint import PendingSave, finalize_tag
