@@ -241,14 +241,28 @@ def _real(p) -> str:
 
 
 def test_background_writer_writes_a_snapshot_durably(tmp_path, monkeypatch):
+    import threading
+
+    from megatron_neox.training import writer as writer_module
     from megatron_neox.training.writer import DurableWriter
 
     ops = FileOps(monkeypatch)
+    trained_on = threading.Event()
+    save = writer_module.save_durable
+
+    def save_after_training_went_on(obj, path):
+        assert trained_on.wait(timeout=60)
+        save(obj, path)
+
+    # The writer thread starts its file only once training has changed the tensors (else the race
+    # could hide a save of the live tensors).
+    monkeypatch.setattr(writer_module, "save_durable", save_after_training_went_on)
     writer = DurableWriter(background=True)
     weights = {"w": torch.zeros(1000), "nested": [torch.ones(3)]}
     writer.save(weights, str(tmp_path / "a.pt"))
     weights["w"] += 5  # training goes on: the checkpoint keeps the values at the save
     weights["nested"][0].zero_()
+    trained_on.set()
     writer.wait()
     assert not writer.pending()
     saved = torch.load(tmp_path / "a.pt", weights_only=True)
