@@ -21,7 +21,7 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from megatron_neox.data.blended import split_weights
+from megatron_neox.data.blended import DEFAULT_SPLIT, mixture_problems
 from megatron_neox.errors import ConfigError
 from megatron_neox.layout import Layout, config_split_problems
 from megatron_neox.precision import precision_problems
@@ -319,7 +319,7 @@ class DataConfig(Section):
     """Blend weights, one per prefix; null = proportional to each dataset's tokens."""
     preset: Optional[Literal["pile"]] = None
     """'pile': weight components by tokens x the Pile paper's epochs (Table 1)."""
-    split: str = "969,30,1"
+    split: str = DEFAULT_SPLIT
     """Train/valid/test split by document ranges: 1-3 weights ('969,30,1'; '100' = train only)."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; default beside the first prefix."""
@@ -346,18 +346,9 @@ class DataConfig(Section):
         for r in self.skip_batches:
             if len(r) != 2 or not 0 <= r[0] < r[1]:
                 raise ValueError(f"data.skip_batches: {r} is not a [start, end) range with 0 <= start < end")
-        if self.weights is not None and len(self.weights) != len(self.prefixes):
-            raise ValueError(
-                f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}"
-            )
-        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
-            raise ValueError(f"data.weights={self.weights}: expected non-negative numbers with a positive sum")
-        if self.weights is not None and self.preset is not None:
-            raise ValueError("data: set either `weights` or `preset`, not both")
-        try:
-            split_weights(self.split)
-        except ConfigError as e:
-            raise ValueError(f"data.{e}") from None
+        problems = mixture_problems(self.prefixes, self.weights, self.preset, self.split)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @field_validator("split", mode="before")

@@ -3,8 +3,8 @@
 `Layout.from_config(cfg, world_size)` is the one validated object (torchtitan's `ParallelDims`
 plays this part there) that the process grid (`Topology.from_layout`), the DeepSpeed config, the
 batch schedule and the planning tools are built from. The rules that do not depend on the world
-size (heads, MLP width and vocab divisible by tp, a layer per stage, ZeRO with a pipeline,
-sequence length under sequence parallelism) are `split_problems`, which the config validator
+size (heads, MLP width and vocab divisible by tp, a layer per stage, sequence length under
+sequence parallelism) are `split_problems`, which the config validator
 runs as soon as a config is read, so a bad config fails before any rank starts.
 
 Messages name the config keys, the numbers and a fix. A `cfg` here is a `megatron_neox.config.Config`;
@@ -35,7 +35,7 @@ def data_parallel_size(world_size: int, pp: int, tp: int) -> int:
 
 
 def split_problems(*, pp: int, tp: int, num_layers: int, num_heads: int, ffn_size: Optional[int] = None,
-                   padded_vocab: Optional[int] = None, vocab_multiple: int = 128, zero_stage: int = 0,
+                   padded_vocab: Optional[int] = None, vocab_multiple: int = 128,
                    seq_length: Optional[int] = None, sequence_parallel: bool = False) -> List[str]:
     """What keeps this model from being split pp x tp ways (any world size); [] when it can be."""
     problems = []
@@ -54,12 +54,6 @@ def split_problems(*, pp: int, tp: int, num_layers: int, num_heads: int, ffn_siz
         problems.append(
             f"parallel.pp={pp} is more pipeline stages than the model.num_layers={num_layers} transformer layers: "
             f"a stage needs at least one layer; use pp <= {num_layers}")
-    if zero_stage not in (0, 1, 2, 3):
-        problems.append(f"zero.stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    elif zero_stage >= 2 and pp > 1:
-        problems.append(
-            f"zero.stage={zero_stage} cannot be used with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
-            "ZeRO stages 0 and 1 only; use zero.stage 1 or pp 1")
     if sequence_parallel and seq_length is not None and seq_length % tp:
         problems.append(f"sequence parallelism needs model.seq_length={seq_length} divisible by parallel.tp={tp}")
     return problems
@@ -83,9 +77,7 @@ def _config_shape(cfg) -> Dict[str, Any]:
     """The `split_problems` keywords of a config."""
     m, p = cfg.model, cfg.parallel
     return dict(pp=p.pp, tp=p.tp, num_layers=m.num_layers, num_heads=m.num_attention_heads, ffn_size=m.ffn_size,
-                padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by,
-                # 'auto' resolves to 0 or 1 (megatron_neox/precision.py), both fine at any pp.
-                zero_stage=0 if cfg.zero.stage == "auto" else cfg.zero.stage, seq_length=m.seq_length,
+                padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by, seq_length=m.seq_length,
                 sequence_parallel=p.sequence_parallel)
 
 

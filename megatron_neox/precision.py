@@ -27,10 +27,22 @@ from typing import Any, Dict, List
 AUTO = "auto"
 
 
+def zero_problems(stage, pp: int) -> List[str]:
+    """A ZeRO stage (or 'auto') that cannot run with `pp` pipeline stages."""
+    if stage == AUTO:
+        return []  # choose_zero picks 0 or 1, both fine at any pp
+    if stage not in (0, 1, 2, 3):
+        return [f"zero.stage must be 0, 1, 2 or 3, got {stage!r}"]
+    if stage >= 2 and pp > 1:
+        return [f"zero.stage={stage} cannot be used with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
+                "ZeRO stages 0 and 1 only; use zero.stage 1 or pp 1"]
+    return []
+
+
 def precision_problems(cfg) -> List[str]:
     """Combinations of precision, ZeRO and parallelism that cannot train correctly, each with the fix."""
-    problems = []
     stage, prec = cfg.zero.stage, cfg.precision
+    problems = zero_problems(stage, cfg.parallel.pp)
     if prec != "fp32" and stage == 0:
         why = ("DeepSpeed's optimizer without ZeRO never multiplies the loss by the loss scale but still "
                "divides the gradients by it (updates ~scale times too small, the scale grows without bound)"

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from megatron_neox.durable import write_json  # noqa: E402
 from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.hardware import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def main(argv=None) -> int:
@@ -61,8 +61,6 @@ def main(argv=None) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         p.error("--num-fewshot must be >= 0")
 
-    import torch
-
     from megatron_neox.data.corpus import check_facts_file
     from megatron_neox.errors import ConfigError
     from megatron_neox.evaluation.backends import MergedModel
@@ -72,7 +70,7 @@ def main(argv=None) -> int:
 
     report = {}
     try:
-        loaded = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+        loaded = load_model(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
         tok_file = args.tokenizer or tokenizer_path(loaded.run)
         tok = load_tokenizer(tok_file, verify=False) if tok_file and Path(tok_file).is_file() else None
         if args.tokenizer and tok is None:

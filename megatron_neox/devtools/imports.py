@@ -23,7 +23,7 @@ _HERE = "megatron_neox/devtools/imports.py"
 
 # Bottom to top. A rule several layers share lives in the lowest layer that needs it.
 LAYERS: Tuple[Tuple[str, ...], ...] = (
-    ("errors", "cli", "durable"),            # exception types, argparse types, atomic file writes
+    ("errors", "cli", "durable", "ranks"),   # exception types, argparse types, atomic writes, rank 0 first
     ("hardware", "tokenizer", "parallel", "checkpoint_files"),  # no knowledge of the config
     ("outputs",),                            # output directories (never replace a checkpoint)
     ("data",),                               # indexed datasets, blends, the loader; data defaults/checks
