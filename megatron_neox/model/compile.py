@@ -25,35 +25,20 @@ What runs where:
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Union
+from typing import Callable, Union
 
 import torch
+
+from megatron_neox.resolve import auto_compile
 
 CompileSetting = Union[bool, str]
 
 
-def compile_problems(setting: CompileSetting, *, dropout: bool, zero_stage: Optional[int]) -> List[str]:
-    """Why `model.compile=true` cannot run with this configuration (empty: it can)."""
-    if setting is not True:
-        return []
-    problems = []
-    if dropout:
-        problems.append("model.compile=true with model.hidden_dropout / attention_dropout > 0 is refused: compiled "
-                        "dropout draws other masks than the eager reference and their replay under activation "
-                        "recompute is unproven; set the dropouts to 0 or model.compile to 'auto'/false")
-    if zero_stage == 3:
-        problems.append("model.compile=true with zero.stage=3 is refused: ZeRO-3 gathers parameters in module hooks "
-                        "inside the forward, which the compiled layer would have to trace; use zero.stage <= 2 or "
-                        "model.compile 'auto'/false")
-    return problems
-
-
 def use_compile(setting: CompileSetting, device_type: str, *, dropout: bool, zero3: bool) -> bool:
-    """The one place `model.compile='auto'` is decided: compiled on CUDA (Inductor's GPU kernels
-    fuse the layer's elementwise work), eager on CPU (compilation takes minutes on a few cores and
-    buys little), and eager where `compile_problems` would refuse `true`."""
+    """Whether this layer runs compiled: the resolved `model.compile` (set-up decides `auto` in
+    megatron_neox/resolve.py); a model built from an unresolved config decides `auto` the same way."""
     if setting == "auto":
-        return device_type == "cuda" and not dropout and not zero3
+        return auto_compile(device_type, dropout=dropout, zero3=zero3)[0]
     return bool(setting)
 
 
