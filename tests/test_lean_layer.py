@@ -173,6 +173,9 @@ def test_compile_auto_decision_and_refusals():
     assert not use_compile("auto", "cuda", dropout=False, zero3=True)
     assert use_compile(True, "cpu", dropout=False, zero3=False)
     assert not _loss_and_grads("auto")[0].layer(0)._compiled  # CPU: eager
+    from megatron_neox.resolve import resolve
+
+    assert resolve(tiny_config(1, 1, {}), 1).model.compile is False  # set-up decides 'auto' on CPU
     from megatron_neox.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.compile=true with zero.stage=3 is refused"):
@@ -186,6 +189,10 @@ def test_partition_activations_is_off_at_tp1():
     """DeepSpeed clones every checkpointed input when partitioning, even over one rank."""
     from _layouts import tiny_config
 
+    from megatron_neox.resolve import resolve
+    from megatron_neox.training.engine import deepspeed_config
+
     keys = {"activation_checkpointing.interval": 1, "activation_checkpointing.partition_activations": True}
-    assert tiny_config(1, 1, keys).deepspeed_config(1)["activation_checkpointing"]["partition_activations"] is False
-    assert tiny_config(1, 2, keys).deepspeed_config(2)["activation_checkpointing"]["partition_activations"] is True
+    for tp, want in ((1, False), (2, True)):
+        ds = deepspeed_config(resolve(tiny_config(1, tp, keys), tp))
+        assert ds["activation_checkpointing"]["partition_activations"] is want, tp
