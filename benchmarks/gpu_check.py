@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import sys
@@ -139,8 +138,8 @@ def engine_run(cfg, steps: int = STEPS):
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     step_fn = partial(train_step, engine, topo=topo, clipper=clipper)
     losses, r = [], None
     for step in range(steps):
@@ -324,7 +323,7 @@ def check_kernels(size: str, device: torch.device) -> dict:
 def check_throughput(size: str) -> dict:
     from megatron_neox import hardware
     from megatron_neox.training.metrics import flops_per_token
-    from megatron_neox.training.precision import describe_setup
+    from megatron_neox.resolve import describe_setup, resolve
 
     on_gpu = torch.cuda.is_available()
     precision = ("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"
@@ -347,7 +346,7 @@ def check_throughput(size: str) -> dict:
     flops = flops_per_token(cfg)
     tps = tokens / seconds
     out = {"precision": precision, "params": _count(cfg), "micro_batch": micro, "seq_length": cfg.model.seq_length,
-           "setup": describe_setup(cfg, 1), "tokens_per_sec": tps,
+           "setup": describe_setup(resolve(cfg, 1)), "tokens_per_sec": tps,
            "tflops_per_gpu": tps * flops["hardware"] / 1e12, "mfu": tps * flops["model"] / 1e12 / peak,
            "peak_tflops": peak, "peak_source": source,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
@@ -430,9 +429,9 @@ def main(argv=None) -> int:
     failed = [k for k in ("parity", "syncs", "decode") if not report[k]["ok"]]
     report["verdict"] = "PASS" if not failed else "FAIL: " + ", ".join(failed)
     out = Path(args.json)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    from megatron_neox.durable import write_json
+
+    write_json(out, report, indent=1)
     t = report["throughput"]
     print(f"gpu_check {report['verdict']} | {report['device']} | parity "
           f"{'ok' if report['parity']['ok'] else 'FAIL'} | host syncs/step ours "
