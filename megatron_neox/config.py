@@ -109,6 +109,9 @@ class ModelConfig(Section):
     """Attention kernel (model/attention.py). 'auto': SDPA on CPU, for decoding and for plain causal layers;
     on CUDA, layers with ALiBi, the local band or documents use flash-attn (installed, fp16/bf16), else
     FlexAttention (compiled), else SDPA with a mask. 'flex' has no attention dropout and, on CPU, no backward."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """torch.compile each transformer layer (regional: identical layers share one compiled graph; model/compile.py).
+    'auto': on for CUDA, off on CPU, off with dropout > 0 or ZeRO-3 (which `true` refuses). Decoding stays eager."""
 
     @property
     def head_dim(self) -> int:
@@ -236,6 +239,9 @@ class TrainConfig(Section):
             raise ValueError("set train.iters or train.train_tokens (how long to train)")
         if any(s < 1 for s in self.inject_spike_at):
             raise ValueError(f"train.inject_spike_at={self.inject_spike_at}: expected step numbers >= 1")
+        if self.inject_spike_at and self.on_spike != "rollback":
+            raise ValueError(f"train.inject_spike_at={self.inject_spike_at} tests the rollback policy, but "
+                             f"train.on_spike={self.on_spike!r} looks for no spikes; set train.on_spike=rollback")
         return self
 
 
@@ -311,7 +317,7 @@ class ActivationCheckpointConfig(Section):
     interval: int = Field(0, ge=0)
     """Recompute every block of this many transformer layers in backward (0 = off)."""
     partition_activations: bool = False
-    """Shard the saved checkpoint inputs across the TP group (DeepSpeed)."""
+    """Shard the saved checkpoint inputs across the TP group (DeepSpeed); a no-op at tp = 1."""
 
 
 class DataConfig(Section):
@@ -376,6 +382,10 @@ class CheckpointConfig(Section):
     """Keep only the newest K checkpoints."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
+    allow_data_change: bool = False
+    """Resume although the data setup differs from the checkpoint's (model.seq_length, data.prefixes,
+    data.weights, data.preset, data.split, train.seed): the saved data position then counts
+    samples of another order. Refused unless set; when set, the log names what changed."""
     async_save: bool = False
     """Write checkpoints in a background thread: a save costs the training loop one host copy of
     this rank's state (extra host memory of that size) instead of the whole write. A checkpoint is
@@ -417,6 +427,23 @@ class EvalConfig(Section):
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
+def compile_problems(setting: Union[str, bool], *, dropout: bool, zero_stage: Any) -> List[str]:
+    """Why `model.compile=true` cannot run with this configuration (empty: it can). model/compile.py
+    says why each combination is refused; `auto` never chooses them."""
+    if setting is not True:
+        return []
+    problems = []
+    if dropout:
+        problems.append("model.compile=true with model.hidden_dropout / attention_dropout > 0 is refused: compiled "
+                        "dropout draws other masks than the eager reference and their replay under activation "
+                        "recompute is unproven; set the dropouts to 0 or model.compile to 'auto'/false")
+    if zero_stage == 3:
+        problems.append("model.compile=true with zero.stage=3 is refused: ZeRO-3 gathers parameters in module hooks "
+                        "inside the forward, which the compiled layer would have to trace; use zero.stage <= 2 or "
+                        "model.compile 'auto'/false")
+    return problems
+
+
 class Config(Section):
     comment: Optional[str] = None
     """Free text: where the numbers come from."""
@@ -441,6 +468,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
         problems = config_split_problems(self) + precision_problems(self)
+        problems += compile_problems(self.model.compile, zero_stage=self.zero.stage,
+                                     dropout=self.model.hidden_dropout > 0 or self.model.attention_dropout > 0)
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")
@@ -521,7 +550,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_config_file(path: Path) -> Dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                          "expected a JSON or YAML config saved as UTF-8") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)

@@ -71,9 +71,27 @@ def auto_zero_stage(cfg, dp: int) -> Tuple[int, str]:
         return 1, f"auto: {cfg.precision} needs the ZeRO optimizer's fp32 master weights"
     if cfg.zero.offload_optimizer != "none":
         return 1, "auto: optimizer offload"
+    if dp == 1 and loads_universal(cfg):
+        return 1, "auto: checkpoint.load is universal, whose optimizer state only ZeRO loads"
     if dp == 1:
         return 0, "auto: one data-parallel rank, nothing to shard"
     return 1, f"auto: {dp} data-parallel ranks"
+
+
+def loads_universal(cfg) -> bool:
+    """checkpoint.load names a universal checkpoint (tools/reshard.py). DeepSpeed 0.19.8 loads its
+    optimizer state through the ZeRO optimizer only: at ZeRO-0 the load fails inside DeepSpeed
+    (`'NoneType' object has no attribute 'copy'`). A missing or damaged one is left to the loader,
+    which names it."""
+    from megatron_neox.checkpoint_files import read_meta, resolve_tag_dir
+    from megatron_neox.errors import CheckpointError
+
+    if not cfg.checkpoint.load:
+        return False
+    try:
+        return bool(read_meta(resolve_tag_dir(cfg.checkpoint.load)).get("universal"))
+    except (CheckpointError, OSError):
+        return False
 
 
 def auto_overlap_comm(stage: int, pp: int, dp: int) -> Tuple[bool, str]:

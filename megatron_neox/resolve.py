@@ -54,7 +54,32 @@ def decide_overlap_comm(cfg: Config, layout: Layout) -> List[Decision]:
     return [Decision("zero.overlap_comm", on, why)]
 
 
-DECISIONS: Tuple[Callable[[Config, Layout], List[Decision]], ...] = (decide_zero_stage, decide_overlap_comm)
+def auto_compile(device_type: str, *, dropout: bool, zero3: bool) -> Tuple[bool, str]:
+    """The one place `model.compile='auto'` is decided: compiled on CUDA (Inductor's GPU kernels
+    fuse the layer's elementwise work), eager on CPU (compilation takes minutes on a few cores and
+    buys little), and eager where config.compile_problems refuses `true` (dropout, ZeRO-3)."""
+    if device_type != "cuda":
+        return False, f"auto: eager on {device_type}"
+    if dropout:
+        return False, "auto: eager (dropout > 0)"
+    if zero3:
+        return False, "auto: eager (ZeRO-3 gathers parameters inside the forward)"
+    return True, "auto: regional torch.compile on cuda"
+
+
+def decide_compile(cfg: Config, layout: Layout) -> List[Decision]:
+    if cfg.model.compile != AUTO:
+        return []
+    from deepspeed.accelerator import get_accelerator
+
+    m = cfg.model
+    on, why = auto_compile(get_accelerator().device_name(), dropout=m.hidden_dropout > 0 or m.attention_dropout > 0,
+                           zero3=cfg.zero.stage == 3)
+    return [Decision("model.compile", on, why)]
+
+
+DECISIONS: Tuple[Callable[[Config, Layout], List[Decision]], ...] = (decide_zero_stage, decide_overlap_comm,
+                                                                     decide_compile)
 
 
 def with_values(cfg: Config, values: Dict[str, Any]) -> Config:
@@ -92,5 +117,7 @@ def describe_setup(cfg: Config) -> str:
     """For the start-up line: the ZeRO stage (and why, when `auto` chose it) and the Adam that runs."""
     from deepspeed.accelerator import get_accelerator
 
-    return (f"ZeRO-{cfg.zero.stage} ({cfg.resolved.why('zero.stage')}) | "
+    compiled = f"compiled layers ({cfg.resolved.why('model.compile')})" if cfg.model.compile else \
+        f"eager layers ({cfg.resolved.why('model.compile')})"
+    return (f"ZeRO-{cfg.zero.stage} ({cfg.resolved.why('zero.stage')}) | {compiled} | "
             f"{choose_adam(get_accelerator().device_name())[1]}")

@@ -185,6 +185,7 @@ def test_resolve_decides_every_auto_once_and_attaches_the_layout():
     assert (two.zero.stage, two.zero.overlap_comm) == (1, True)
     assert one.resolved.layout == cfg.layout(1) and two.resolved.layout.dp == 2
     assert one.resolved.why("zero.stage") == "auto: one data-parallel rank, nothing to shard"
+    assert one.model.compile is False and one.resolved.why("model.compile") == "auto: eager on cpu"
     assert resolve(one, 1) is one  # resolving is done once
     with pytest.raises(ConfigError, match="resolved for 1 ranks, used on 2"):
         resolve(one, 2)
@@ -193,7 +194,8 @@ def test_resolve_decides_every_auto_once_and_attaches_the_layout():
 
 
 def test_a_set_value_is_not_a_decision():
-    resolved = resolve(config_from_dict(_with(zero={"stage": 1, "overlap_comm": False})), 2)
+    resolved = resolve(config_from_dict(_with(zero={"stage": 1, "overlap_comm": False},
+                                              model={"compile": False})), 2)
     assert (resolved.zero.stage, resolved.zero.overlap_comm) == (1, False)
     assert resolved.resolved.decisions == () and resolved.resolved.why("zero.stage") == "set"
 

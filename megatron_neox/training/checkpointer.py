@@ -11,6 +11,7 @@ checkpoint is declared complete at the first `after_step` at which every rank's 
 finished. That is learnt from the all-reduce the stop signal already makes each step, so an
 asynchronous save adds no collective to the steps it overlaps.
 """
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -83,6 +84,11 @@ class StopSignal:
             except ValueError:  # not the main thread (e.g. a notebook): signals stay as they were
                 pass
         preemption.announce_rank()  # a supervising launch/run.py may forward signals from now on
+        preemption.watch_launcher(self._launcher_gone)  # the plain `deepspeed` runner passes no signal on
+
+    def _launcher_gone(self, why: str) -> None:
+        log_info(f"rank {os.environ.get('RANK', '?')}: {why}: finishing the step, saving and exiting")
+        self.received = signal.SIGTERM
 
     def _handle(self, signum, frame):
         self.received = signum

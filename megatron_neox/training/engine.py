@@ -20,9 +20,11 @@ from megatron_neox.training.clipping import GlobalNormClipper
 
 
 def check_precision_supported(cfg: Config) -> None:
-    from megatron_neox.hardware import check_precision_supported as check
+    """The precision and the attention kernel can train on this machine's accelerator."""
+    from megatron_neox.hardware import check_attention_kernel_trains, check_precision_supported as check
 
     check(cfg.precision)
+    check_attention_kernel_trains(cfg.model.attention_kernel)
 
 
 def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None
@@ -125,7 +127,9 @@ def deepspeed_config(cfg: Config) -> Dict[str, Any]:
     ac = cfg.activation_checkpointing
     if ac.interval:
         ds["activation_checkpointing"] = {
-            "partition_activations": ac.partition_activations,
+            # At tp = 1 there is nothing to shard across, but DeepSpeed would still clone every
+            # checkpointed layer input (a copy of the hidden state per layer per micro-batch).
+            "partition_activations": ac.partition_activations and lay.tp > 1,
             "contiguous_memory_optimization": False,
             "cpu_checkpointing": False,
             "number_checkpoints": None,

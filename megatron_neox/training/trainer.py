@@ -23,7 +23,7 @@ from typing import List
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
-from megatron_neox.evaluation.harness import TrainingHarness
+from megatron_neox.evaluation.harness import TrainingHarness, check_training_tasks
 from megatron_neox.outputs import check_run_dirs
 from megatron_neox.topology import Topology
 from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
@@ -72,9 +72,30 @@ class SkipGuard:
         return False
 
 
+def train_batches_needed(cfg: Config, iters: int) -> int:
+    """Global batches the train split must hold: the run's `iters` steps, the data.skip_batches
+    ranges passed over on the way, and room for every rollback's skip (train.max_rollbacks x
+    train.spike_skip_batches). Sized so, the loader never runs past the end and wraps into the
+    run's own first samples, and a longer run with the same skips trains on the same first batches
+    (the train split's first k samples do not depend on how many are asked for)."""
+    merged: List[List[int]] = []
+    for a, b in sorted(map(list, cfg.data.skip_batches)):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    end = iters
+    for a, b in merged:  # each range that starts before the run's last batch pushes that batch back
+        if a < end:
+            end += b - a
+    if cfg.train.on_spike == "rollback":
+        end += cfg.train.max_rollbacks * cfg.train.spike_skip_batches
+    return end
+
+
 def _dataset_sizes(cfg: Config, schedule: Schedule) -> tuple:
     full = schedule.batches.full
-    train = schedule.iters * full
+    train = train_batches_needed(cfg, schedule.iters) * full
     evals = (schedule.iters // cfg.eval.interval + 1) if cfg.eval.interval else 1
     valid = evals * cfg.eval.iters * full
     test = cfg.eval.iters * full
@@ -111,13 +132,16 @@ class _Run:
     `after_step(state, last_step, trained) -> stop?`."""
 
     def __init__(self, cfg: Config, stop: StopSignal):
-        from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options, size_warnings
+        from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
+                                               size_warnings)
 
         cfg, topo = setup(cfg)  # resolved: every 'auto' decided, the layout attached
         self.cfg, self.topo = cfg, topo
         self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
-        eod = tok.eod_id if tok is not None else None
+        tasks = check_training_tasks(cfg)  # every lm-eval task built and checked before the model is
+        # The end-of-document id only where something uses it: a tokenizer without one is fine otherwise.
+        eod = tok.eod_id if tok is not None and (eod_flags(cfg.data) or cfg.eval.tasks) else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
         self.schedule = Schedule.from_config(cfg)
         self.iters = self.schedule.iters
@@ -129,7 +153,9 @@ class _Run:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
         if topo.rank == 0:
             for w in size_warnings(cfg.data, train_ds, valid_ds, seq_length=cfg.model.seq_length,
-                                   train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters):
+                                   train_tokens=self.iters * self.schedule.batches.full * cfg.model.seq_length,
+                                   eval_iters=cfg.eval.iters) + \
+                    eod_warnings(cfg.data, train_ds, eod):
                 log_info(f"warning: {w}")
 
         self.engine, _, self.clipper = build_engine(cfg, topo)
@@ -146,7 +172,7 @@ class _Run:
                                    global_batch_size=self.schedule.batches.full, eod_token_id=eod,
                                    metrics=self.metrics)
         # eval.tasks: lm-evaluation-harness on the sharded engine
-        self.harness = TrainingHarness(cfg, self.engine, topo, tok, metrics=self.metrics)
+        self.harness = TrainingHarness(cfg, self.engine, topo, tok, metrics=self.metrics, tasks=tasks)
         self.components = (self.validator, self.harness, self.checkpointer)  # in the order they act
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
@@ -185,7 +211,7 @@ class _Run:
             raise TrainingAborted(f"step {step}: loss {loss:.4g} is a spike ({reason}) but {ckpt_dir} holds no "
                                   "checkpoint to roll back to yet; lower checkpoint.save_interval")
         state.load(saved)
-        record = self.spikes.record(step, loss, reason, state)
+        record = self.spikes.record(step, loss, reason, state, done)
         state.rollbacks = done + [record]
         self.loader.load_state_dict(state.data_position())
         self.loader.skip_ranges = [tuple(r) for r in self.spikes.skip_ranges(state)]
@@ -210,14 +236,17 @@ def train(cfg: Config) -> RunResult:
     """Train (or resume) the run `cfg` describes on the ranks of this world."""
     # First thing: a preemption signal during set-up is honoured after the first step.
     stop = StopSignal()
+    lock = None
     try:
-        check_run_dirs(cfg)  # before anything is built
+        lock = check_run_dirs(cfg)  # before anything is built; one run per checkpoint.dir
         run = _Run(cfg, stop)
         try:
             return _loop(run)
         finally:
             run.metrics.close()
     finally:
+        if lock is not None:
+            lock.release()
         stop.restore()
 
 
