@@ -80,7 +80,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_neox.config import Config, ModelConfig, config_from_dict
-from megatron_neox.layout import Layout
+from megatron_neox.layout import Layout, kv_heads_sharded
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
 from megatron_neox.training.precision import resolve_for_world
@@ -112,6 +112,9 @@ def layer_params_per_rank(model: ModelConfig, tp: int) -> List[int]:
     # Replicated on every TP rank: the layer's norms and the row-parallel (output) biases, and
     # learned position embeddings. Everything else is split evenly.
     layer_rep = (1 if model.shared_norm else 2) * norm + d * model.attention_bias + d * model.mlp_bias
+    if not kv_heads_sharded(model.kv_heads, tp):  # tp > KV heads: every rank holds all of them
+        kv = 2 * model.kv_heads * model.head_dim
+        layer_rep += kv * (d + model.attention_bias)
     pos = model.seq_length * d if model.position_embedding == "learned" else 0
     layer = (full["layer"] - layer_rep) // tp + layer_rep
     embedding = (full["embedding"] - pos) // tp + pos

@@ -297,11 +297,12 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     norm = 2 * d if cfg.norm == "layernorm" else d
     gate = 2 if cfg.activation == "swiglu" else 1
     layer = (1 if cfg.shared_norm else 2) * norm
-    layer += 3 * d * d + (3 * d if cfg.attention_bias else 0)  # query_key_value
+    qkv = cfg.qkv_size  # (heads + 2 * kv_heads) * head_dim
+    layer += qkv * d + (qkv if cfg.attention_bias else 0)  # query_key_value, or query + key_value
     layer += d * d + (d if cfg.attention_bias else 0)  # attention.dense
     layer += d * f * gate + (f * gate if cfg.mlp_bias else 0)  # dense_h_to_4h
     layer += f * d + (d if cfg.mlp_bias else 0)  # dense_4h_to_h
     embedding = V * d + (cfg.seq_length * d if cfg.position_embedding == "learned" else 0)
-    head = 0 if cfg.tie_embeddings else V * d
+    head = 0 if cfg.tie_embeddings else V * d + (V if cfg.lm_head_bias else 0)
     total = embedding + cfg.num_layers * layer + norm + head
     return {"embedding": embedding, "layer": layer, "final_norm": norm, "head": head, "total": total}
