@@ -80,13 +80,14 @@ class FinalNorm(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Untied output projection; returns this rank's vocab slice of the logits."""
+    """Untied output projection (with GPT-J's bias when model.lm_head_bias); returns this rank's vocab
+    slice of the logits."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         init = init_fn(cfg.init_method, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, base_std=cfg.init_std)
         self.final_linear = ColumnParallelLinear(
-            cfg.hidden_size, padded_vocab, group=tp_group, bias=False, gather_output=False, init_method=init,
+            cfg.hidden_size, padded_vocab, group=tp_group, bias=cfg.lm_head_bias, gather_output=False, init_method=init,
             sequence_parallel=sequence_parallel and group_size(tp_group) > 1,
         )
 
