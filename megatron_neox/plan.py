@@ -210,7 +210,8 @@ def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precis
     norm_region = (norms + outs * N * e) / sp
     # Attention.
     local = model.attention_pattern == "alternating_local" and layer_index % 2 == 1
-    attn = 3 * N * e / t + 4 * a * tokens / t  # fused QKV output (SDPA keeps views of it), fp32 log-sum-exp
+    qkv = model.qkv_size / h  # 3 for multi-head attention; fewer KV heads (GQA) shrink it
+    attn = qkv * N * e / t + 4 * a * tokens / t  # QKV output (SDPA keeps views of it), fp32 log-sum-exp
     attn += N * e / t  # SDPA output
     if model.position_embedding == "rotary":
         r = model.rotary_ndims
