@@ -4,6 +4,8 @@ Only the first `rotary_ndims` dims of each head rotate (GPT-NeoX-20B/Pythia: 25%
 pairs are (i, i + rotary_ndims/2) -- the "rotate half" layout, as in HF GPTNeoX -- not GPT-J's
 interleaved (2i, 2i+1) pairs.
 """
+import math
+
 import torch
 
 
@@ -18,9 +20,11 @@ class RotaryEmbedding:
     to a device once, on first use there.
     """
 
-    def __init__(self, rotary_ndims: int, base: float = 10000.0):
+    def __init__(self, rotary_ndims: int, base: float = 10000.0, scaling=None):
         self.rotary_ndims = rotary_ndims
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.float64) / rotary_ndims))
+        if scaling is not None:  # config.RopeScaling (model.rope_scaling)
+            inv_freq = llama3_scaled(inv_freq, scaling)
         self._inv_freq = {torch.device("cpu"): inv_freq.float()}
 
     def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
@@ -67,3 +71,14 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         closest = 2 ** math.floor(math.log2(num_heads))
         s = pow2(closest) + pow2(2 * closest)[0::2][: num_heads - closest]
     return torch.tensor(s, dtype=torch.float32)
+
+
+def llama3_scaled(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling (Meta's llama/model.py `apply_scaling`; HF rope_type 'llama3'):
+    wavelengths 2*pi/f above original / low_freq_factor are divided by `factor`, those below
+    original / high_freq_factor kept, and the band between interpolates smoothly in 1/wavelength."""
+    original = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)  # 0 at the long-wavelength end, 1 at the short one
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
