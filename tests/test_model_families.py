@@ -70,6 +70,21 @@ def test_imported_model_gives_hf_logits(family):
     assert (got[..., VOCAB:] == 0).all(), "padded vocab rows must give zero logits"
 
 
+@pytest.mark.parametrize("family", ["gptj", "llama_gqa", "mistral"])
+def test_kv_cache_decoding_equals_hf_generate(family):
+    """Decoding with our KV cache (fewer KV heads; Mistral's window passed by the 16 new tokens) picks
+    HF generate's greedy tokens."""
+    from megatron_neox.generate import generate_ids
+
+    hf = random_hf(family)
+    cfg = ModelConfig(**model_config_from_hf(hf.config))
+    ours = GPTNeoX(cfg, cfg.padded_vocab(1)).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg, cfg.padded_vocab(1)))
+    prompt = _tokens(4, batch=1, length=3)
+    theirs = hf.generate(prompt, do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0)
+    assert generate_ids(ours, prompt[0].tolist(), max_new_tokens=16, vocab_size=VOCAB) == theirs[0, 3:].tolist()
+
+
 def test_imported_configs_say_what_each_family_is():
     gptj, gqa, mistral = (ModelConfig(**model_config_from_hf(random_hf(f).config)) for f in ("gptj", "llama_gqa",
                                                                                              "mistral"))

@@ -19,6 +19,7 @@ def _cfg(**kw):
 VARIANTS = [dict(activation=a, position_embedding=p, tie_embeddings=t, attention_bias=b, mlp_bias=b)
             for a, p, t, b in itertools.product(["gelu", "swiglu"], ["rotary", "learned", "alibi"], [False, True],
                                                 [True, False])]
+VARIANTS += [dict(num_kv_heads=2, attention_bias=b, lm_head_bias=True) for b in (True, False)]  # GQA, GPT-J head
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))

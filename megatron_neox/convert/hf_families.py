@@ -110,10 +110,9 @@ def _rope(hf_config, where: str) -> Tuple[Optional[float], float, Optional[Dict[
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         missing = [k for k in keys if k not in rp]
         if missing:
-            raise ConfigError(f"{where}: rope_scaling (rope_type 'llama3') lacks {', '.join(missing)}")
+            raise ConfigError(f"{where}: rope_type 'llama3' lacks {', '.join(missing)}")
         return pct, float(base), {"type": "llama3", **{k: rp[k] for k in keys}}
-    raise ConfigError(f"{where}: rope_scaling / rope_parameters rope_type={kind!r} is not supported "
-                      "(supported: 'default' and 'llama3')")
+    raise ConfigError(f"{where}: rope_type={kind!r} is not supported (supported: 'default' and 'llama3')")
 
 
 def _refuse_true(hf_config, fields: Tuple[str, ...], why: str) -> None:
@@ -137,7 +136,7 @@ def _activation(name: str, table: Dict[str, str]) -> str:
 
 
 def _gpt_neox_from_hf(c) -> Dict[str, Any]:
-    pct, base, scaling = _rope(c, "rope_parameters")
+    pct, base, scaling = _rope(c, "rope_scaling / rope_parameters")
     if scaling is not None:
         raise ConfigError("rope_parameters rope_type='llama3' on a GPTNeoX config is not supported")
     head_dim = c.hidden_size // c.num_attention_heads
@@ -152,7 +151,8 @@ def _gptj_from_hf(c) -> Dict[str, Any]:
     _refuse_true(c, ("attention_bias", "mlp_bias", "bias"),
                  "GPTJForCausalLM has no q/k/v/o biases and always has MLP biases; these fields are not GPT-J's")
     if c.tie_word_embeddings:
-        raise ConfigError("tie_word_embeddings=true: GPT-J's output layer has its own bias; tied GPT-J is not supported")
+        raise ConfigError("tie_word_embeddings=true: GPT-J's output layer has its own bias; a tied GPT-J is not "
+                          "supported")
     if float(c.embd_pdrop) != float(c.resid_pdrop):
         raise ConfigError(f"embd_pdrop={c.embd_pdrop} differs from resid_pdrop={c.resid_pdrop}: we apply one "
                           "hidden dropout to both")
@@ -166,8 +166,9 @@ def _gptj_from_hf(c) -> Dict[str, Any]:
 
 def _llama_from_hf(c) -> Dict[str, Any]:
     what = "LlamaForCausalLM" if c.model_type == "llama" else "MistralForCausalLM"
-    _refuse_true(c, ("attention_bias", "mlp_bias"), f"biases on {what}'s projections are not supported")
-    pct, base, scaling = _rope(c, "rope_parameters")
+    _refuse_true(c, ("attention_bias", "mlp_bias"), "MistralForCausalLM's projections have no biases" if
+                 c.model_type == "mistral" else "biases on LlamaForCausalLM's projections are not supported")
+    pct, base, scaling = _rope(c, "rope_scaling / rope_parameters")
     if pct not in (None, 1.0):
         raise ConfigError(f"partial_rotary_factor={pct}: {what} rotates the whole head")
     head_dim = getattr(c, "head_dim", None)

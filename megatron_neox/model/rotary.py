@@ -1,8 +1,9 @@
 """Rotary position embeddings (Su et al. 2021, RoFormer), GPT-NeoX flavour.
 
 Only the first `rotary_ndims` dims of each head rotate (GPT-NeoX-20B/Pythia: 25% of the head);
-pairs are (i, i + rotary_ndims/2) -- the "rotate half" layout, as in HF GPTNeoX -- not GPT-J's
-interleaved (2i, 2i+1) pairs.
+pairs are (i, i + rotary_ndims/2) -- the "rotate half" layout, as in HF GPTNeoX and HF Llama -- or,
+with `model.rotary_interleaved`, GPT-J's (and Meta's Llama code's) interleaved (2i, 2i+1) pairs.
+Pair j turns by position * inv_freq[j] either way.
 """
 import math
 
@@ -20,22 +21,26 @@ class RotaryEmbedding:
     to a device once, on first use there.
     """
 
-    def __init__(self, rotary_ndims: int, base: float = 10000.0, scaling=None):
+    def __init__(self, rotary_ndims: int, base: float = 10000.0, scaling=None, interleaved: bool = False):
         self.rotary_ndims = rotary_ndims
+        self.interleaved = interleaved
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.float64) / rotary_ndims))
         if scaling is not None:  # config.RopeScaling (model.rope_scaling)
             inv_freq = llama3_scaled(inv_freq, scaling)
         self._inv_freq = {torch.device("cpu"): inv_freq.float()}
 
-    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The angle per position of each rotated pair (fp32), on `device`."""
         if device not in self._inv_freq:
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         return self._inv_freq[device]
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin of shape [B, 1, T, rotary_ndims] for broadcasting over heads."""
-        freqs = position_ids[..., None].to(torch.float32) * self._inv_freq_on(position_ids.device)
-        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq(position_ids.device)
+        # Each pair's angle at both of its dims: [f0..fn/2, f0..fn/2] rotating halves, [f0, f0, f1, f1, ...]
+        # rotating interleaved pairs.
+        emb = (freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)).unsqueeze(1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
@@ -44,12 +49,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ndims: int):
-    """Rotate the first `ndims` dims of q and k ([B, heads, T, head_dim]); pass the rest through."""
+def _rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): GPT-J's rotate_every_two."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ndims: int,
+                 interleaved: bool = False):
+    """Rotate the first `ndims` dims of q and k ([B, heads, T, head_dim]); pass the rest through.
+    cos/sin from a `RotaryEmbedding` of the same `interleaved`."""
+    rotate = _rotate_interleaved if interleaved else _rotate_half
     q_rot, q_pass = q[..., :ndims], q[..., ndims:]
     k_rot, k_pass = k[..., :ndims], k[..., ndims:]
-    q_rot = q_rot * cos + _rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
+    q_rot = q_rot * cos + rotate(q_rot) * sin
+    k_rot = k_rot * cos + rotate(k_rot) * sin
     return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
 
 
