@@ -68,7 +68,8 @@ def _run(pp, tp, overrides):
     kv = model.get_parameter("1.attention.key_value.weight").detach().clone()
     everyone = [torch.empty_like(kv) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, kv)
-    return losses, norms, {"wrong_marks": wrong, "kv_rows": kv.shape[0],
+    layer_numel = sum(p.numel() for n, p in model.named_parameters() if n.startswith("1."))
+    return losses, norms, {"wrong_marks": wrong, "kv_rows": kv.shape[0], "layer_numel": layer_numel,
                            "kv_same": all(torch.equal(kv, x) for x in everyone)}
 
 
@@ -142,11 +143,14 @@ def test_gptj_layer_under_pp2_tp2_trains_like_one_rank(world):
     _assert_same(world["r"]["gptj_pp2_tp2"], world["r"]["gptj_ref"], "gptj pp2 tp2")
 
 
-def test_replicated_kv_heads_are_marked_by_the_table_and_stay_identical(world):
+def test_replicated_kv_heads_are_marked_by_the_table_counted_and_stay_identical(world):
     rep = world["r"]["llama_tp4"][2]
     assert rep["wrong_marks"] == []
     assert rep["kv_rows"] == 2 * 2 * 8  # both KV heads, k and v, head_dim 8: the whole projection
     assert rep["kv_same"], "replicated KV weights drifted apart across the tensor-parallel ranks"
+    from megatron_neox.plan import layer_params_per_rank
+
+    assert layer_params_per_rank(tiny_config(1, 4, LLAMA).model, 4)[1] == rep["layer_numel"], "the planner's count"
 
 
 def _loss(logits, mb) -> float:
@@ -163,11 +167,14 @@ def test_continued_pretraining_starts_from_hf_and_exports_back(world):
         hf_first = sum(_loss(world["hf"](mb["tokens"]).logits, mb) for mb in r["first_batch"]) / len(r["first_batch"])
     assert r["continued"][0] == pytest.approx(hf_first, abs=1e-5), "step 1 at pp=2 tp=2 must see the HF weights"
     assert r["continued"][1] != r["continued"][0]
+    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # the pp=2 tp=2 files convert_from_hf wrote hold exactly the HF model
+        torch.testing.assert_close(load_model(tmp / "from_hf").model(tokens), world["hf"](tokens).logits,
+                                   rtol=0, atol=1e-5)
     out = tmp / "hf_out"
     assert convert_to_hf.main(["--checkpoint", str(tmp / "run"), "--out", str(out)]) == 0
     exported = transformers.LlamaForCausalLM.from_pretrained(out).eval()
     ours = load_model(tmp / "run").model
-    tokens = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         theirs, mine = exported(tokens).logits, ours(tokens)
         torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-5)
