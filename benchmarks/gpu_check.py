@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import sys
@@ -324,7 +323,7 @@ def check_kernels(size: str, device: torch.device) -> dict:
 def check_throughput(size: str) -> dict:
     from megatron_neox import hardware
     from megatron_neox.training.metrics import flops_per_token
-    from megatron_neox.training.precision import describe_setup
+    from megatron_neox.precision import describe_setup
 
     on_gpu = torch.cuda.is_available()
     precision = ("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"
@@ -430,9 +429,9 @@ def main(argv=None) -> int:
     failed = [k for k in ("parity", "syncs", "decode") if not report[k]["ok"]]
     report["verdict"] = "PASS" if not failed else "FAIL: " + ", ".join(failed)
     out = Path(args.json)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    from megatron_neox.durable import write_json
+
+    write_json(out, report, indent=1)
     t = report["throughput"]
     print(f"gpu_check {report['verdict']} | {report['device']} | parity "
           f"{'ok' if report['parity']['ok'] else 'FAIL'} | host syncs/step ours "

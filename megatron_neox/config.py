@@ -3,8 +3,9 @@
 A run is described by one JSON or YAML file (see `deepspeed_configs/`). `load_config` reads it,
 applies `--set a.b=value` overrides, validates every key (unknown keys are errors that name the
 key path and the closest valid key) and returns a `Config`. Values that depend on the number of
-ranks (data-parallel size, gradient accumulation, padded vocab) are derived by `Config.layout`,
-and `Config.deepspeed_config` emits the DeepSpeed JSON dict, so nobody maintains two files.
+ranks (data-parallel size, gradient accumulation, padded vocab) are derived by `Config.layout`;
+the DeepSpeed JSON dict is emitted from the config by the engine (training/engine.py
+`deepspeed_config`), so nobody maintains two files.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from megatron_neox.data.blended import split_weights
+from megatron_neox.data.blended import DEFAULT_SPLIT, mixture_problems
 from megatron_neox.errors import ConfigError
 from megatron_neox.layout import Layout, config_split_problems
+from megatron_neox.precision import precision_problems
 
 # Where `--config NAME` looks when NAME is not a path.
 CONFIG_DIR = Path(os.environ.get("MEGATRON_NEOX_CONFIGS", Path(__file__).resolve().parent.parent / "deepspeed_configs"))
@@ -353,7 +355,7 @@ class LossScaleConfig(Section):
 
 class ZeroConfig(Section):
     stage: Union[Literal["auto"], Annotated[int, Field(ge=0, le=3)]] = "auto"
-    """ZeRO stage (0-1 with a pipeline, 0-3 without). 'auto': 0 for fp32 on one data-parallel rank, else 1 (training/precision.py)."""
+    """ZeRO stage (0-1 with a pipeline, 0-3 without). 'auto': 0 for fp32 on one data-parallel rank, else 1 (megatron_neox/precision.py)."""
     reduce_bucket_size: int = Field(500_000_000, gt=0)
     """Elements per gradient reduce bucket."""
     allgather_bucket_size: int = Field(500_000_000, gt=0)
@@ -380,7 +382,7 @@ class DataConfig(Section):
     """Blend weights, one per prefix; null = proportional to each dataset's tokens."""
     preset: Optional[Literal["pile"]] = None
     """'pile': weight components by tokens x the Pile paper's epochs (Table 1)."""
-    split: str = "969,30,1"
+    split: str = DEFAULT_SPLIT
     """Train/valid/test split by document ranges: 1-3 weights ('969,30,1'; '100' = train only)."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; default beside the first prefix."""
@@ -407,18 +409,9 @@ class DataConfig(Section):
         for r in self.skip_batches:
             if len(r) != 2 or not 0 <= r[0] < r[1]:
                 raise ValueError(f"data.skip_batches: {r} is not a [start, end) range with 0 <= start < end")
-        if self.weights is not None and len(self.weights) != len(self.prefixes):
-            raise ValueError(
-                f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}"
-            )
-        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
-            raise ValueError(f"data.weights={self.weights}: expected non-negative numbers with a positive sum")
-        if self.weights is not None and self.preset is not None:
-            raise ValueError("data: set either `weights` or `preset`, not both")
-        try:
-            split_weights(self.split)
-        except ConfigError as e:
-            raise ValueError(f"data.{e}") from None
+        problems = mixture_problems(self.prefixes, self.weights, self.preset, self.split)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @field_validator("split", mode="before")
@@ -508,8 +501,6 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
-        from megatron_neox.training.precision import precision_problems
-
         problems = config_split_problems(self) + precision_problems(self)
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
@@ -526,64 +517,6 @@ class Config(Section):
     def layout(self, world_size: int) -> Layout:
         """This config on `world_size` ranks (see `megatron_neox.layout`); ConfigError if it does not fit."""
         return Layout.from_config(self, world_size)
-
-    def deepspeed_config(self, layout: Union[Layout, int]) -> Dict[str, Any]:
-        """The DeepSpeed config dict for this run on `layout` (or a world size), merged with the
-        `deepspeed` passthrough section."""
-        from megatron_neox.training.precision import choose_zero
-
-        lay = layout if isinstance(layout, Layout) else self.layout(layout)
-        zero = choose_zero(self, lay.dp)
-        o = self.optimizer
-        ds: Dict[str, Any] = {
-            "train_batch_size": lay.global_batch_size,
-            "train_micro_batch_size_per_gpu": lay.micro_batch_size,
-            "gradient_accumulation_steps": lay.grad_accum,
-            "optimizer": {
-                "type": "AdamW" if o.type == "adamw" else "Adam",
-                "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
-            },
-            "gradient_clipping": o.clip_grad,
-            "zero_optimization": {
-                "stage": zero.stage,
-                "reduce_bucket_size": self.zero.reduce_bucket_size,
-                "allgather_bucket_size": self.zero.allgather_bucket_size,
-                "overlap_comm": zero.overlap_comm,
-                "contiguous_gradients": self.zero.contiguous_gradients,
-            },
-            # We print our own progress lines; DeepSpeed's would interleave with them.
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
-        if self.zero.offload_optimizer == "cpu":
-            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        if self.precision == "fp16":
-            ls = self.loss_scale
-            ds["fp16"] = {
-                "enabled": True,
-                "loss_scale": ls.static_scale,
-                "initial_scale_power": ls.initial_scale_power,
-                "loss_scale_window": ls.window,
-                "hysteresis": ls.hysteresis,
-                "min_loss_scale": ls.min_scale,
-            }
-        elif self.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
-            if zero.stage >= 1:
-                # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
-                # reported pipeline + ZeRO-1 needs this key). DeepSpeed 0.19 rejects it without ZeRO.
-                ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        ac = self.activation_checkpointing
-        if ac.interval:
-            ds["activation_checkpointing"] = {
-                "partition_activations": ac.partition_activations,
-                "contiguous_memory_optimization": False,
-                "cpu_checkpointing": False,
-                "number_checkpoints": None,
-                "synchronize_checkpoint_boundary": False,
-                "profile": False,
-            }
-        return _deep_merge(ds, self.deepspeed)
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -753,13 +686,3 @@ def load_config(path_or_name: Union[str, os.PathLike], overrides: Optional[List[
     path = resolve_config_path(path_or_name)
     data = apply_overrides(read_config_file(path), overrides or [])
     return config_from_dict(data, source=str(path), overrides=overrides)
-
-
-def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out

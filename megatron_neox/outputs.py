@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from megatron_neox.checkpoint_files import COMPLETE, has_checkpoint
 from megatron_neox.errors import ConfigError
 
 
@@ -36,8 +37,6 @@ def check_run_dirs(cfg) -> None:
 
 def protected_kind(path: os.PathLike) -> Optional[str]:
     """What a directory holds that an output must never replace: a checkpoint or a training run."""
-    from megatron_neox.training.checkpoint import COMPLETE, has_checkpoint
-
     path = Path(path)
     # A global_stepN/ without its marker is a save in progress or one that was cut: still a checkpoint.
     if has_checkpoint(path) or (path / COMPLETE).is_file() or any(path.glob("global_step*/")):

@@ -17,7 +17,7 @@ that is what a run measures:
 
 * fp32 with ZeRO >= 1 still keeps a flat fp32 copy of the rank's partition
   (`stage_1_and_2.py`, `single_partition_of_fp32_groups`): optimizer = (4 + 8) / dp, not 8 / dp.
-* bf16 + ZeRO 0/1 with fp32 gradient accumulation (what `Config.deepspeed_config` emits) runs
+* bf16 + ZeRO 0/1 with fp32 gradient accumulation (what training/engine.py `deepspeed_config` emits) runs
   `BF16_Optimizer`: a full fp32 gradient accumulator (4 bytes) next to the bf16 .grad (2 bytes).
 * ZeRO 1/2 with `contiguous_gradients` allocate the whole reduce bucket of `reduce_bucket_size`
   elements every step, however few gradients fill it (`stage_1_and_2.py` `setup_buckets`; a second
@@ -80,10 +80,11 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_neox.config import Config, ModelConfig, config_from_dict
-from megatron_neox.layout import Layout, kv_heads_sharded
+from megatron_neox.layout import Layout
+from megatron_neox.parallel.sharding import kv_heads_sharded
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
-from megatron_neox.training.precision import resolve_for_world
+from megatron_neox.precision import resolve_for_world
 
 GiB = 1 << 30
 # Tensor parallelism all-reduces inside every layer: keep it within one node (NVLink), 8 GPUs.

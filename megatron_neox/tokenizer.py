@@ -27,10 +27,10 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from megatron_neox.durable import atomic_paths, write_text
 from megatron_neox.errors import ConfigError, DataError
 
 EOD_TOKEN = "<|endoftext|>"
@@ -443,9 +443,7 @@ def _touch(marker: Path) -> None:
     """Create the marker; a cache dir we cannot write only means checking again next time."""
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-        tmp.write_text("vocabulary self-check passed\n")
-        os.replace(tmp, marker)
+        write_text(marker, "vocabulary self-check passed\n")
     except OSError:
         pass
 
@@ -500,9 +498,5 @@ def save_tokenizer(hf, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_paths(path) as (tmp,):
         hf.save(str(tmp), pretty=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from megatron_neox.config import (
     resolve_config_path,
 )
 from megatron_neox.errors import ConfigError
+from megatron_neox.training.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*") if p.suffix in (".json", ".yaml", ".yml"))
@@ -130,20 +131,20 @@ def test_shipped_config_loads_and_batch_identity_holds(path):
         world = p.pp * p.tp * dp
         if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * dp):
             continue
-        ds = cfg.deepspeed_config(world)
+        ds = deepspeed_config(cfg, world)
         assert ds["train_batch_size"] == (
             ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp
         )
         if t.global_batch_size is not None:
             assert ds["train_batch_size"] == t.global_batch_size
-        from megatron_neox.training.precision import resolve_for_world
+        from megatron_neox.precision import resolve_for_world
 
         assert ds["zero_optimization"]["stage"] == resolve_for_world(cfg, world).zero.stage != "auto"
         assert ("fp16" in ds) == (cfg.precision == "fp16") and ("bf16" in ds) == (cfg.precision == "bf16")
 
 
 def test_20B_reproduces_the_trained_batch_on_96_gpus():
-    ds = load_config("20B").deepspeed_config(96)
+    ds = deepspeed_config(load_config("20B"), 96)
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (4, 32, 1536)
     assert ds["fp16"]["initial_scale_power"] == 12 and ds["fp16"]["hysteresis"] == 2

@@ -221,7 +221,8 @@ def test_background_write_error_names_the_file_on_the_training_thread(tmp_path):
 
 
 def test_finalize_writes_complete_then_latest_and_drops_old_markers_first(tmp_path):
-    from megatron_neox.training.checkpoint import PendingSave, complete_tags, finalize_tag
+    from megatron_neox.checkpoint_files import complete_tags
+    from megatron_neox.training.checkpoint import PendingSave, finalize_tag
 
     for step in (1, 2, 3):
         (tmp_path / f"global_step{step}").mkdir()

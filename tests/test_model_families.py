@@ -12,7 +12,7 @@ from _train import load_tool
 
 from megatron_neox.config import ModelConfig
 from megatron_neox.convert.hf import from_hf_state_dict, load_hf, model_config_from_hf, save_hf
-from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict
+from megatron_neox.parallel.sharding import merge_state_dicts, shard_state_dict
 from megatron_neox.errors import CheckpointError
 from megatron_neox.model.gpt_neox import GPTNeoX
 

@@ -46,7 +46,7 @@ def _run(pp, tp, overrides):
     sharding table's and whether the replicated KV weights are still identical on every rank."""
     import torch.distributed as dist
 
-    from megatron_neox.convert.sharding import partition_of
+    from megatron_neox.parallel.sharding import partition_of
     from megatron_neox.training.engine import build_engine
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step

@@ -22,6 +22,7 @@ import torch
 
 from _dist import run_distributed
 from _layouts import micro_batches, tiny_config
+from megatron_neox.training.engine import deepspeed_config
 
 STEPS = 3
 LOSS_RTOL = {"fp16": 5e-3, "bf16": 4e-2}
@@ -151,10 +152,10 @@ def test_sequence_parallel_with_partitioned_activations_is_refused():
     ("bf16", 2, 2, 1, False),
 ])
 def test_auto_zero_stage_per_layout_and_precision(precision, pp, world, stage, overlap):
-    from megatron_neox.training.precision import resolve_for_world
+    from megatron_neox.precision import resolve_for_world
 
     cfg = tiny_config(pp, 1, {"precision": precision, "zero.stage": "auto"})
-    ds = cfg.deepspeed_config(world)["zero_optimization"]
+    ds = deepspeed_config(cfg, world)["zero_optimization"]
     assert (ds["stage"], ds["overlap_comm"]) == (stage, overlap)
     resolved = resolve_for_world(cfg, world).zero
     assert (resolved.stage, resolved.overlap_comm) == (stage, overlap)

@@ -25,16 +25,15 @@ Knowledge probe (--facts): accuracy per attribute, and the knowledge stored in b
 per parameter (Physics of Language Models 3.3; megatron_neox/evaluation/knowledge.py).
 """
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
+from megatron_neox.durable import write_json  # noqa: E402
 from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.hardware import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def main(argv=None) -> int:
@@ -62,8 +61,6 @@ def main(argv=None) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         p.error("--num-fewshot must be >= 0")
 
-    import torch
-
     from megatron_neox.data.corpus import check_facts_file
     from megatron_neox.errors import ConfigError
     from megatron_neox.evaluation.backends import MergedModel
@@ -73,7 +70,7 @@ def main(argv=None) -> int:
 
     report = {}
     try:
-        loaded = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+        loaded = load_model(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
         tok_file = args.tokenizer or tokenizer_path(loaded.run)
         tok = load_tokenizer(tok_file, verify=False) if tok_file and Path(tok_file).is_file() else None
         if args.tokenizer and tok is None:
@@ -142,12 +139,7 @@ def _write_json(path: Path, out, report: dict, args) -> None:
     doc.pop("samples", None)
     doc["megatron_neox"] = {"checkpoint": str(args.checkpoint), "device": args.device, "dtype": args.dtype, **report}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ Exit status 2 with FILE:LINE on a malformed line.
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from megatron_neox.durable import atomic_paths  # noqa: E402
 
 Record = Dict[str, object]
 
@@ -126,10 +129,9 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
     fig.tight_layout()
     # Write beside the target and rename: a reader (or a crash) never sees half a PNG.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
+        with atomic_paths(out) as (tmp,):
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

@@ -3,7 +3,7 @@
 
 The family table says which HF tensor is which of ours; this module renames, fuses or splits q/k/v
 and [gate | up], pads the vocabulary, checks that every HF tensor is used, and reads and writes HF
-directories. Tensor-parallel shards are merged/split by `convert.sharding` before/after this module.
+directories. Tensor-parallel shards are merged/split by `parallel.sharding` before/after this module.
 """
 import json
 import os

@@ -2,7 +2,7 @@
 
 Each `Family` says which HF class it is, where its tensors live, how its config reads as our
 `model` section (and back), and what of ours it cannot express. convert/hf.py does the I/O around
-it; tensor-parallel splitting stays in convert/sharding.py.
+it; tensor-parallel splitting stays in parallel/sharding.py.
 
 Our q/k/v layout (model/transformer.py): multi-head attention keeps one fused `query_key_value`
 with rows [head][q|k|v][head_dim] (HF GPT-NeoX's own layout); grouped-query attention has

@@ -6,7 +6,6 @@ shards into one file per parameter, using the regexes our checkpoints carry in
 A run that loads the result (its complete.json says `universal`) has DeepSpeed slice them for
 its own layout.
 """
-import json
 import os
 import shutil
 import subprocess
@@ -15,9 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from megatron_neox.checkpoint_files import (COMPLETE, complete_tags, read_meta, verify_contents, verify_manifest,
+                                            write_latest, write_meta)
 from megatron_neox.errors import CheckpointError, ConfigError
-from megatron_neox.training.checkpoint import (COMPLETE, complete_tags, file_manifest, read_meta, verify_contents,
-                                              verify_manifest)
 
 
 def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str] = None, workers: int = 2) -> Path:
@@ -58,16 +57,14 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise CheckpointError(f"{src}: DeepSpeed's ds_to_universal failed:\n{tail}")
-        meta.update(universal=True, source=str(src), files=file_manifest(tmp / tag))  # its own files, not the source's
-        (tmp / tag / COMPLETE).write_text(json.dumps(meta, indent=1))
+        meta.update(universal=True, source=str(src))
+        write_meta(tmp / tag, meta)  # its own files, not the source's
         final = out_dir / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp / tag, final)
         for name in ("latest", "latest_universal"):
-            marker = out_dir / f".{name}.tmp"
-            marker.write_text(tag)
-            os.replace(marker, out_dir / name)
+            write_latest(out_dir, tag, name)
         ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,13 +25,13 @@ import json
 import os
 import random
 import sysconfig
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import zstandard
 
+from megatron_neox.durable import atomic_paths
 from megatron_neox.errors import ConfigError, DataError
 
 MB = 1_000_000  # sizes are reported in decimal megabytes, like the MB/s of preprocessing
@@ -406,10 +406,9 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
 
     stats = {GITHUB: ComponentStats(), BIOS: ComponentStats()}
     people: dict[str, tuple[Person, int]] = {}  # insertion order = order people first appear
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     corpus_path, facts_path = out / CORPUS_FILE, out / FACTS_FILE
-    corpus_tmp, facts_tmp = Path(str(corpus_path) + tag), Path(str(facts_path) + tag)
-    try:
+    # The facts first: whoever finds the corpus finds the facts that go with it.
+    with atomic_paths(facts_path, corpus_path) as (facts_tmp, corpus_tmp):
         with open(corpus_tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as zf:
             docs = {GITHUB: iter(github), BIOS: iter(bios)}
             for name in even_interleave({GITHUB: len(github), BIOS: len(bios)}):
@@ -425,11 +424,6 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
         with open(facts_tmp, "w", encoding="utf-8") as f:
             for person, n_bios in people.values():
                 f.write(json.dumps({**person.facts(), "bios": n_bios}, ensure_ascii=False) + "\n")
-        os.replace(facts_tmp, facts_path)
-        os.replace(corpus_tmp, corpus_path)
-    finally:
-        for tmp in (corpus_tmp, facts_tmp):
-            tmp.unlink(missing_ok=True)
     return CorpusSummary(corpus_path, facts_path, len(people), stats)
 
 

@@ -292,12 +292,14 @@ def state_dict_shapes(cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Si
 def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     """Exact parameter counts of the full (unsharded) model, with the vocab padded for `tp`.
 
-    Returns {'embedding', 'layer' (one transformer layer), 'final_norm', 'head', 'total'}.
+    Returns {'embedding', 'layer' (one transformer layer), 'layer_norms' (the norm gains and biases
+    inside one layer), 'final_norm', 'head', 'total'}.
     """
     d, f, V = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab(tp)
     norm = 2 * d if cfg.norm == "layernorm" else d
     gate = 2 if cfg.activation == "swiglu" else 1
-    layer = (1 if cfg.shared_norm else 2) * norm
+    layer_norms = (1 if cfg.shared_norm else 2) * norm
+    layer = layer_norms
     qkv = cfg.qkv_size  # (heads + 2 * kv_heads) * head_dim
     layer += qkv * d + (qkv if cfg.attention_bias else 0)  # query_key_value, or query + key_value
     layer += d * d + (d if cfg.attention_bias else 0)  # attention.dense
@@ -306,4 +308,5 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     embedding = V * d + (cfg.seq_length * d if cfg.position_embedding == "learned" else 0)
     head = 0 if cfg.tie_embeddings else V * d + (V if cfg.lm_head_bias else 0)
     total = embedding + cfg.num_layers * layer + norm + head
-    return {"embedding": embedding, "layer": layer, "final_norm": norm, "head": head, "total": total}
+    return {"embedding": embedding, "layer": layer, "layer_norms": layer_norms, "final_norm": norm, "head": head,
+            "total": total}

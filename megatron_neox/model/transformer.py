@@ -19,7 +19,7 @@ from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
 from megatron_neox.model.rotary import apply_rotary
 from megatron_neox.parallel.layers import ColumnParallelLinear, RowParallelLinear
-from megatron_neox.layout import kv_heads_sharded
+from megatron_neox.parallel.sharding import kv_heads_sharded
 from megatron_neox.parallel.mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,

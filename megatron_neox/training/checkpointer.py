@@ -4,7 +4,7 @@
 stop after a preemption signal (SIGTERM/SIGUSR1 on any rank) or `train.exit_interval` steps of this
 run; `resume()` prefers the run's own checkpoints (auto-resume after preemption) over
 `checkpoint.load` (which seeds a new run). How a checkpoint is written, found and verified is
-training/checkpoint.py.
+training/checkpoint.py (the file format: checkpoint_files.py).
 
 With `checkpoint.async_save` a save returns once this rank's state is copied to host memory; the
 checkpoint is declared complete at the first `after_step` at which every rank's writer has
@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_neox.checkpoint_files import has_checkpoint
 from megatron_neox.config import Config
 from megatron_neox.topology import Topology
 from megatron_neox.training import checkpoint, preemption
@@ -112,7 +113,7 @@ class Checkpointer:
     def resume(self) -> TrainState:
         """The state to start from: the run's own newest checkpoint, else checkpoint.load, else step 0."""
         ck = self.cfg.checkpoint
-        own = self.dir and checkpoint.has_checkpoint(self.dir)
+        own = self.dir and has_checkpoint(self.dir)
         load_dir = self.dir if own else ck.load
         if not load_dir:
             return TrainState()
@@ -122,7 +123,7 @@ class Checkpointer:
         """Load the newest complete checkpoint of this run (a rollback); returns its client state,
         or None when the run has saved none yet."""
         self.flush()
-        if not (self.dir and checkpoint.has_checkpoint(self.dir)):
+        if not (self.dir and has_checkpoint(self.dir)):
             return None
         return checkpoint.load(self.engine, self.cfg, self.topo, self.dir, required=True)
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from megatron_neox.config import Config
 from megatron_neox.layout import Layout
+from megatron_neox.ranks import free_port
 from megatron_neox.topology import Topology
 
 
@@ -57,7 +58,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     bind_local_device()  # before the process group: NCCL binds it to cuda:LOCAL_RANK
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
 
@@ -92,14 +93,6 @@ def _first_slurm_host() -> str:
     except (OSError, subprocess.CalledProcessError, IndexError):
         # No scontrol (e.g. a test outside SLURM): a plain single host name is usable as is.
         return nodelist.split(",")[0]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def setup(cfg: Config) -> Tuple[Layout, Topology]:

@@ -45,8 +45,7 @@ def flops_per_token(cfg: Config, recompute: Optional[bool] = None) -> Dict[str, 
     m = cfg.model
     counts = count_parameters(m, cfg.parallel.tp)
     d, L, s = m.hidden_size, m.num_layers, m.seq_length
-    norm_params = (1 if m.shared_norm else 2) * (2 * d if m.norm == "layernorm" else d)
-    p_layers = L * (counts["layer"] - norm_params)
+    p_layers = L * (counts["layer"] - counts["layer_norms"])
     p_head = m.padded_vocab(cfg.parallel.tp) * d  # tied or not, the head is a matmul
     model = 6 * (p_layers + p_head) + 12 * L * d * s
     if recompute is None:

@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from megatron_neox.durable import write_json
+
 ENV_DIR = "MEGATRON_NEOX_SUPERVISOR_DIR"
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -42,24 +44,18 @@ def _rank_dir() -> Optional[Path]:
     return Path(d) if d and os.path.isdir(d) else None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def announce_rank() -> None:
     """Tell a supervising `supervise` that this process is a rank whose stop handlers are installed."""
     d = _rank_dir()
     if d is not None:
-        _write_json(d / f"rank-{os.getpid()}.json", {"rank": os.environ.get("RANK")})
+        write_json(d / f"rank-{os.getpid()}.json", {"rank": os.environ.get("RANK")})
 
 
 def report_exit(code: int, stopped_by_signal: bool) -> None:
     """Record how this rank leaves (read by `supervise` when its launcher exits non-zero)."""
     d = _rank_dir()
     if d is not None:
-        _write_json(d / f"exit-{os.getpid()}.json", {"rank": os.environ.get("RANK"), "code": int(code),
+        write_json(d / f"exit-{os.getpid()}.json", {"rank": os.environ.get("RANK"), "code": int(code),
                                                       "stopped_by_signal": bool(stopped_by_signal)})
 
 

@@ -182,7 +182,7 @@ class _Run:
 
 def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState) -> str:
     from megatron_neox.model.gpt_neox import count_parameters
-    from megatron_neox.training.precision import describe_setup
+    from megatron_neox.precision import describe_setup
 
     params = count_parameters(cfg.model, topo.tp)["total"]
     return (f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "

@@ -3,8 +3,8 @@
 `DurableWriter` is the checkpoint engine DeepSpeed writes every checkpoint file through
 (`engine.checkpoint_engine`: model, layer, ZeRO optimizer files) and our own files go through
 too. Each file is written to a temporary name, fsynced, renamed into place, and its directory is
-fsynced, so a file under its final name is whole and on disk. With `background=True` the training
-thread only copies the state to host memory (a snapshot: training may change the tensors right
+fsynced (megatron_neox/durable.py), so a file under its final name is whole and on disk. With
+`background=True` the training thread only copies the state to host memory (a snapshot: training may change the tensors right
 after) and a writer thread does the serialisation and the I/O; `pending()` and `wait()` tell when
 this rank's files are durable. A checkpoint is declared complete elsewhere (checkpoint.finalize_tag),
 only after every rank's writer has finished.
@@ -19,34 +19,19 @@ import copy
 import os
 import queue
 import threading
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
+from megatron_neox.durable import atomic_write
 from megatron_neox.errors import CheckpointError
 
 
-def fsync_dir(path: os.PathLike) -> None:
-    """Make a rename or a new file in directory `path` durable (POSIX: the entry lives in the dir)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: os.PathLike, write) -> None:
-    """`write(file)` into a temporary name beside `path`, fsync, rename to `path`, fsync the dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def save_durable(obj: Any, path: os.PathLike) -> None:
+    """`torch.save(obj)` to `path`, durable (megatron_neox/durable.py)."""
+    with atomic_write(path, durable=True) as f:
+        torch.save(obj, f)
 
 
 def host_copy(obj: Any) -> Any:
@@ -87,7 +72,7 @@ class DurableWriter(TorchCheckpointEngine):
     def save(self, state_dict, path: str) -> None:
         self.check()
         if not self.background:
-            write_durable(path, lambda f: torch.save(state_dict, f))
+            save_durable(state_dict, path)
             return
         snapshot = host_copy(state_dict)
         if torch.cuda.is_available():
@@ -99,7 +84,7 @@ class DurableWriter(TorchCheckpointEngine):
             snapshot, path = self._queue.get()
             try:
                 if self._error is None:
-                    write_durable(path, lambda f: torch.save(snapshot, f))
+                    save_durable(snapshot, path)
             except BaseException as e:  # reported on the training thread by check()/wait()
                 self._error = CheckpointError(f"{path}: writing the checkpoint file failed: {e}")
             finally:

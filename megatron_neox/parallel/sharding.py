@@ -4,8 +4,8 @@ Keys are the layer-indexed names shared by `GPTNeoX` and the `PipelineModule` (s
 model/gpt_neox.py): `IDX.NAME`. `TABLE` lists every parameter family by NAME. Everything that
 needs the rule derives from it:
 
-- checkpoint conversion (`shard_state_dict` / `merge_state_dicts`, via the one split/merge pair
-  `parallel.utils.shard_rows` / `merge_shards`);
+- checkpoint conversion (`shard_state_dict` / `merge_state_dicts`, used by convert/checkpoint_io.py,
+  via the one split/merge pair `parallel.utils.shard_rows` / `merge_shards`);
 - the universal-checkpoint info DeepSpeed's `ds_to_universal` needs to merge and re-split a run's
   checkpoint (`universal_patterns`, used by training/checkpoint.py);
 - the parallel layers mark their own parameters (`partition_dim`, `partition_stride`); a test
@@ -21,6 +21,9 @@ Grouped-query attention (model.num_kv_heads < num_attention_heads) has a query p
 weight when num_kv_heads % tp == 0 (a contiguous block holds whole KV heads, the ones its query heads
 use); when tp > num_kv_heads every rank holds all of them (replicated, their gradients summed over the
 TP group, see model/transformer.py), so the rule depends on tp.
+
+`cfg` arguments are a `ModelConfig` (only `cfg.activation` and `cfg.kv_heads` are read); the table lives beside the
+parallel layers, below the config, so it does not import it.
 """
 import re
 from dataclasses import dataclass
@@ -28,8 +31,6 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from megatron_neox.config import ModelConfig
-from megatron_neox.layout import kv_heads_sharded
 from megatron_neox.parallel.utils import merge_shards, shard_rows
 
 
@@ -64,15 +65,22 @@ def split_key(key: str) -> Tuple[int, str]:
     return int(idx), rest
 
 
+def kv_heads_sharded(kv_heads: int, tp: int) -> bool:
+    """Whether the KV heads are split across the TP ranks (kv % tp == 0) rather than replicated on
+    every rank (tp % kv == 0 and tp > kv: each rank computes every KV head and uses its group's;
+    any other pair is refused by layout.py)."""
+    return kv_heads % tp == 0
+
+
 def rule_of(name: str) -> Rule:
     """The table's rule for a parameter name (without layer index); KeyError for an unknown name."""
     for rule in TABLE:
         if re.fullmatch(rule.pattern, name):
             return rule
-    raise KeyError(f"{name}: no sharding rule in convert/sharding.py TABLE")
+    raise KeyError(f"{name}: no sharding rule in parallel/sharding.py TABLE")
 
 
-def partition_of(name: str, cfg: ModelConfig, tp: int) -> Optional[Tuple[int, int]]:
+def partition_of(name: str, cfg, tp: int) -> Optional[Tuple[int, int]]:
     """(dim, stride) of a parameter (name without layer index) sharded over `tp` ranks, None if replicated."""
     rule = rule_of(name)
     if rule.dim is None or (rule.kv_heads and not kv_heads_sharded(cfg.kv_heads, tp)):
@@ -80,7 +88,7 @@ def partition_of(name: str, cfg: ModelConfig, tp: int) -> Optional[Tuple[int, in
     return rule.dim, 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1
 
 
-def shard_state_dict(full: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> Dict[str, torch.Tensor]:
+def shard_state_dict(full: Dict[str, torch.Tensor], cfg, tp: int, rank: int) -> Dict[str, torch.Tensor]:
     """TP rank `rank`'s part of a full (tp=1) state dict."""
     out = {}
     for key, t in full.items():
@@ -89,7 +97,7 @@ def shard_state_dict(full: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, r
     return out
 
 
-def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg) -> Dict[str, torch.Tensor]:
     """Inverse of shard_state_dict: one dict per TP rank, in rank order."""
     out = {}
     for key in shards[0]:
@@ -101,7 +109,7 @@ def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg: ModelConfig) -
     return out
 
 
-def universal_patterns(cfg: ModelConfig, keys: Iterable[str], tp: int) -> Dict[str, List[str]]:
+def universal_patterns(cfg, keys: Iterable[str], tp: int) -> Dict[str, List[str]]:
     """The table as DeepSpeed universal-checkpoint regexes over engine parameter names (which may
     carry a layer index or a tied-module prefix), listing only families that `keys` (the model's
     layer-indexed names) has: ds_to_universal insists that every pattern matches something."""

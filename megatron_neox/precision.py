@@ -1,5 +1,6 @@
 """Precision and ZeRO rules: which combinations train correctly, which stage `auto` picks, which
-Adam runs.
+Adam runs. Beside the config, below it: the config's validator runs `precision_problems` (a `cfg`
+here is a `megatron_neox.config.Config`), and the engine and the planner read the same decisions.
 
 What DeepSpeed 0.19.8 does (read in runtime/engine.py, reproduced on CPU with the fp16 check patched):
 
@@ -21,18 +22,27 @@ What DeepSpeed 0.19.8 does (read in runtime/engine.py, reproduced on CPU with th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List
-
-if TYPE_CHECKING:  # config imports this module inside a validator
-    from megatron_neox.config import Config
+from typing import Any, Dict, List
 
 AUTO = "auto"
 
 
-def precision_problems(cfg: "Config") -> List[str]:
+def zero_problems(stage, pp: int) -> List[str]:
+    """A ZeRO stage (or 'auto') that cannot run with `pp` pipeline stages."""
+    if stage == AUTO:
+        return []  # choose_zero picks 0 or 1, both fine at any pp
+    if stage not in (0, 1, 2, 3):
+        return [f"zero.stage must be 0, 1, 2 or 3, got {stage!r}"]
+    if stage >= 2 and pp > 1:
+        return [f"zero.stage={stage} cannot be used with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
+                "ZeRO stages 0 and 1 only; use zero.stage 1 or pp 1"]
+    return []
+
+
+def precision_problems(cfg) -> List[str]:
     """Combinations of precision, ZeRO and parallelism that cannot train correctly, each with the fix."""
-    problems = []
     stage, prec = cfg.zero.stage, cfg.precision
+    problems = zero_problems(stage, cfg.parallel.pp)
     if prec != "fp32" and stage == 0:
         why = ("DeepSpeed's optimizer without ZeRO never multiplies the loss by the loss scale but still "
                "divides the gradients by it (updates ~scale times too small, the scale grows without bound)"
@@ -62,7 +72,7 @@ class ZeroChoice:
     why: str  # for the start-up line, e.g. "auto: one data-parallel rank, fp32"
 
 
-def choose_zero(cfg: "Config", dp: int) -> ZeroChoice:
+def choose_zero(cfg, dp: int) -> ZeroChoice:
     """The ZeRO stage and overlap_comm this run uses on `dp` data-parallel ranks."""
     z = cfg.zero
     if z.stage == AUTO:
@@ -82,7 +92,7 @@ def choose_zero(cfg: "Config", dp: int) -> ZeroChoice:
     return ZeroChoice(stage, bool(overlap), why)
 
 
-def resolve_for_world(cfg: "Config", world_size: int) -> "Config":
+def resolve_for_world(cfg, world_size: int) :
     """`cfg` with zero.stage and zero.overlap_comm made concrete for `world_size` ranks.
 
     Code that reads cfg.zero after this sees numbers, and a checkpoint records what really ran.
@@ -108,7 +118,7 @@ def choose_adam(device_type: str) -> tuple[Dict[str, Any], str]:
     return {"torch_adam": True, "fused": True}, "torch fused AdamW"
 
 
-def describe_setup(cfg: "Config", dp: int) -> str:
+def describe_setup(cfg, dp: int) -> str:
     """For the start-up line: the ZeRO stage (and why, when `auto` chose it) and the Adam that runs."""
     from deepspeed.accelerator import get_accelerator
 
