@@ -203,7 +203,8 @@ class ModelConfig(Section):
                 )
         if self.num_attention_heads % self.kv_heads:
             raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
-                             f"model.num_kv_heads={self.num_kv_heads}: each KV head serves a whole group of query heads")
+                             f"model.num_kv_heads={self.num_kv_heads}: each KV head serves a whole group of "
+                             "query heads")
         if self.position_embedding != "rotary" and (self.rotary_interleaved or self.rope_scaling is not None):
             raise ValueError(f"model.rotary_interleaved / model.rope_scaling need model.position_embedding='rotary', "
                              f"found {self.position_embedding!r}")

@@ -179,3 +179,20 @@ def test_weights_with_biases_the_class_has_not_are_refused():
     sd = dict(hf.state_dict(), **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(48)})
     with pytest.raises(CheckpointError, match=r"does not have: model\.layers\.0\.self_attn\.q_proj\.bias"):
         from_hf_state_dict(sd, cfg, cfg.padded_vocab(1))
+
+
+@pytest.mark.parametrize("tp,ok", [(1, True), (2, True), (4, True), (8, True), (3, False), (6, False)])
+def test_tp_splits_or_replicates_kv_heads_or_is_refused(tp, ok):
+    """4 KV heads: tp 1, 2, 4 split them, tp 8 replicates them; tp 3 and 6 would give a rank query heads
+    of two KV groups."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.errors import ConfigError
+
+    cfg = {"model": {"num_layers": 2, "hidden_size": 96, "num_attention_heads": 24, "num_kv_heads": 4,
+                     "seq_length": 16, "vocab_size": 96, "intermediate_size": 48, "make_vocab_size_divisible_by": 8},
+           "parallel": {"tp": tp}, "train": {"iters": 1}}
+    if ok:
+        assert config_from_dict(cfg).model.kv_heads == 4
+    else:
+        with pytest.raises(ConfigError, match=rf"model.num_kv_heads=4 and parallel.tp={tp}"):
+            config_from_dict(cfg)

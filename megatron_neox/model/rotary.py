@@ -40,7 +40,8 @@ class RotaryEmbedding:
         freqs = position_ids[..., None].to(torch.float32) * self.inv_freq(position_ids.device)
         # Each pair's angle at both of its dims: [f0..fn/2, f0..fn/2] rotating halves, [f0, f0, f1, f1, ...]
         # rotating interleaved pairs.
-        emb = (freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)).unsqueeze(1)
+        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
+        emb = emb.unsqueeze(1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
