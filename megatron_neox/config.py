@@ -145,6 +145,9 @@ class ModelConfig(Section):
     """Attention kernel (model/attention.py). 'auto': SDPA on CPU, for decoding and for plain causal layers;
     on CUDA, layers with ALiBi, the local band or documents use flash-attn (installed, fp16/bf16), else
     FlexAttention (compiled), else SDPA with a mask. 'flex' has no attention dropout and, on CPU, no backward."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """torch.compile each transformer layer (regional: identical layers share one compiled graph; model/compile.py).
+    'auto': on for CUDA, off on CPU, off with dropout > 0 or ZeRO-3 (which `true` refuses). Decoding stays eager."""
 
     @property
     def head_dim(self) -> int:
@@ -373,7 +376,7 @@ class ActivationCheckpointConfig(Section):
     interval: int = Field(0, ge=0)
     """Recompute every block of this many transformer layers in backward (0 = off)."""
     partition_activations: bool = False
-    """Shard the saved checkpoint inputs across the TP group (DeepSpeed)."""
+    """Shard the saved checkpoint inputs across the TP group (DeepSpeed); a no-op at tp = 1."""
 
 
 class DataConfig(Section):
@@ -479,6 +482,22 @@ class EvalConfig(Section):
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
+def compile_problems(setting: Union[bool, str], *, dropout: bool, zero_stage: Optional[int]) -> List[str]:
+    """Why `model.compile=true` cannot run with this configuration (empty: it can)."""
+    if setting is not True:
+        return []
+    problems = []
+    if dropout:
+        problems.append("model.compile=true with model.hidden_dropout / attention_dropout > 0 is refused: compiled "
+                        "dropout draws other masks than the eager reference and their replay under activation "
+                        "recompute is unproven; set the dropouts to 0 or model.compile to 'auto'/false")
+    if zero_stage == 3:
+        problems.append("model.compile=true with zero.stage=3 is refused: ZeRO-3 gathers parameters in module hooks "
+                        "inside the forward, which the compiled layer would have to trace; use zero.stage <= 2 or "
+                        "model.compile 'auto'/false")
+    return problems
+
+
 class Config(Section):
     comment: Optional[str] = None
     """Free text: where the numbers come from."""
@@ -503,6 +522,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
         problems = config_split_problems(self) + precision_problems(self)
+        problems += compile_problems(self.model.compile, zero_stage=self.zero.stage,
+                                     dropout=self.model.hidden_dropout > 0 or self.model.attention_dropout > 0)
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")

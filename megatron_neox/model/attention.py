@@ -121,8 +121,7 @@ class AttentionPlan:
             raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} (grouped-query attention) needs torch >= 2.5 "
                               f"(scaled_dot_product_attention's enable_gqa); this torch is {torch.__version__}")
         self.dropout = cfg.attention_dropout > 0
-        self.rotary = (RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base, scaling=cfg.rope_scaling,
-                                       interleaved=cfg.rotary_interleaved)
+        self.rotary = (RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base, scaling=cfg.rope_scaling)
                        if cfg.position_embedding == "rotary" else None)
         self.alibi = cfg.position_embedding == "alibi"
         self._slopes: Dict[torch.device, torch.Tensor] = {}

@@ -130,7 +130,7 @@ class TransformerLayerPipe(TransformerLayer):
     def forward(self, inputs: Tuple[torch.Tensor, ...]):
         h, position_ids, *doc_ids = inputs
         ctx = self.plan.cached_context(position_ids, doc_ids[0] if doc_ids else None, h.dtype)
-        return (super().forward(h, ctx)[0], position_ids, *doc_ids)
+        return (self.run(h, ctx), position_ids, *doc_ids)
 
 
 class FinalNormPipe(FinalNorm):
@@ -236,7 +236,7 @@ class GPTNeoX(nn.Module):
         n = self.checkpoint_interval if self.training and self.checkpoint_fn is not None else 0
         if not n:
             for i in range(self.num_layers):
-                h = self.layer(i)(h, ctx)[0]
+                h = self.layer(i).run(h, ctx)
             return h
         for start in range(0, self.num_layers, n):
             block = [self.layer(i) for i in range(start, min(start + n, self.num_layers))]
@@ -244,7 +244,7 @@ class GPTNeoX(nn.Module):
             def run(x, block=block):
                 # The context (masks, rotary angles) needs no gradient: the recompute reuses it.
                 for layer in block:
-                    x = layer(x, ctx)[0]
+                    x = layer.run(x, ctx)
                 return x
 
             h = self.checkpoint_fn(run, h)

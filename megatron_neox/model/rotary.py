@@ -21,9 +21,8 @@ class RotaryEmbedding:
     to a device once, on first use there.
     """
 
-    def __init__(self, rotary_ndims: int, base: float = 10000.0, scaling=None, interleaved: bool = False):
+    def __init__(self, rotary_ndims: int, base: float = 10000.0, scaling=None):
         self.rotary_ndims = rotary_ndims
-        self.interleaved = interleaved
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.float64) / rotary_ndims))
         if scaling is not None:  # config.RopeScaling (model.rope_scaling)
             inv_freq = llama3_scaled(inv_freq, scaling)
@@ -36,36 +35,49 @@ class RotaryEmbedding:
         return self._inv_freq[device]
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """cos/sin of shape [B, 1, T, rotary_ndims] for broadcasting over heads."""
+        """cos/sin of shape [B, T, 1, rotary_ndims / 2], one angle per rotated pair, for broadcasting
+        over the heads of [B, T, heads, head_dim] (the fused QKV's own layout, see `apply_rotary`)."""
         freqs = position_ids[..., None].to(torch.float32) * self.inv_freq(position_ids.device)
-        # Each pair's angle at both of its dims: [f0..fn/2, f0..fn/2] rotating halves, [f0, f0, f1, f1, ...]
-        # rotating interleaved pairs.
-        emb = freqs.repeat_interleave(2, dim=-1) if self.interleaved else torch.cat([freqs, freqs], dim=-1)
-        emb = emb.unsqueeze(1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = freqs.unsqueeze(2)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+class _Rotate(torch.autograd.Function):
+    """Rotate pairs of the first n = 2 * cos.size(-1) dims of x ((i, i + n/2), or (2i, 2i+1) when
+    `interleaved`); pass the rest through.
+
+    Written out with its backward (the transpose of a rotation is the rotation by -angle) so that
+    autograd records no slice of x: sliced inputs get full-size zero-filled gradients
+    (`slice_backward`) which are then summed, 4 per layer before. One cat forward, one backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, interleaved):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleaved = interleaved
+        return _rotate(x, cos, sin, interleaved)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin, ctx.interleaved), None, None, None
 
 
-def _rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...): GPT-J's rotate_every_two."""
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    half = cos.size(-1)
+    if interleaved:
+        x1, x2 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return torch.cat([rotated, x[..., 2 * half:]], dim=-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ndims: int,
-                 interleaved: bool = False):
-    """Rotate the first `ndims` dims of q and k ([B, heads, T, head_dim]); pass the rest through.
-    cos/sin from a `RotaryEmbedding` of the same `interleaved`."""
-    rotate = _rotate_interleaved if interleaved else _rotate_half
-    q_rot, q_pass = q[..., :ndims], q[..., ndims:]
-    k_rot, k_pass = k[..., :ndims], k[..., ndims:]
-    q_rot = q_rot * cos + rotate(q_rot) * sin
-    k_rot = k_rot * cos + rotate(k_rot) * sin
-    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x [B, T, heads, head_dim] (any strides, e.g. a view into the fused QKV) rotated on its first
+    2 * cos.size(-1) dims; returns a new contiguous tensor of the same shape. cos/sin [B, T, 1, n/2]
+    from `RotaryEmbedding.cos_sin`. The elementwise work touches only the rotated dims."""
+    return _Rotate.apply(x, cos, sin, interleaved)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

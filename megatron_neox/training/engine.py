@@ -128,7 +128,9 @@ def deepspeed_config(cfg: Config, layout: Union[Layout, int]) -> Dict[str, Any]:
     ac = cfg.activation_checkpointing
     if ac.interval:
         ds["activation_checkpointing"] = {
-            "partition_activations": ac.partition_activations,
+            # At tp = 1 there is nothing to shard across, but DeepSpeed would still clone every
+            # checkpointed layer input (a copy of the hidden state per layer per micro-batch).
+            "partition_activations": ac.partition_activations and lay.tp > 1,
             "contiguous_memory_optimization": False,
             "cpu_checkpointing": False,
             "number_checkpoints": None,
