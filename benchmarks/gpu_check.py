@@ -138,8 +138,8 @@ def engine_run(cfg, steps: int = STEPS):
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     step_fn = partial(train_step, engine, topo=topo, clipper=clipper)
     losses, r = [], None
     for step in range(steps):
@@ -323,7 +323,7 @@ def check_kernels(size: str, device: torch.device) -> dict:
 def check_throughput(size: str) -> dict:
     from megatron_neox import hardware
     from megatron_neox.training.metrics import flops_per_token
-    from megatron_neox.precision import describe_setup
+    from megatron_neox.resolve import describe_setup, resolve
 
     on_gpu = torch.cuda.is_available()
     precision = ("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"
@@ -346,7 +346,7 @@ def check_throughput(size: str) -> dict:
     flops = flops_per_token(cfg)
     tps = tokens / seconds
     out = {"precision": precision, "params": _count(cfg), "micro_batch": micro, "seq_length": cfg.model.seq_length,
-           "setup": describe_setup(cfg, 1), "tokens_per_sec": tps,
+           "setup": describe_setup(resolve(cfg, 1)), "tokens_per_sec": tps,
            "tflops_per_gpu": tps * flops["hardware"] / 1e12, "mfu": tps * flops["model"] / 1e12 / peak,
            "peak_tflops": peak, "peak_source": source,
            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}

@@ -331,8 +331,8 @@ def part_a(args) -> None:
 
     def ours(label, zero):
         cfg = make_config(zero=zero, micro=args.micro, global_batch=args.micro)
-        layout, topo = setup(cfg)
-        engine, model, clipper = build_engine(cfg, topo, layout)
+        cfg, topo = setup(cfg)
+        engine, model, clipper = build_engine(cfg, topo)
         contenders.append((label, lambda s: _as_pair(train_step(engine, micro_batches(cfg, s, 1, 0), topo, clipper))))
         return cfg, model
 
@@ -403,8 +403,8 @@ def worker_b(job: dict) -> None:
 
     cfg = make_config(pp=job["pp"], tp=job["tp"], zero=job["zero"], micro=job["micro"],
                       global_batch=job["global_batch"])
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     times, losses = [], []
     for step in range(job["warmup"] + job["steps"]):
         batches = micro_batches(cfg, step, topo.dp, topo.dp_rank)

@@ -5,7 +5,8 @@
                              zero_pp_rank_D_mp_rank_YY_optim_states.pt
                              rng_state_R.pt      every rank's RNG states (exact resume with dropout)
                              complete.json       written last, after every rank's files are durable:
-                                                 iteration, layout, model, and every file with its size
+                                                 iteration, layout, model, the resolved config (what
+                                                 ran: no 'auto' left), and every file with its size
     CKPT_DIR/latest          names the newest *complete* checkpoint (`write_latest`, durable)
 
 The trainer writes these (training/checkpoint.py), the converters write and read them

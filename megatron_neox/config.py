@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from megatron_neox.data.blended import DEFAULT_SPLIT, mixture_problems
 from megatron_neox.errors import ConfigError
@@ -31,9 +31,11 @@ CONFIG_DIR = Path(os.environ.get("MEGATRON_NEOX_CONFIGS", Path(__file__).resolve
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+    """Base of every config section: unknown keys are errors, and a section is immutable once
+    validated (a changed value is a new config: `resolve.with_values`, `model_copy`), so the config
+    that set-up resolved is the one every component reads."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def pad_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
@@ -301,6 +303,9 @@ class TrainConfig(Section):
             raise ValueError("set train.iters or train.train_tokens (how long to train)")
         if any(s < 1 for s in self.inject_spike_at):
             raise ValueError(f"train.inject_spike_at={self.inject_spike_at}: expected step numbers >= 1")
+        if self.inject_spike_at and self.on_spike != "rollback":
+            raise ValueError(f"train.inject_spike_at={self.inject_spike_at} tests the rollback policy, but "
+                             f"train.on_spike={self.on_spike!r} looks for no spikes; set train.on_spike=rollback")
         return self
 
 
@@ -441,6 +446,10 @@ class CheckpointConfig(Section):
     """Keep only the newest K checkpoints."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
+    allow_data_change: bool = False
+    """Resume although the data setup differs from the checkpoint's (model.seq_length, data.prefixes,
+    data.weights, data.preset, data.split, train.seed): the saved data position then counts
+    samples of another order. Refused unless set; when set, the log names what changed."""
     async_save: bool = False
     """Write checkpoints in a background thread: a save costs the training loop one host copy of
     this rank's state (extra host memory of that size) instead of the whole write. A checkpoint is
@@ -482,8 +491,9 @@ class EvalConfig(Section):
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
-def compile_problems(setting: Union[bool, str], *, dropout: bool, zero_stage: Optional[int]) -> List[str]:
-    """Why `model.compile=true` cannot run with this configuration (empty: it can)."""
+def compile_problems(setting: Union[str, bool], *, dropout: bool, zero_stage: Any) -> List[str]:
+    """Why `model.compile=true` cannot run with this configuration (empty: it can). model/compile.py
+    says why each combination is refused; `auto` never chooses them."""
     if setting is not True:
         return []
     problems = []
@@ -536,9 +546,24 @@ class Config(Section):
 
     # ---- derived values -------------------------------------------------------------------
 
+    _resolution: Any = PrivateAttr(None)
+
     def layout(self, world_size: int) -> Layout:
         """This config on `world_size` ranks (see `megatron_neox.layout`); ConfigError if it does not fit."""
         return Layout.from_config(self, world_size)
+
+    @property
+    def resolved(self) -> Any:
+        """What set-up decided for this run (`megatron_neox.resolve.Resolution`: the layout and every
+        'auto' choice with its reason); only on the config `resolve` returned."""
+        if self._resolution is None:
+            raise ConfigError("this config is not resolved for a world yet: call megatron_neox.resolve.resolve(cfg, "
+                              "world_size) (training/launch.py setup does) and pass the config it returns")
+        return self._resolution
+
+    @property
+    def is_resolved(self) -> bool:
+        return self._resolution is not None
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -589,7 +614,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_config_file(path: Path) -> Dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                          "expected a JSON or YAML config saved as UTF-8") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)

@@ -84,7 +84,7 @@ from megatron_neox.layout import Layout
 from megatron_neox.parallel.sharding import kv_heads_sharded
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
-from megatron_neox.precision import resolve_for_world
+from megatron_neox.resolve import resolve
 
 GiB = 1 << 30
 # Tensor parallelism all-reduces inside every layer: keep it within one node (NVLink), 8 GPUs.
@@ -296,7 +296,7 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     all-reduce temporary, allocated after the backward pass, counts only where it exceeds the
     activations).
     """
-    cfg = resolve_for_world(cfg, layout.world_size)
+    cfg = resolve(cfg, layout.world_size)
     m = cfg.model
     if parts is None:
         parts = partition(cfg) if layout.pp > 1 else [0, m.num_layers + 3]
@@ -396,7 +396,7 @@ def make_plan(cfg: Config, world_size: Optional[int] = None, gpu_memory_gb: floa
         layout = cfg.layout(world)
     except ConfigError as e:
         return Plan(cfg, None, str(e), params, [], gpu_bytes)
-    cfg = resolve_for_world(cfg, world)  # zero.stage / overlap_comm 'auto' -> what this world runs
+    cfg = resolve(cfg, world)  # zero.stage / overlap_comm 'auto' -> what this world runs
     parts = partition(cfg) if p.pp > 1 else [0, cfg.model.num_layers + 3]
     stages = []
     for s in range(p.pp):

@@ -73,8 +73,8 @@ def run_steps(cfg, steps: int):
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     losses, norms = [], []
     for s in range(steps):
         r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo, clipper)

@@ -33,7 +33,8 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
     train: List[Record] = []
     evals: List[Record] = []
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
+        lines = text.splitlines()
     except OSError as e:
         raise MetricsFileError(f"{path}: cannot read ({e.strerror or e})") from None
     for lineno, line in enumerate(lines, 1):
@@ -43,12 +44,17 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == len(lines) and not text.endswith("\n"):  # torn by a crash mid-write
+                print(f"warning: {where}: the last line was cut mid-record; skipped it", file=sys.stderr)
+                continue
             raise MetricsFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line[:80]!r}; "
                                    "fix or delete the line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             raise MetricsFileError(f"{where}: expected a JSON object with an integer 'step', found {line[:80]!r}")
         if "eval_loss" in rec or any(k.startswith("eval/") for k in rec):
             evals.append(rec)
+            continue
+        if "eval_tasks_error" in rec:  # an in-training lm-eval failure, logged and passed over
             continue
         if "rollback_to" in rec:  # a loss-spike rollback: the replayed steps that follow replace the old ones
             continue

@@ -19,6 +19,21 @@ from megatron_neox.checkpoint_files import (COMPLETE, complete_tags, read_meta, 
 from megatron_neox.errors import CheckpointError, ConfigError
 
 
+def _check_out_holds_only_universal(out_dir: Path) -> None:
+    """--out may be new, empty, or hold universal checkpoints written by this tool (a re-run adds
+    or replaces one). Anything of a training run -- a checkpoint, complete or cut, or its logs --
+    is never touched: its `latest` would point at another run's state."""
+    if not out_dir.is_dir():
+        return
+    for step in sorted(out_dir.glob("global_step*/")):
+        if not ((step / COMPLETE).is_file() and read_meta(step).get("universal")):
+            raise ConfigError(f"--out {out_dir}: {step.name} there is a training checkpoint, not a universal one "
+                              "written by tools/reshard.py; another run's directory is never changed, choose a new "
+                              "directory")
+    if (out_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"--out {out_dir}: holds a training run (metrics.jsonl); choose a new directory")
+
+
 def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str] = None, workers: int = 2) -> Path:
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     if tag is None:
@@ -30,10 +45,7 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
     if out_dir.resolve() == ckpt_dir.resolve():
         raise ConfigError(f"--out {out_dir}: is the checkpoint directory itself; write the universal checkpoint "
                           "to a new directory")
-    existing = out_dir / tag / COMPLETE
-    if existing.is_file() and not read_meta(out_dir / tag).get("universal"):
-        raise ConfigError(f"--out {out_dir}: {tag} there is a training checkpoint, not a universal one; it is never "
-                          "replaced, choose another directory")
+    _check_out_holds_only_universal(out_dir)
     meta = read_meta(src)
     if meta.get("weights_only"):
         raise CheckpointError(f"{src}: holds weights only (no optimizer state); load it directly at any layout")

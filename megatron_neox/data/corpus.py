@@ -367,7 +367,7 @@ def even_interleave(counts: dict[str, int]) -> list[str]:
 
 def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: int = 1234,
                        github_fraction: float = 0.5, bios_per_person: int = 5,
-                       stdlib_dir: str | None = None) -> CorpusSummary:
+                       stdlib_dir: str | None = None, chunk_people: int = 512) -> CorpusSummary:
     """Write `out_dir/sample.jsonl.zst` and `out_dir/bios_facts.jsonl`; both appear together,
     complete, or not at all (temporary names, renamed at the end).
 
@@ -375,6 +375,8 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
     to stdlib sources; when the stdlib is smaller than that share, bios fill the rest.
     `bios_facts.jsonl` holds one line per person with at least one bio in the corpus: the name,
     the six attributes and `bios`, how many of their bios made it under the size cap.
+    `chunk_people`: people whose bios are shuffled together (see `bios_documents`); a small
+    corpus with every bio of every person needs a size cap near a multiple of a small chunk.
     """
     if size_mb <= 0:
         raise ConfigError(f"--size-mb must be positive, got {size_mb}")
@@ -397,7 +399,7 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
     bios_budget = total - github_bytes
 
     bios, bios_bytes = [], 0
-    for person, text in bios_documents(rng_bios, bios_per_person):
+    for person, text in bios_documents(rng_bios, bios_per_person, chunk_people):
         n = _utf8_len(text)
         if bios_bytes + n > bios_budget:
             break

@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 import time
+from typing import Optional
 
 import numpy as np
 
@@ -325,6 +326,14 @@ def _save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
@@ -384,10 +393,16 @@ class GPTDataset:
             raise DataError(f"{stem}_*.npy: cached index arrays do not match {self.description}; delete them to rebuild")
 
     def _build_unless_cached(self) -> None:
-        if self._cached():
-            return
         rank = rank_of()
-        if rank != 0:
+        if rank == 0:  # checks the arrays whole; the other ranks then find what it checked or built
+            problem = self._cache_problem()
+            if problem is None:
+                return
+            if problem != "missing":
+                logger.warning("warning: %s: index cache %s; rebuilding it", self.name, problem)
+        elif self._cached():
+            return
+        else:
             # The cache dir is not shared with rank 0 (node-local disk): the build is
             # deterministic, so building here gives the same arrays.
             logger.warning("%s: index cache %s not visible from rank %d; building locally", self.name,
@@ -398,15 +413,40 @@ class GPTDataset:
         # The description is written last, so its presence means all three arrays are complete.
         return os.path.exists(self.description_path) and all(os.path.exists(p) for p in self.paths.values())
 
+    def _cache_problem(self) -> Optional[str]:
+        """None when the cached arrays match the sizes and SHA-256 recorded with them when they were
+        built; "missing"; or what is wrong with them (a truncated or altered file would otherwise
+        fail every run with numpy's IndexError until the user deleted it)."""
+        if not self._cached():
+            return "missing"
+        try:
+            with open(self.description_path) as f:
+                recorded = json.load(f).get("arrays") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{self.description_path} is unreadable ({e})"
+        for a, path in self.paths.items():
+            want = recorded.get(a)
+            if not want:
+                return f"{self.description_path} records no checksum for {path} (written by an older version)"
+            size = os.path.getsize(path)
+            if size != want["bytes"]:
+                return f"{path} holds {size} bytes, {want['bytes']} were written (truncated or replaced)"
+            if _sha256(path) != want["sha256"]:
+                return f"{path} differs from the checksum recorded when it was built (altered or corrupt)"
+        return None
+
     def _build(self) -> None:
         t0 = time.time()
         arrays = build_indices(self.indexed.document_sizes(), self.doc_range, self.num_samples,
                                self.seq_length, self.seed)
         for a, arr in zip(_ARRAYS, arrays):
             _save_npy(self.paths[a], arr)
-        # The file name is for people reading the cache, not part of the key.
-        write_json(self.description_path,
-                   {**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix))}, indent=1)
+        # The file name is for people reading the cache, not part of the key; the arrays' sizes and
+        # hashes let a later run tell a truncated or altered file from a good one.
+        checksums = {a: {"bytes": os.path.getsize(p), "sha256": _sha256(p)} for a, p in self.paths.items()}
+        write_json(self.description_path, {**self.description, "arrays": checksums,
+                                           "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
+                   indent=1)
         self.built_here = True
         logger.info("%s: built indices for %d epoch(s), %d samples, in %.1f s", self.name,
                     self.description["epochs"], len(arrays[1]) - 1, time.time() - t0)

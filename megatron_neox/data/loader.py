@@ -91,6 +91,11 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 _EOD_FLAGS = ("eod_mask_loss", "reset_position_ids", "reset_attention_mask")
 
 
+def eod_flags(data_cfg) -> list[str]:
+    """The `data` flags that are on and act at end-of-document tokens."""
+    return [k for k in _EOD_FLAGS if getattr(data_cfg, k, False)]
+
+
 def _check_eod_flags(flags: dict, eod_token_id: Optional[int], fix: str) -> None:
     """A flag that needs the end-of-document id is refused without one; the message ends with `fix`."""
     wanted = [k for k, on in flags.items() if on]
@@ -159,6 +164,21 @@ def size_warnings(data_cfg, train_ds, valid_ds, *, seq_length: int, train_tokens
     return out
 
 
+def eod_warnings(data_cfg, train_ds, eod_token_id: Optional[int], samples: int = 256) -> list[str]:
+    """The EOD flags act where the data holds the end-of-document token; on data preprocessed
+    without --append-eod they change nothing, which the user should hear, with the numbers."""
+    wanted = [f"data.{k}" for k in eod_flags(data_cfg)]
+    if not wanted or eod_token_id is None or train_ds is None:
+        return []
+    n = min(len(train_ds), samples)
+    tokens = sum(len(train_ds[i]) for i in range(n))
+    if any((np.asarray(train_ds[i]) == eod_token_id).any() for i in range(n)):
+        return []
+    return [f"{', '.join(wanted)}: the first {n} training samples ({tokens:,} tokens) of {data_cfg.prefixes} hold no "
+            f"end-of-document token (id {eod_token_id}), so these flags change nothing; preprocess with --append-eod "
+            "(tools/preprocess_data.py) for them to act"]
+
+
 class BatchLoader:
     """Micro-batches for one data-parallel rank. Global batch j covers samples [consumed, consumed+G)
     (Megatron's pretraining sampler order); this rank takes its contiguous share of each micro-step.
@@ -224,5 +244,7 @@ class BatchLoader:
         return {"consumed_samples": self.consumed_samples, "consumed_batches": self.consumed_batches}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s position (training/checkpointer.py TrainState.data_position
+        supplies it, also for checkpoints older than consumed_batches)."""
         self.consumed_samples = int(state["consumed_samples"])
-        self.consumed_batches = int(state.get("consumed_batches", 0))
+        self.consumed_batches = int(state["consumed_batches"])

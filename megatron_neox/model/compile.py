@@ -25,19 +25,20 @@ What runs where:
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Union
+from typing import Callable, Union
 
 import torch
+
+from megatron_neox.resolve import auto_compile
 
 CompileSetting = Union[bool, str]
 
 
 def use_compile(setting: CompileSetting, device_type: str, *, dropout: bool, zero3: bool) -> bool:
-    """The one place `model.compile='auto'` is decided: compiled on CUDA (Inductor's GPU kernels
-    fuse the layer's elementwise work), eager on CPU (compilation takes minutes on a few cores and
-    buys little), and eager where config.compile_problems would refuse `true`."""
+    """Whether this layer runs compiled: the resolved `model.compile` (set-up decides `auto` in
+    megatron_neox/resolve.py); a model built from an unresolved config decides `auto` the same way."""
     if setting == "auto":
-        return device_type == "cuda" and not dropout and not zero3
+        return auto_compile(device_type, dropout=dropout, zero3=zero3)[0]
     return bool(setting)
 
 

@@ -8,6 +8,7 @@ disk. A crash at any moment of a save (even kill -9 or a power loss) leaves no c
 unchanged `latest`, so the run resumes from the previous checkpoint. A damaged checkpoint is
 reported by name and resuming falls back to the newest older checkpoint that is intact.
 """
+import json
 import os
 import random
 import shutil
@@ -123,12 +124,15 @@ def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state
         if stale.exists():  # an earlier crashed save of the same step: start it afresh
             shutil.rmtree(stale)
     _barrier()
+    # The resolved config (every 'auto' decided: megatron_neox/resolve.py) is what ran.
+    state = {**state, "config": cfg.to_dict()}
     client = {CLIENT_KEY: state, "universal_checkpoint_info": universal_checkpoint_info(cfg, padded)}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     engine.checkpoint_engine.save(_rng_state(), str(ckpt_dir / tag / f"rng_state_{rank}.pt"))
     meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
-            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded}
+            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded, "config": state["config"],
+            "data_setup": data_setup(cfg)}
     return PendingSave(ckpt_dir, tag, meta)
 
 
@@ -167,8 +171,36 @@ def _verify_contents_on_all_ranks(tag_dir: Path) -> Optional[str]:
     return next((p for p in found if p is not None), None)
 
 
+def data_setup(cfg: Config) -> Dict[str, Any]:
+    """What the saved data position (consumed samples and batches) counts in: the sample order is
+    a function of these, so a resume under other values would silently read other data."""
+    return {"model.seq_length": cfg.model.seq_length, "data.prefixes": [str(p) for p in cfg.data.prefixes],
+            "data.weights": cfg.data.weights, "data.preset": cfg.data.preset, "data.split": cfg.data.split,
+            "train.seed": cfg.train.seed}
+
+
+def _check_data_setup(meta: Dict[str, Any], cfg: Config, tag_dir: Path) -> None:
+    """A resume under another data setup is refused (a CheckpointMismatch: every rank raises it, and
+    no older checkpoint is tried), naming each key with both values, unless
+    checkpoint.allow_data_change; then the log names what changed."""
+    saved = meta.get("data_setup")
+    if saved is None:  # written before the data setup was recorded
+        return
+    now = json.loads(json.dumps(data_setup(cfg)))  # as the checkpoint's JSON holds it
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if not diffs:
+        return
+    if not cfg.checkpoint.allow_data_change:
+        raise CheckpointMismatch(f"{tag_dir}: resuming with another data setup would read other samples from the saved "
+                          "data position:\n  " + "\n  ".join(diffs) + "\nrestore these values, or set "
+                          "checkpoint.allow_data_change=true to continue from the same position anyway")
+    _log("checkpoint.allow_data_change: resuming with a changed data setup: " + "; ".join(diffs))
+
+
 def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool,
                       weights_only: bool) -> None:
+    if not weights_only:  # a weights-only load starts a fresh data order
+        _check_data_setup(meta, cfg, tag_dir)
     saved, now = meta["model"], cfg.model.model_dump(mode="json")
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
              for k in _SHAPE_KEYS if saved.get(k) != now.get(k)]
@@ -268,6 +300,9 @@ def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool,
               universal: bool) -> Optional[Dict[str, Any]]:
     # A universal checkpoint (tools/reshard.py) is re-sliced by DeepSpeed for this run's layout;
     # the flag lives in the engine's config and is only read while loading.
+    if universal and not finetune and engine.zero_optimization_stage() == 0:
+        raise CheckpointError(f"{load_dir / tag}: a universal checkpoint, whose optimizer state DeepSpeed loads only "
+                              "into a ZeRO optimizer; set zero.stage=1 (or 'auto', which picks it for this load)")
     engine._config.load_universal_checkpoint = universal
     path, client = engine.load_checkpoint(
         str(load_dir), tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=False,

@@ -8,23 +8,23 @@ topology as the mpu, so ZeRO 2/3 work too. The DeepSpeed config dict is emitted 
 """
 import copy
 from functools import partial
-from typing import Any, Dict, List, NamedTuple, Optional, Union
+from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
 from megatron_neox.config import Config
-from megatron_neox.layout import Layout
 from megatron_neox.model.gpt_neox import GPTNeoX, layer_specs, lm_loss
 from megatron_neox.parallel.random import model_parallel_seed
-from megatron_neox.precision import choose_zero
 from megatron_neox.topology import Topology
 from megatron_neox.training.clipping import GlobalNormClipper
 
 
 def check_precision_supported(cfg: Config) -> None:
-    from megatron_neox.hardware import check_precision_supported as check
+    """The precision and the attention kernel can train on this machine's accelerator."""
+    from megatron_neox.hardware import check_attention_kernel_trains, check_precision_supported as check
 
     check(cfg.precision)
+    check_attention_kernel_trains(cfg.model.attention_kernel)
 
 
 def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None
@@ -81,11 +81,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     return [g for g in groups if g["params"]]
 
 
-def deepspeed_config(cfg: Config, layout: Union[Layout, int]) -> Dict[str, Any]:
-    """The DeepSpeed config dict for this run on `layout` (or a world size), merged with the
-    `deepspeed` passthrough section."""
-    lay = layout if isinstance(layout, Layout) else cfg.layout(layout)
-    zero = choose_zero(cfg, lay.dp)
+def deepspeed_config(cfg: Config) -> Dict[str, Any]:
+    """The DeepSpeed config dict of a resolved config (megatron_neox/resolve.py: the layout is
+    attached, the ZeRO stage and overlap_comm concrete), merged with the `deepspeed` passthrough section."""
+    lay, zero = cfg.resolved.layout, cfg.zero
     o = cfg.optimizer
     ds: Dict[str, Any] = {
         "train_batch_size": lay.global_batch_size,
@@ -159,16 +158,15 @@ class BuiltEngine(NamedTuple):
     clipper: Optional[GlobalNormClipper]
 
 
-def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
-    """The engine for this rank; the DeepSpeed config is emitted from `cfg` on `layout`."""
+def build_engine(cfg: Config, topo: Topology) -> BuiltEngine:
+    """The engine for this rank, from the config set-up resolved (training/launch.py `setup`)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from megatron_neox.precision import choose_adam, resolve_for_world
+    from megatron_neox.precision import choose_adam
 
     check_precision_supported(cfg)
-    cfg = resolve_for_world(cfg, layout.world_size)  # zero.stage / overlap_comm 'auto' -> numbers
-    ds_config = deepspeed_config(cfg, layout)
+    ds_config = deepspeed_config(cfg)
     for key, value in choose_adam(get_accelerator().device_name())[0].items():
         ds_config["optimizer"]["params"].setdefault(key, value)
     checkpoint_fn = None

@@ -1,8 +1,8 @@
 """Process set-up shared by the entry points: threads, joining the world, the layout and grid.
 
-`setup(cfg)` is the one place a rank joins torch.distributed (however it was started), computes
-the run's `Layout` once and builds its `Topology` from it; the trainer, the tests and the
-benchmarks call it before building an engine.
+`setup(cfg)` is the one place a rank joins torch.distributed (however it was started), resolves
+the config once for the world (the `Layout` attached, every `auto` decided) and builds its
+`Topology` from it; the trainer, the tests and the benchmarks call it before building an engine.
 """
 import os
 from typing import Optional, Tuple
@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_neox.config import Config
-from megatron_neox.layout import Layout
 from megatron_neox.ranks import free_port
+from megatron_neox.resolve import resolve
 from megatron_neox.topology import Topology
 
 
@@ -95,8 +95,10 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0]
 
 
-def setup(cfg: Config) -> Tuple[Layout, Topology]:
-    """Join the world (if not yet), validate the layout on it and build this rank's grid."""
+def setup(cfg: Config) -> Tuple[Config, Topology]:
+    """Join the world (if not yet), resolve the config on it (megatron_neox/resolve.py: every layout
+    error before any group is made, every 'auto' decided) and build this rank's grid. Returns the
+    resolved config, which every component is built from, and the grid."""
     init_distributed()
-    layout = cfg.layout(dist.get_world_size())  # every layout error before any group is made
-    return layout, Topology.from_layout(layout)
+    cfg = resolve(cfg, dist.get_world_size())
+    return cfg, Topology.from_layout(cfg.resolved.layout)

@@ -29,9 +29,38 @@ from megatron_neox.errors import CheckpointError
 
 
 def save_durable(obj: Any, path: os.PathLike) -> None:
-    """`torch.save(obj)` to `path`, durable (megatron_neox/durable.py)."""
-    with atomic_write(path, durable=True) as f:
-        torch.save(obj, f)
+    """`torch.save(obj)` to `path`, durable (megatron_neox/durable.py). A failed write is a
+    CheckpointError naming the file and why (`write_failure`); the temporary is removed."""
+    try:
+        with atomic_write(path, durable=True) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        raise write_failure(path, e) from None
+
+
+def write_failure(path: os.PathLike, e: BaseException) -> CheckpointError:
+    """What went wrong writing `path`, said plainly. torch's zip writer reports a full disk as
+    `[enforce fail at inline_container.cc] ... file write failed` or `unexpected pos N vs M`
+    (no errno), so the directory is probed with a small write of our own: its OSError names the
+    cause (no space left, not writable, read-only)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else None
+    if reason is None:
+        probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".write-probe-{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            reason = err.strerror or str(err)
+        finally:
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
+    reason = reason or f"{type(e).__name__}: {e}"
+    return CheckpointError(f"{path}: writing the checkpoint file failed: {reason}; `latest` still names the last "
+                           "complete checkpoint (free space or fix the permissions, then resume)")
 
 
 def host_copy(obj: Any) -> Any:
@@ -85,7 +114,9 @@ class DurableWriter(TorchCheckpointEngine):
             try:
                 if self._error is None:
                     save_durable(snapshot, path)
-            except BaseException as e:  # reported on the training thread by check()/wait()
+            except CheckpointError as e:  # reported on the training thread by check()/wait()
+                self._error = e
+            except BaseException as e:
                 self._error = CheckpointError(f"{path}: writing the checkpoint file failed: {e}")
             finally:
                 del snapshot
