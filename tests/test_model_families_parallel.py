@@ -52,9 +52,8 @@ def _run(pp, tp, overrides):
     from megatron_neox.training.step import train_step
     from _layouts import micro_batches
 
-    cfg = tiny_config(pp, tp, overrides)
-    layout, topo = setup(cfg)
-    engine, model, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(tiny_config(pp, tp, overrides))
+    engine, model, clipper = build_engine(cfg, topo)
     losses, norms = [], []
     for s in range(STEPS):
         r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo, clipper)
