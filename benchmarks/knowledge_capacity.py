@@ -52,6 +52,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from megatron_neox.durable import write_json, write_text  # noqa: E402
+
 ARCHS = ("gpt2", "llama")
 CONDITIONS = ("clean", "junk", "junk+domain")
 BIOS_PER_PERSON = 5  # make_sample_corpus's default: 5 bios per person ("bioS multi5" in the paper)
@@ -120,7 +122,7 @@ def build_data(out: Path, people: int, junk_fraction: float, vocab: int, seed: i
     probed = [rec for name, rec in complete[0].items()
               if rec["bios"] == BIOS_PER_PERSON and complete[1].get(name, {}).get("bios") == BIOS_PER_PERSON]
     facts = out / "probed_facts.jsonl"
-    facts.write_text("".join(json.dumps(rec) + "\n" for rec in probed))
+    write_text(facts, "".join(json.dumps(rec) + "\n" for rec in probed))
     return {"data": data, "tokenizer": tok_path, "facts": facts, "people": len(probed)}
 
 
@@ -149,7 +151,7 @@ def train(run_dir: Path, cfg: dict, threads: int) -> float:
     """Train through launch/train.py (one rank); returns the last logged loss."""
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.json"
-    cfg_path.write_text(json.dumps(cfg, indent=2))
+    write_json(cfg_path, cfg, indent=2)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(k, None)
@@ -251,8 +253,8 @@ def main(argv=None) -> int:
     ceiling = d["people"] * sum(math.log2(n) for n in value_counts().values())
     print(f"most bits any model can show here: {ceiling:,.0f} ({d['people']:,} people); "
           f"total {time.time() - t0:.0f} s", flush=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "people": d["people"],
-                                                  "ceiling_bits": ceiling, "results": results}, indent=2))
+    write_json(out / "results.json", {"args": vars(args), "people": d["people"], "ceiling_bits": ceiling,
+                                      "results": results}, indent=2)
     return 0
 
 

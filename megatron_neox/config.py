@@ -51,6 +51,30 @@ def pad_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
     return int(math.ceil(vocab_size / step) * step)
 
 
+class RopeScaling(Section):
+    """Llama-3's rotary frequency scaling (Meta's llama3 `apply_scaling`; HF `rope_type: llama3`):
+    wavelengths above original_max_position_embeddings / low_freq_factor are divided by `factor`,
+    those below original / high_freq_factor kept, the band between interpolated smoothly."""
+
+    type: Literal["llama3"]
+    """The scaling rule; only 'llama3' (Llama 3.1/3.2/3.3) is implemented."""
+    factor: float = Field(gt=0)
+    """Divisor of the low frequencies (Llama 3.1: 8)."""
+    low_freq_factor: float = Field(gt=0)
+    """Wavelengths above original_max_position_embeddings / low_freq_factor are fully scaled (Llama 3.1: 1)."""
+    high_freq_factor: float = Field(gt=0)
+    """Wavelengths below original_max_position_embeddings / high_freq_factor are kept (Llama 3.1: 4)."""
+    original_max_position_embeddings: int = Field(gt=0)
+    """Context length the unscaled model was trained at (Llama 3.1: 8192)."""
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(f"model.rope_scaling: high_freq_factor={self.high_freq_factor} must exceed "
+                             f"low_freq_factor={self.low_freq_factor} (the interpolation band would be empty)")
+        return self
+
+
 class ModelConfig(Section):
     num_layers: int = Field(gt=0)
     """Number of transformer layers (L)."""
@@ -58,6 +82,10 @@ class ModelConfig(Section):
     """Model width d_model."""
     num_attention_heads: int = Field(gt=0)
     """Attention heads; hidden_size must be a multiple of it."""
+    num_kv_heads: Optional[int] = Field(None, gt=0)
+    """Key/value heads for grouped-query attention (Ainslie et al. 2023; Llama-2-70B, Llama-3, Mistral: 8);
+    null = num_attention_heads (multi-head). Under TP the KV heads are split when num_kv_heads % tp == 0,
+    replicated on every rank when tp % num_kv_heads == 0, refused otherwise."""
     seq_length: int = Field(gt=0)
     """Training context length in tokens (also the rotary/learned position range)."""
     vocab_size: int = Field(gt=0)
@@ -75,7 +103,12 @@ class ModelConfig(Section):
     rotary_dims: Optional[int] = None
     """Rotary dims per head, overrides rotary_pct (GPT-J: 64)."""
     rotary_base: float = Field(10000.0, gt=0)
-    """RoPE base (theta)."""
+    """RoPE base (theta); Llama 3: 500000."""
+    rotary_interleaved: bool = False
+    """Rotate interleaved pairs (2i, 2i+1) ("rotate every two": GPT-J, Meta's Llama code) instead of
+    (i, i + rotary_dims/2) ("rotate half": GPT-NeoX, HF Llama)."""
+    rope_scaling: Optional[RopeScaling] = None
+    """Rotary frequency scaling (Llama 3.1+); null = none."""
     parallel_residual: bool = True
     """x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX, GPT-J) instead of the sequential GPT-3 form."""
     shared_norm: bool = False
@@ -90,6 +123,8 @@ class ModelConfig(Section):
     """Biases on the QKV and attention-output projections."""
     mlp_bias: bool = True
     """Biases on the two MLP projections."""
+    lm_head_bias: bool = False
+    """A bias on the untied output projection (GPT-J)."""
     tie_embeddings: bool = False
     """Share the input embedding with the output head (GPT-NeoX default: untied)."""
     init_method: Literal["normal", "small_init"] = "small_init"
@@ -106,6 +141,9 @@ class ModelConfig(Section):
     """GPT-3's alternating dense and locally banded attention, or dense everywhere."""
     local_window: int = Field(256, gt=0)
     """Band width (tokens) of local layers when attention_pattern='alternating_local'."""
+    sliding_window: Optional[int] = Field(None, gt=0)
+    """Causal sliding window on every layer (Mistral: 4096): token i attends to j iff i - W < j <= i,
+    W keys including itself (HF Mistral's rule); null = none."""
     attention_kernel: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     """Attention kernel (model/attention.py). 'auto': SDPA on CPU, for decoding and for plain causal layers;
     on CUDA, layers with ALiBi, the local band or documents use flash-attn (installed, fp16/bf16), else
@@ -117,6 +155,20 @@ class ModelConfig(Section):
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_attention_heads
+
+    @property
+    def grouped_query(self) -> bool:
+        """Fewer KV heads than query heads: q and the KV heads are separate parameters."""
+        return self.kv_heads != self.num_attention_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Output rows of the q, k and v projections together."""
+        return (self.num_attention_heads + 2 * self.kv_heads) * self.head_dim
 
     @property
     def ffn_size(self) -> int:
@@ -155,6 +207,18 @@ class ModelConfig(Section):
                     f"rotary dims per head = {r} (from model.rotary_pct/rotary_dims) must be even and "
                     f"in 2..head_dim={self.head_dim}"
                 )
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                             f"model.num_kv_heads={self.num_kv_heads}: each KV head serves a whole group of "
+                             "query heads")
+        if self.position_embedding != "rotary" and (self.rotary_interleaved or self.rope_scaling is not None):
+            raise ValueError(f"model.rotary_interleaved / model.rope_scaling need model.position_embedding='rotary', "
+                             f"found {self.position_embedding!r}")
+        if self.sliding_window is not None and self.attention_pattern != "dense":
+            raise ValueError("model.sliding_window (every layer) and model.attention_pattern='alternating_local' "
+                             "both set a band: use one")
+        if self.lm_head_bias and self.tie_embeddings:
+            raise ValueError("model.lm_head_bias=true needs an untied output layer (model.tie_embeddings=false)")
         if self.attention_kernel == "flex" and self.attention_dropout > 0:
             raise ValueError(
                 f"model.attention_kernel='flex' cannot apply model.attention_dropout={self.attention_dropout}: "

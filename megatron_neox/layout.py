@@ -35,6 +35,7 @@ def data_parallel_size(world_size: int, pp: int, tp: int) -> int:
 
 
 def split_problems(*, pp: int, tp: int, num_layers: int, num_heads: int, ffn_size: Optional[int] = None,
+                   num_kv_heads: Optional[int] = None,
                    padded_vocab: Optional[int] = None, vocab_multiple: int = 128,
                    seq_length: Optional[int] = None, sequence_parallel: bool = False) -> List[str]:
     """What keeps this model from being split pp x tp ways (any world size); [] when it can be."""
@@ -43,6 +44,12 @@ def split_problems(*, pp: int, tp: int, num_layers: int, num_heads: int, ffn_siz
         problems.append(
             f"model.num_attention_heads={num_heads} is not divisible by parallel.tp={tp}: every tensor-parallel "
             f"rank must hold whole attention heads; use a tp that divides {num_heads}")
+    if num_kv_heads is not None and num_kv_heads % tp and tp % num_kv_heads:
+        problems.append(
+            f"model.num_kv_heads={num_kv_heads} and parallel.tp={tp}: the KV heads are split across the "
+            f"tensor-parallel ranks when num_kv_heads % tp == 0 or replicated when tp % num_kv_heads == 0; neither "
+            f"holds, so some rank's query heads would need two KV groups: use a tp that divides {num_kv_heads} or a "
+            f"multiple of it")
     if ffn_size is not None and ffn_size % tp:
         problems.append(f"MLP width {ffn_size} is not divisible by parallel.tp={tp}")
     if padded_vocab is not None and padded_vocab % tp:
@@ -77,6 +84,7 @@ def _config_shape(cfg) -> Dict[str, Any]:
     """The `split_problems` keywords of a config."""
     m, p = cfg.model, cfg.parallel
     return dict(pp=p.pp, tp=p.tp, num_layers=m.num_layers, num_heads=m.num_attention_heads, ffn_size=m.ffn_size,
+                num_kv_heads=m.kv_heads,
                 padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by, seq_length=m.seq_length,
                 sequence_parallel=p.sequence_parallel)
 

@@ -81,6 +81,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_neox.config import Config, ModelConfig, config_from_dict
 from megatron_neox.layout import Layout
+from megatron_neox.parallel.sharding import kv_heads_sharded
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
 from megatron_neox.resolve import resolve
@@ -112,6 +113,9 @@ def layer_params_per_rank(model: ModelConfig, tp: int) -> List[int]:
     # Replicated on every TP rank: the layer's norms and the row-parallel (output) biases, and
     # learned position embeddings. Everything else is split evenly.
     layer_rep = (1 if model.shared_norm else 2) * norm + d * model.attention_bias + d * model.mlp_bias
+    if not kv_heads_sharded(model.kv_heads, tp):  # tp > KV heads: every rank holds all of them
+        kv = 2 * model.kv_heads * model.head_dim
+        layer_rep += kv * (d + model.attention_bias)
     pos = model.seq_length * d if model.position_embedding == "learned" else 0
     layer = (full["layer"] - layer_rep) // tp + layer_rep
     embedding = (full["embedding"] - pos) // tp + pos
@@ -207,7 +211,8 @@ def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precis
     norm_region = (norms + outs * N * e) / sp
     # Attention.
     local = model.attention_pattern == "alternating_local" and layer_index % 2 == 1
-    attn = 3 * N * e / t + 4 * a * tokens / t  # fused QKV output (SDPA keeps views of it), fp32 log-sum-exp
+    qkv = model.qkv_size / h  # 3 for multi-head attention; fewer KV heads (GQA) shrink it
+    attn = qkv * N * e / t + 4 * a * tokens / t  # QKV output (SDPA keeps views of it), fp32 log-sum-exp
     attn += N * e / t  # SDPA output
     if model.position_embedding == "rotary":
         r = model.rotary_ndims

@@ -164,6 +164,21 @@ def test_masked_loss_differs_from_unmasked_on_the_same_tokens():
     assert abs(float(masked) - float(plain)) > 1e-3
 
 
+def test_loss_is_the_mean_cross_entropy_over_the_unmasked_tokens():
+    # The reference: torch's cross entropy per token, averaged over the tokens whose mask is 1.
+    model = _model("rotary")
+    tokens, _ = _packed()
+    mask = (tokens != EOD).float()
+    mask[1, :9] = 0  # and a whole document of row 1
+    with torch.no_grad():
+        logits = model(tokens)
+        loss = model(tokens, labels=tokens, loss_mask=mask)
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten(), reduction="none")
+    want = (per_token * mask.flatten()).sum() / mask.sum()
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert float(loss) != pytest.approx(float(per_token.mean()), rel=1e-3)  # the mask matters here
+
+
 # ---- kernels ---------------------------------------------------------------------------------
 
 
@@ -248,6 +263,63 @@ def test_flash_varlen_path_gives_the_sdpa_output(monkeypatch, window, alibi):
     flash = attend(q, k, v, LayerMask("flash", cu_seqlens=cu, window=window, slopes=slopes))
     ref = attention._sdpa_mask(T, 0, window=window, doc_ids=doc, slopes=slopes, device="cpu", dtype=torch.float32)
     torch.testing.assert_close(flash, attend(q, k, v, ref), rtol=1e-5, atol=1e-6)
+
+
+def _seen_keys(mask: LayerMask, B: int, q_len: int, k_len: int, dtype=torch.float32) -> torch.Tensor:
+    """Which keys each query attends to through `attend` with `mask`: with q = k = 0 every allowed key
+    gets weight > 0 (ALiBi only changes how much) and a masked one exactly 0; v = one-hot rows turn
+    the output into those weights. [B, H, q_len, k_len] booleans."""
+    D = 32  # a head size FlexAttention accepts
+    q = torch.zeros(B, 4, q_len, D, dtype=dtype)
+    k = torch.zeros(B, 4, k_len, D, dtype=dtype)
+    v = torch.eye(k_len, D, dtype=dtype).expand(B, 4, k_len, D).contiguous()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
+        weights = attend(q, k, v, mask)[..., :k_len].float()
+    return weights > 0
+
+
+def _band_by_definition(W: int, q_pos: torch.Tensor, k_len: int, doc=None) -> torch.Tensor:
+    """GPT-3's local attention written from its definition: token i sees token j iff i - W < j <= i
+    (and, with packed documents, j is in i's document). [B, 1, q_len, k_len]."""
+    i, j = q_pos[:, :, None], torch.arange(k_len)[None, None, :]
+    ok = (i - W < j) & (j <= i)
+    if doc is not None:
+        ok = ok & (doc[:, :, None] == doc[:, None, :])
+    return ok[:, None]
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex", "flash"])
+@pytest.mark.parametrize("arch", ["gpt3_local", "alibi_local"])
+@pytest.mark.parametrize("documents", [False, True])
+@pytest.mark.parametrize("window", [1, 4])
+def test_local_band_matches_its_definition(monkeypatch, kernel, arch, documents, window):
+    # Kernels agreeing with one another cannot show a band one token too wide in all of them: each
+    # banded mask, as `attend` applies it, against the definition.
+    monkeypatch.setattr(attention, "flash_attn_varlen", lambda: _flash_reference)  # flash-attn needs a GPU
+    cfg = ModelConfig(**{**BASE, **ARCHS[arch], "local_window": window, "attention_kernel": kernel})
+    dtype = torch.bfloat16 if kernel == "flash" else torch.float32  # flash runs half precision only
+    tokens, _ = _packed()
+    B, T = tokens.shape
+    doc = document_ids(tokens, EOD) if documents else None
+    pos = torch.arange(T).expand(B, T)
+    ctx = AttentionPlan(cfg).context(pos, doc, dtype=dtype)
+    assert ctx.local.kernel == kernel
+    want = _band_by_definition(window, pos, T, doc)
+    assert torch.equal(_seen_keys(ctx.local, B, T, T, dtype), want.expand(B, 4, T, T))
+    dense = _band_by_definition(T, pos, T, doc)  # the dense layers keep the whole causal past
+    assert torch.equal(_seen_keys(ctx.dense, B, T, T, dtype), dense.expand(B, 4, T, T))
+
+
+@pytest.mark.parametrize("arch", ["gpt3_local", "alibi_local"])
+def test_local_band_with_a_kv_cache_matches_its_definition(arch):
+    # Decoding: queries at absolute positions past..past+q-1 against all cached keys.
+    cfg = ModelConfig(**{**BASE, **ARCHS[arch]})
+    past, q_len = 7, 3
+    pos = torch.arange(past, past + q_len)[None]
+    ctx = AttentionPlan(cfg).context(pos, dtype=torch.float32, past_len=past, decoding=True)
+    want = _band_by_definition(cfg.local_window, pos, past + q_len)
+    assert torch.equal(_seen_keys(ctx.local, 1, q_len, past + q_len), want.expand(1, 4, q_len, past + q_len))
 
 
 def test_unavailable_or_impossible_kernels_are_refused(monkeypatch):

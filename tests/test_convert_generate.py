@@ -46,8 +46,8 @@ def _world(rank, world_size, scratch_cfg, hf_config_file, hf_overrides):
     seen = {}
     build, step = trainer.build_engine, trainer.train_step
 
-    def capture_build(cfg, topo, layout):
-        built = build(cfg, topo, layout)
+    def capture_build(cfg, topo):
+        built = build(cfg, topo)
         seen.update(engine=built.engine, topo=topo)
         return built
 

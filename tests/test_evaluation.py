@@ -163,20 +163,46 @@ def test_evaluate_cli_on_pp2_and_tp2_checkpoints(setup, layout, tmp_path, capsys
     assert set(doc["results"]["mnx_choice"]) >= {"acc,none", "acc_norm,none"}
 
 
-def test_knowledge_probe_reports_bits(setup, capsys):
-    from megatron_neox.evaluation.knowledge import value_counts
+def test_knowledge_probe_reports_bits(setup, capsys, monkeypatch):
+    """The tool end to end with a scorer of known answers in place of the model (a random model scores
+    0 bits everywhere, where a wrong formula or prompt would still give 0): people 0-2 are known with
+    CE = 1 bit on the true value, people 3-4 guessed worse than uniformly. Each (prompt, target) pair
+    must be the person's own prompt for the attribute and the true value with its leading space, else
+    it scores nothing. Expected per attribute: 3/5 correct, 3 * (log2 N - 1) bits."""
+    from megatron_neox.evaluation.knowledge import probe_prefixes, value_counts
+    from megatron_neox.evaluation.lm import NeoXLM
 
+    facts = [json.loads(line) for line in setup["facts"].read_text().splitlines()][:5]
+    counts = value_counts()
+    asked = []
+
+    def known_answers(lm, prompts, targets):
+        out = []
+        for prompt, target in zip(prompts, targets):
+            text, value = lm.tokenizer.decode(prompt[1:]), lm.tokenizer.decode(target)
+            hits = [(i, a) for i, f in enumerate(facts) for a, head in probe_prefixes().items()
+                    if prompt[0] == lm.tokenizer.eod_id and text == head.format(s=f["name"]) and value == f" {f[a]}"]
+            asked.extend(hits)
+            known = len(hits) == 1 and hits[0][0] < 3
+            out.append((-math.log(2), True) if known else (-math.log(counts[hits[0][1]] if hits else 2) - 1, False))
+        return out
+
+    monkeypatch.setattr(NeoXLM, "score_pairs", known_answers)
     args = ["--checkpoint", str(setup["ckpts"]["pp1"]), "--facts", str(setup["facts"]), "--people", "5"]
     assert evaluate_tool.main(args) == 0
+    assert sorted(asked) == sorted((i, a) for i in range(5) for a in probe_prefixes())  # each pair once
     lines = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("probe ")]
     assert [ln[1] for ln in lines][-1] == "all"
     bits = {ln[1]: float(ln[4]) for ln in lines}
-    assert bits["employer_city"] == 0.0  # a function of the employer: no bits of its own
-    assert all(0.0 <= bits[a] <= 5 * math.log2(n) + 1e-6 for a, n in value_counts().items())
-    assert bits["all"] == pytest.approx(sum(v for k, v in bits.items() if k != "all"), abs=0.5)
+    correct = {ln[1]: ln[2] for ln in lines}
+    want = {a: 3 * max(0.0, math.log2(n) - 1) for a, n in counts.items()}
+    assert bits.pop("all") == pytest.approx(sum(want.values()), abs=0.1)
+    assert bits == pytest.approx(want, abs=0.06)  # printed to 0.1 bit
+    assert bits["birth_date"] > 30 and bits["employer_city"] == 0.0  # a function of the employer
+    assert correct == {**{a: "3/5" for a in counts}, "all": f"{3 * len(counts)}/{5 * len(counts)}"}
 
 
-def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses():
+def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses(tmp_path):
     """bits = sum max(0, log2 N - CE): a certain model stores log2 N per fact, a uniform one none."""
     from megatron_neox.evaluation import knowledge
 
@@ -188,17 +214,14 @@ def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses():
         def score_pairs(self, prompts, targets):
             return [(self.logprob, self.logprob == 0.0)] * len(prompts)
 
-    facts = Path(REPO) / "tests" / "eval_tasks" / "_facts.jsonl"
+    facts = tmp_path / "facts.jsonl"
     rows = [{"name": f"P{i}", **{a: "x" for a in knowledge.probe_prefixes()}} for i in range(3)]
-    try:
-        facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        counts = knowledge.value_counts()
-        knows = knowledge.knowledge_probe(FakeLM(0.0), facts, 3)
-        assert {a: r.bits for a, r in knows.items()} == pytest.approx({a: 3 * math.log2(n) for a, n in counts.items()})
-        guess = knowledge.knowledge_probe(FakeLM(-math.log(counts["birth_date"])), facts, 3)
-        assert all(r.bits == pytest.approx(0.0, abs=1e-9) for r in guess.values())
-    finally:
-        facts.unlink(missing_ok=True)
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = knowledge.value_counts()
+    knows = knowledge.knowledge_probe(FakeLM(0.0), facts, 3)
+    assert {a: r.bits for a, r in knows.items()} == pytest.approx({a: 3 * math.log2(n) for a, n in counts.items()})
+    guess = knowledge.knowledge_probe(FakeLM(-math.log(counts["birth_date"])), facts, 3)
+    assert all(r.bits == pytest.approx(0.0, abs=1e-9) for r in guess.values())
 
 
 def test_knowledge_probe_prompts_start_as_training_documents_do(tmp_path):

@@ -90,6 +90,6 @@ def test_state_dict_roundtrip_is_lossless():
 
 def test_unsupported_architecture_is_a_clear_error():
     cfg = ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=64,
-                      norm="rmsnorm", activation="swiglu")
-    with pytest.raises(ConfigError, match="model.norm='rmsnorm'.*model.activation='swiglu'"):
+                      norm="layernorm", activation="swiglu")  # a gated MLP with LayerNorm: no HF class has it
+    with pytest.raises(ConfigError, match="LlamaForCausalLM: model.norm='layernorm'.*model.parallel_residual=true"):
         check_hf_compatible(cfg)

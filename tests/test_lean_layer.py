@@ -124,3 +124,75 @@ def test_layer_forward_backward_moves_little_memory(variant):
     assert ops.get("cat", 0) + ops.get("stack", 0) <= 5, ops
     assert ops.get("slice_backward", 0) == 0, ops
     assert ops.get("clone", 0) + ops.get("copy_", 0) <= 1, ops
+
+
+# ---- model.compile ----------------------------------------------------------------------------
+
+
+def _loss_and_grads(setting, checkpointed=False):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**BASE, "num_layers": 3, "compile": setting})
+    model = GPTNeoX(cfg, cfg.padded_vocab(1), checkpoint_interval=1 if checkpointed else 0,
+                    checkpoint_fn=(lambda f, x: checkpoint(f, x, use_reentrant=True)) if checkpointed else None)
+    tokens = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
+    loss = model.train()(tokens, labels=tokens)
+    loss.backward()
+    return model, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def test_compiled_layers_equal_eager_and_compile_once(monkeypatch):
+    """Inductor on CPU: loss and every gradient equal eager (fp32 rounding); the three identical layers
+    share one compiled graph, and the re-entrant recompute (first forward without grad) adds one."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 1)  # no worker pool: 2 cores
+    torch._dynamo.reset()
+    counters.clear()
+    _, loss, grads = _loss_and_grads(False)
+    model, c_loss, c_grads = _loss_and_grads(True)
+    assert all(model.layer(i)._compiled for i in range(3))
+    assert counters["stats"]["unique_graphs"] == 1
+    _, k_loss, k_grads = _loss_and_grads(True, checkpointed=True)
+    assert counters["stats"]["unique_graphs"] == 2
+    for got, got_grads in ((c_loss, c_grads), (k_loss, k_grads)):
+        torch.testing.assert_close(got, loss, rtol=1e-5, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compile_auto_decision_and_refusals():
+    from megatron_neox.model.compile import use_compile
+    from _layouts import tiny_config
+
+    assert use_compile("auto", "cuda", dropout=False, zero3=False)
+    assert not use_compile("auto", "cpu", dropout=False, zero3=False)
+    assert not use_compile("auto", "cuda", dropout=True, zero3=False)
+    assert not use_compile("auto", "cuda", dropout=False, zero3=True)
+    assert use_compile(True, "cpu", dropout=False, zero3=False)
+    assert not _loss_and_grads("auto")[0].layer(0)._compiled  # CPU: eager
+    from megatron_neox.resolve import resolve
+
+    assert resolve(tiny_config(1, 1, {}), 1).model.compile is False  # set-up decides 'auto' on CPU
+    from megatron_neox.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.compile=true with zero.stage=3 is refused"):
+        tiny_config(1, 1, {"model.compile": True, "zero.stage": 3})
+    with pytest.raises(ConfigError, match="model.compile=true with model.hidden_dropout"):
+        tiny_config(1, 1, {"model.compile": True, "model.hidden_dropout": 0.1})
+    tiny_config(1, 1, {"model.compile": "auto", "zero.stage": 3})  # auto: eager there, no refusal
+
+
+def test_partition_activations_is_off_at_tp1():
+    """DeepSpeed clones every checkpointed input when partitioning, even over one rank."""
+    from _layouts import tiny_config
+
+    from megatron_neox.resolve import resolve
+    from megatron_neox.training.engine import deepspeed_config
+
+    keys = {"activation_checkpointing.interval": 1, "activation_checkpointing.partition_activations": True}
+    for tp, want in ((1, False), (2, True)):
+        ds = deepspeed_config(resolve(tiny_config(1, tp, keys), tp))
+        assert ds["activation_checkpointing"]["partition_activations"] is want, tp

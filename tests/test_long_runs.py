@@ -198,19 +198,81 @@ def test_state_saved_before_batches_could_be_skipped_counts_one_batch_per_step()
     assert old.consumed_batches == 7 and old.rollbacks == [] and old.loss_window == []
 
 
-def test_background_writer_writes_a_snapshot_durably(tmp_path):
+class FileOps:
+    """Records, in order, the file-system calls a checkpoint write makes: ("fsync", path of the
+    descriptor), ("replace", source, destination), ("unlink", path), ("rmtree", path); paths resolved."""
+
+    def __init__(self, monkeypatch):
+        import shutil
+
+        self.events = []
+        fsync, replace, unlink, rmtree = os.fsync, os.replace, os.unlink, shutil.rmtree
+
+        def record(*event):
+            self.events.append(event)
+
+        def on_fsync(fd):
+            record("fsync", os.path.realpath(f"/proc/self/fd/{fd}"))  # what the descriptor is open on
+            return fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", on_fsync)
+        monkeypatch.setattr(os, "replace", lambda a, b: record("replace", _real(a), _real(b)) or replace(a, b))
+        monkeypatch.setattr(os, "unlink", lambda p, **k: record("unlink", _real(p)) or unlink(p, **k))
+        monkeypatch.setattr(shutil, "rmtree", lambda p, *a, **k: record("rmtree", _real(p)) or rmtree(p, *a, **k))
+
+    def index(self, *event) -> int:
+        """Position of the first event equal to `event` (paths as str); fails naming the events seen."""
+        event = tuple(str(_real(x)) if isinstance(x, os.PathLike) else x for x in event)
+        assert event in self.events, (event, self.events)
+        return self.events.index(event)
+
+    def durable_write(self, path) -> tuple:
+        """(where the temporary file was fsynced, renamed onto `path`, its directory fsynced after)."""
+        path = _real(path)
+        renames = [(i, e[1]) for i, e in enumerate(self.events) if e[0] == "replace" and e[2] == path]
+        assert renames, (path, self.events)
+        i, tmp = renames[-1]
+        assert tmp != path, (path, "written in place, not under a temporary name then renamed")
+        synced = [j for j, e in enumerate(self.events[:i]) if e == ("fsync", tmp)]
+        dir_synced = [j for j, e in enumerate(self.events) if j > i and e == ("fsync", os.path.dirname(path))]
+        assert synced and dir_synced, (path, "written without fsync of the file or of its directory", self.events)
+        return synced[-1], i, dir_synced[0]
+
+
+def _real(p) -> str:
+    return os.path.realpath(os.fspath(p))
+
+
+def test_background_writer_writes_a_snapshot_durably(tmp_path, monkeypatch):
+    import threading
+
+    from megatron_neox.training import writer as writer_module
     from megatron_neox.training.writer import DurableWriter
 
+    ops = FileOps(monkeypatch)
+    trained_on = threading.Event()
+    save = writer_module.save_durable
+
+    def save_after_training_went_on(obj, path):
+        assert trained_on.wait(timeout=60)
+        save(obj, path)
+
+    # The writer thread starts its file only once training has changed the tensors (else the race
+    # could hide a save of the live tensors).
+    monkeypatch.setattr(writer_module, "save_durable", save_after_training_went_on)
     writer = DurableWriter(background=True)
     weights = {"w": torch.zeros(1000), "nested": [torch.ones(3)]}
     writer.save(weights, str(tmp_path / "a.pt"))
     weights["w"] += 5  # training goes on: the checkpoint keeps the values at the save
     weights["nested"][0].zero_()
+    trained_on.set()
     writer.wait()
     assert not writer.pending()
     saved = torch.load(tmp_path / "a.pt", weights_only=True)
     assert saved["w"].sum().item() == 0 and saved["nested"][0].tolist() == [1.0, 1.0, 1.0]
     assert sorted(os.listdir(tmp_path)) == ["a.pt"]  # no temporary left behind
+    # Durable: the data fsynced under its temporary name, renamed, then the directory entry fsynced.
+    ops.durable_write(tmp_path / "a.pt")
 
 
 def test_background_write_error_names_the_file_on_the_training_thread(tmp_path):
@@ -223,17 +285,70 @@ def test_background_write_error_names_the_file_on_the_training_thread(tmp_path):
         writer.wait()
 
 
-def test_finalize_writes_complete_then_latest_and_drops_old_markers_first(tmp_path):
+def test_async_checkpoint_is_declared_complete_only_when_no_rank_is_still_writing(tmp_path, monkeypatch):
+    # A kill -9 while some rank's files are still in flight must not leave a complete.json (or a
+    # `latest`) naming them. The test in test_launch.py cannot aim a kill at that moment; here the
+    # writers' states are set by hand.
+    from types import SimpleNamespace
+
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training import checkpoint
+    from megatron_neox.training.checkpointer import Checkpointer, TrainState
+
+    class Writer:  # this rank's background writer
+        busy = True
+
+        def pending(self):
+            return self.busy
+
+    class Stop:  # the all-reduce over the ranks of (signalled, busy)
+        other_rank_busy = False
+
+        def any_rank(self, busy=False):
+            return False, busy or self.other_rank_busy
+
+    writer, stop, finalized = Writer(), Stop(), []
+    monkeypatch.setattr(checkpoint, "use_durable_writer", lambda engine, background: writer)
+    monkeypatch.setattr(checkpoint, "finalize_tag", lambda pending, keep_last: finalized.append(pending.tag))
+    cfg = config_from_dict(config_dict(str(tmp_path), checkpoint__async_save=True, checkpoint__save_interval=100))
+    ck = Checkpointer(cfg, None, SimpleNamespace(rank=0), stop)
+    ck.pending = checkpoint.PendingSave(tmp_path, "global_step4", {"iteration": 4})
+    state = TrainState(iteration=5)
+    ck.after_step(state, 10)
+    assert finalized == []  # this rank is still writing
+    writer.busy, stop.other_rank_busy = False, True
+    ck.after_step(state, 10)
+    assert finalized == []  # this rank is done, another one is not
+    stop.other_rank_busy = False
+    ck.after_step(state, 10)
+    assert finalized == ["global_step4"] and ck.pending is None
+
+
+def test_finalize_writes_complete_then_latest_and_drops_old_markers_first(tmp_path, monkeypatch):
     from megatron_neox.checkpoint_files import complete_tags
     from megatron_neox.training.checkpoint import PendingSave, finalize_tag
 
     for step in (1, 2, 3):
         (tmp_path / f"global_step{step}").mkdir()
         (tmp_path / f"global_step{step}" / "rng_state_0.pt").write_bytes(b"x" * step)
+        if step == 3:
+            ops = FileOps(monkeypatch)  # the calls of the save that retires step 1
         finalize_tag(PendingSave(tmp_path, f"global_step{step}", {"iteration": step}), keep_last=2)
     assert complete_tags(tmp_path) == ["global_step2", "global_step3"]
     assert (tmp_path / "latest").read_text() == "global_step3"
     meta = json.loads((tmp_path / "global_step3" / "complete.json").read_text())
     assert meta == {"iteration": 3, "files": {"rng_state_0.pt": 3}}
     assert not (tmp_path / "global_step1").exists()
-    assert not [p for p in tmp_path.rglob(".*")]
+    assert not list(tmp_path.rglob("*.tmp-*"))  # no temporary (megatron_neox/durable.py) left behind
+
+    # The order observed: the step's files made durable, then complete.json (durable), then `latest`
+    # (durable), and only then the old checkpoint: its marker removed (durably) before its files.
+    step3, old = tmp_path / "global_step3", tmp_path / "global_step1"
+    files_synced = ops.index("fsync", step3)
+    *_, complete_durable = ops.durable_write(step3 / "complete.json")
+    _, latest_renamed, latest_durable = ops.durable_write(tmp_path / "latest")
+    marker_gone = ops.index("unlink", old / "complete.json")
+    old_synced = ops.index("fsync", old)
+    files_gone = ops.index("rmtree", old)
+    assert files_synced < complete_durable < latest_renamed < latest_durable < marker_gone < old_synced < files_gone
+    assert ("unlink", _real(tmp_path / "global_step2" / "complete.json")) not in ops.events  # kept: keep_last=2

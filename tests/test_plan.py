@@ -56,6 +56,39 @@ def test_published_parameter_counts_are_exact(name):
     assert make_plan(cfg).parameters["total"] == PUBLISHED[name]
 
 
+# The published HF config.json values of each family (EleutherAI/gpt-j-6B, meta-llama/Llama-2-7b-hf,
+# Llama-2-70b-hf, Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1); the classes count on the meta device.
+HF_FAMILIES = {
+    "gptj-6B": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                                                      n_positions=2048, vocab_size=50400)),
+    "llama2-7B": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=11008,
+                                                          num_hidden_layers=32, num_attention_heads=32,
+                                                          num_key_value_heads=32, vocab_size=32000)),
+    "llama2-70B": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=8192, intermediate_size=28672,
+                                                           num_hidden_layers=80, num_attention_heads=64,
+                                                           num_key_value_heads=8, vocab_size=32000)),
+    "llama3-8B": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=4096, intermediate_size=14336,
+                                                          num_hidden_layers=32, num_attention_heads=32,
+                                                          num_key_value_heads=8, vocab_size=128256)),
+    "mistral-7B": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=4096, intermediate_size=14336,
+                                                               num_hidden_layers=32, num_attention_heads=32,
+                                                               num_key_value_heads=8, vocab_size=32000)),
+}
+FAMILY_COUNTS = {"gptj-6B": 6_050_882_784, "llama2-7B": 6_738_415_616, "llama2-70B": 68_976_648_192,
+                 "llama3-8B": 8_030_261_248, "mistral-7B": 7_241_732_096}
+
+
+@pytest.mark.parametrize("name", sorted(HF_FAMILIES))
+def test_family_configs_count_what_transformers_builds(name):
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, kw = HF_FAMILIES[name]
+    with torch.device("meta"):
+        hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kw))
+    hf_count = sum(p.numel() for p in hf.parameters())
+    assert hf_count == FAMILY_COUNTS[name]
+    assert make_plan(load_config(name)).parameters["total"] == hf_count
+
+
 @pytest.mark.parametrize("name", sorted(GPT3))
 def test_gpt3_sizes_within_two_percent_of_their_names(name):
     cfg = load_config(name)

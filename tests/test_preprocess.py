@@ -73,21 +73,26 @@ def write_jsonl(path, lines):
 # -- the sample corpus ---------------------------------------------------------------------------
 
 
-def test_sample_corpus_mixes_components_evenly_in_every_5_percent_window(tmp_path):
+def test_sample_corpus_mixes_component_bytes_evenly_in_every_5_percent_window(tmp_path):
     """Each contiguous 5% of documents (e.g. the valid split of a "949,50,1" split) holds each
-    component within 0.5x-2x of its overall share."""
+    component's share of the text (UTF-8 bytes, what the tokens follow) within 0.5x-2x of its overall
+    share. Document counts would not do: whole stdlib files (up to 100 KB) interleaved by count left
+    the demo's valid split 0.1% Github by bytes. Measured (1 MB, seed 3): windows 0.32-0.56 Github
+    against 0.50 overall, valid split 0.50."""
     make_sample_corpus(tmp_path, size_mb=1.0, seed=3)
-    names = np.array([name == GITHUB for _, name in iter_corpus(tmp_path / "sample.jsonl.zst")], dtype=np.int64)
-    n = len(names)
-    window = -(-n // 20)
-    share = names.mean()
-    assert names.sum() >= 20 and n - names.sum() >= 1000  # both components present in force
-    github = np.convolve(names, np.ones(window, dtype=np.int64), mode="valid")  # per window start
-    for count, overall in ((github, share), (window - github, 1 - share)):
-        expected = window * overall
-        assert 0.5 * expected <= count.min() and count.max() <= 2 * expected, (count.min(), count.max(), expected)
-    valid = names[int(0.949 * n):int(0.999 * n)]  # the demo's valid split
-    assert 0.5 * share <= valid.mean() <= 2 * share
+    docs = list(iter_corpus(tmp_path / "sample.jsonl.zst"))
+    size = np.array([len(t.encode()) for t, _ in docs], dtype=np.int64)
+    github = np.where([name == GITHUB for _, name in docs], size, 0)
+    n = len(docs)
+    window = np.ones(-(-n // 20), dtype=np.int64)
+    share = github.sum() / size.sum()
+    assert 0.3 < share < 0.7 and n >= 1000  # both components present in force
+    per_window = np.convolve(size, window, mode="valid")  # bytes per window start
+    github_share = np.convolve(github, window, mode="valid") / per_window
+    for got, overall in ((github_share, share), (1 - github_share, 1 - share)):
+        assert 0.5 * overall <= got.min() and got.max() <= 2 * overall, (got.min(), got.max(), overall)
+    valid = slice(int(0.949 * n), int(0.999 * n))  # the demo's valid split
+    assert 0.5 * share <= github[valid].sum() / size[valid].sum() <= 2 * share
 
 
 def test_sample_corpus_is_deterministic_per_seed(tmp_path):

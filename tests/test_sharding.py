@@ -19,6 +19,7 @@ def _cfg(**kw):
 VARIANTS = [dict(activation=a, position_embedding=p, tie_embeddings=t, attention_bias=b, mlp_bias=b)
             for a, p, t, b in itertools.product(["gelu", "swiglu"], ["rotary", "learned", "alibi"], [False, True],
                                                 [True, False])]
+VARIANTS += [dict(num_kv_heads=2, attention_bias=b, lm_head_bias=True) for b in (True, False)]  # GQA, GPT-J head
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: "-".join(str(v) for v in kw.values()))
@@ -26,7 +27,7 @@ def test_layer_partition_marks_agree_with_the_table(kw):
     cfg = _cfg(**kw)
     for name, p in GPTNeoX(cfg, 96).named_parameters():
         marked = (p.partition_dim, p.partition_stride) if getattr(p, "tensor_model_parallel", False) else None
-        assert partition_of(name.split(".", 1)[1], cfg) == marked, name
+        assert partition_of(name.split(".", 1)[1], cfg, 1) == marked, name
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
@@ -46,7 +47,7 @@ def test_shard_then_merge_is_the_identity(activation):
 
 def test_universal_patterns_list_only_what_the_model_has():
     cfg = _cfg(tie_embeddings=True, attention_bias=False, mlp_bias=False)
-    pat = universal_patterns(cfg, state_dict_shapes(cfg, 96))
+    pat = universal_patterns(cfg, state_dict_shapes(cfg, 96), 1)
     assert pat["vocabulary"] == [r"(^|.*\.)word_embeddings\.weight$"]
     assert not any("dense" in p for p in pat["replicated"]) and pat["fused_swiglu"] == []  # no dense biases
     assert sorted(pat["row_parallel"]) == [r"(^|.*\.)attention\.dense\.weight$", r"(^|.*\.)mlp\.dense_4h_to_h\.weight$"]

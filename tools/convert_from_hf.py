@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Import a local Hugging Face GPTNeoXForCausalLM directory (e.g. a Pythia model) as a checkpoint
-that training continues from.
+"""Import a local Hugging Face directory of GPTNeoXForCausalLM (Pythia, GPT-NeoX-20B), GPTJForCausalLM,
+LlamaForCausalLM or MistralForCausalLM as a checkpoint that training continues from.
 
     python tools/convert_from_hf.py --hf-dir hf/pythia-160m --out runs/pythia-160m-init --pp 2 --tp 1
     deepspeed --num_gpus 2 launch/train.py --config runs/pythia-160m-init/train_config.json \\
@@ -11,6 +11,8 @@ OUT/train_config.json (a copy goes to --config-out): its model section is the HF
 are defaults for continued pretraining to edit (data.prefixes, train.iters, batch size, lr);
 checkpoint.load points at OUT, so the run starts at step 0 from these weights with a fresh
 optimizer. OUT/tokenizer.json is copied from the HF directory when it has one. Nothing is downloaded.
+A config or checkpoint we cannot reproduce exactly (an unknown rope_scaling type, biases the class
+does not have, a head_dim of its own) is refused with exit status 2, naming the field; nothing is written.
 """
 import argparse
 import json

@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Export a training checkpoint (any pp/tp layout) as a Hugging Face GPTNeoXForCausalLM directory.
+"""Export a training checkpoint (any pp/tp layout) as a Hugging Face directory of the class its model
+section describes (convert/hf_families.py): LlamaForCausalLM (RMSNorm + SwiGLU; MistralForCausalLM with
+model.sliding_window), GPTJForCausalLM (interleaved rotary, one shared norm) or GPTNeoXForCausalLM.
 
     python tools/convert_to_hf.py --checkpoint runs/20B/checkpoints --out hf/neox-20b [--dtype fp16]
     python tools/convert_to_hf.py --checkpoint runs/demo/checkpoints/global_step300 --out hf/demo

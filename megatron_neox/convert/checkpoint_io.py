@@ -265,7 +265,8 @@ def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg: Union[
         raise ConfigError(f"pp={pp} and tp={tp} must be >= 1")
     padded = cfg.padded_vocab(tp)
     problems = split_problems(pp=pp, tp=tp, num_layers=cfg.num_layers, num_heads=cfg.num_attention_heads,
-                              ffn_size=cfg.ffn_size, padded_vocab=padded, vocab_multiple=cfg.make_vocab_size_divisible_by)
+                              num_kv_heads=cfg.kv_heads, ffn_size=cfg.ffn_size, padded_vocab=padded,
+                              vocab_multiple=cfg.make_vocab_size_divisible_by)
     if problems:
         raise ConfigError(problems[0])
     full = _fit_vocab(full_sd, cfg, padded)

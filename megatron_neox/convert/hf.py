@@ -1,16 +1,13 @@
-"""Hugging Face `GPTNeoXForCausalLM` <-> our layer-indexed state dict.
+"""Hugging Face checkpoints <-> our layer-indexed state dict, for the classes in convert/hf_families.py
+(GPTNeoXForCausalLM, GPTJForCausalLM, LlamaForCausalLM, MistralForCausalLM).
 
-Both sides store the fused QKV the same way (rows interleaved per head: [head][q|k|v][head_dim]),
-so the mapping is a renaming plus vocab padding. Tensor-parallel shards are merged/split by
-`parallel.sharding` before/after this module.
-
-HF names: gpt_neox.embed_in, gpt_neox.layers.i.{input_layernorm, post_attention_layernorm,
-attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h},
-gpt_neox.final_layer_norm, embed_out (transformers 4.x; 5.x renames it lm_head on load and
-accepts both). We write `embed_out` so either version loads the export.
+The family table says which HF tensor is which of ours; this module renames, fuses or splits q/k/v
+and [gate | up], pads the vocabulary, checks that every HF tensor is used, and reads and writes HF
+directories. Tensor-parallel shards are merged/split by `parallel.sharding` before/after this module.
 """
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,108 +17,34 @@ import torch
 from pydantic import ValidationError
 
 from megatron_neox.config import ModelConfig
+from megatron_neox.convert.hf_families import (
+    GPTJ,
+    export_problems,
+    family_of,
+    fuse_qkv,
+    model_config_from_hf,
+    split_qkv,
+    to_hf_config,
+)
 from megatron_neox.errors import CheckpointError, ConfigError
+from megatron_neox.model.gpt_neox import state_dict_shapes
 from megatron_neox.outputs import replace_dir
 
-# Our activation name -> HF's (ACT2FN): "gelu" is exact erf GELU, "gelu_new" the tanh form.
-_HF_ACT = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+__all__ = ["check_hf_compatible", "from_hf_state_dict", "to_hf_state_dict", "to_hf_config", "model_config_from_hf",
+           "save_hf", "load_hf"]
 
-_LAYER_PARTS = (
-    "input_layernorm.weight", "input_layernorm.bias",
-    "post_attention_layernorm.weight", "post_attention_layernorm.bias",
-    "attention.query_key_value.weight", "attention.query_key_value.bias",
-    "attention.dense.weight", "attention.dense.bias",
-    "mlp.dense_h_to_4h.weight", "mlp.dense_h_to_4h.bias",
-    "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias",
-)
+# Buffers older checkpoints saved beside the weights (causal masks, rotary tables): not parameters.
+_BUFFERS = re.compile(r"(^|\.)(attn|attention)\.(bias|masked_bias)$|rotary_emb\.inv_freq$|embed_positions$")
+_KINDS = ("weight", "bias")
 
 
 def check_hf_compatible(cfg: ModelConfig) -> None:
-    """GPTNeoXForCausalLM covers a subset of our architectures; say which knob does not fit."""
-    problems = []
-    if cfg.position_embedding != "rotary":
-        problems.append(f"model.position_embedding={cfg.position_embedding!r} (HF GPTNeoX: rotary only)")
-    if cfg.norm != "layernorm":
-        problems.append(f"model.norm={cfg.norm!r} (HF GPTNeoX: layernorm only)")
-    if cfg.activation == "swiglu":
-        problems.append(f"model.activation={cfg.activation!r} (HF GPTNeoX: gelu or gelu_tanh)")
-    if cfg.shared_norm:
-        problems.append("model.shared_norm=true (HF GPTNeoX has two norms per layer)")
-    if not cfg.mlp_bias:
-        problems.append("model.mlp_bias=false (HF GPTNeoX MLPs always have biases)")
-    if cfg.attention_pattern != "dense":
-        problems.append(f"model.attention_pattern={cfg.attention_pattern!r} (HF GPTNeoX: dense)")
+    """Refuse, naming each knob, a model that its HF family (hf_families.family_of) cannot express."""
+    family = family_of(cfg)
+    problems = export_problems(cfg, family)
     if problems:
-        raise ConfigError("this model cannot be expressed as a Hugging Face GPTNeoXForCausalLM: " + "; ".join(problems))
-
-
-def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: Optional[int] = None):
-    from transformers import GPTNeoXConfig
-
-    check_hf_compatible(cfg)
-    return GPTNeoXConfig(
-        vocab_size=padded_vocab,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        intermediate_size=cfg.ffn_size,
-        hidden_act=_HF_ACT[cfg.activation],
-        max_position_embeddings=cfg.seq_length,
-        layer_norm_eps=cfg.norm_eps,
-        use_parallel_residual=cfg.parallel_residual,
-        attention_bias=cfg.attention_bias,
-        tie_word_embeddings=cfg.tie_embeddings,
-        rotary_pct=cfg.rotary_ndims / cfg.head_dim,
-        rotary_emb_base=cfg.rotary_base,
-        attention_dropout=cfg.attention_dropout,
-        hidden_dropout=cfg.hidden_dropout,
-        initializer_range=cfg.init_std,
-        # The tokenizer's <|endoftext|> id (0 for GPT-NeoX-20B's, 50256 for GPT-2's); None (unknown)
-        # for an export without a tokenizer rather than a guess.
-        bos_token_id=eod_id,
-        eos_token_id=eod_id,
-        architectures=["GPTNeoXForCausalLM"],
-    )
-
-
-def _rope(hf_config) -> Tuple[float, float]:
-    rp = getattr(hf_config, "rope_parameters", None) or {}
-    pct = rp.get("partial_rotary_factor", getattr(hf_config, "rotary_pct", 1.0))
-    base = rp.get("rope_theta", getattr(hf_config, "rotary_emb_base", 10000.0))
-    return float(pct), float(base)
-
-
-def model_config_from_hf(hf_config) -> Dict[str, Any]:
-    """The `model` section (as a dict) equivalent to a GPTNeoXConfig."""
-    if getattr(hf_config, "model_type", "gpt_neox") != "gpt_neox":
-        raise ConfigError(f"expected a gpt_neox model, found model_type={hf_config.model_type!r}")
-    activation = {v: k for k, v in _HF_ACT.items()}.get(hf_config.hidden_act)
-    if hf_config.hidden_act == "gelu_pytorch_tanh":
-        activation = "gelu_tanh"
-    if activation is None:
-        raise ConfigError(f"hidden_act={hf_config.hidden_act!r} is not supported (expected 'gelu' or 'gelu_new')")
-    pct, base = _rope(hf_config)
-    head_dim = hf_config.hidden_size // hf_config.num_attention_heads
-    return {
-        "num_layers": hf_config.num_hidden_layers,
-        "hidden_size": hf_config.hidden_size,
-        "num_attention_heads": hf_config.num_attention_heads,
-        "seq_length": hf_config.max_position_embeddings,
-        "vocab_size": hf_config.vocab_size,
-        "intermediate_size": hf_config.intermediate_size,
-        "position_embedding": "rotary",
-        "rotary_dims": int(head_dim * pct),
-        "rotary_base": base,
-        "parallel_residual": bool(hf_config.use_parallel_residual),
-        "norm": "layernorm",
-        "norm_eps": hf_config.layer_norm_eps,
-        "activation": activation,
-        "attention_bias": bool(getattr(hf_config, "attention_bias", True)),
-        "mlp_bias": True,
-        "tie_embeddings": bool(hf_config.tie_word_embeddings),
-        "attention_dropout": float(hf_config.attention_dropout),
-        "hidden_dropout": float(hf_config.hidden_dropout),
-    }
+        raise ConfigError(f"this model cannot be expressed as a Hugging Face {family.architecture}: "
+                          + "; ".join(problems))
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -134,47 +57,82 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def from_hf_state_dict(hf_sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
-    """HF GPTNeoXForCausalLM state dict -> our full (unsharded) layer-indexed state dict."""
-    L = cfg.num_layers
+    """HF state dict of cfg's family -> our full (unsharded) layer-indexed state dict. Every tensor
+    our model has must be there, and every HF parameter must be used (a bias the config says the
+    class does not have is an error, not silently dropped)."""
+    fam = family_of(cfg)
+    want = state_dict_shapes(cfg, padded_vocab)
+    used = set()
     sd: Dict[str, torch.Tensor] = {}
 
     def take(name: str) -> torch.Tensor:
         if name not in hf_sd:
-            raise CheckpointError(f"Hugging Face checkpoint has no tensor {name!r}")
+            raise CheckpointError(f"Hugging Face checkpoint has no tensor {name!r} (a {fam.architecture} of this "
+                                  "config needs it)")
+        used.add(name)
         return hf_sd[name]
 
-    sd["0.word_embeddings.weight"] = _pad_rows(take("gpt_neox.embed_in.weight"), padded_vocab)
-    for i in range(L):
-        for part in _LAYER_PARTS:
-            name = f"gpt_neox.layers.{i}.{part}"
-            if name in hf_sd:
-                sd[f"{i + 1}.{part}"] = hf_sd[name]
-            elif not (part.endswith(".bias") and part.startswith("attention.") and not cfg.attention_bias):
-                raise CheckpointError(f"Hugging Face checkpoint has no tensor {name!r}")
-    sd[f"{L + 1}.norm.weight"] = take("gpt_neox.final_layer_norm.weight")
-    sd[f"{L + 1}.norm.bias"] = take("gpt_neox.final_layer_norm.bias")
-    if not cfg.tie_embeddings:
-        head = hf_sd.get("embed_out.weight", hf_sd.get("lm_head.weight"))
-        if head is None:
-            raise CheckpointError("Hugging Face checkpoint has neither 'embed_out.weight' nor 'lm_head.weight'")
-        sd[f"{L + 2}.final_linear.weight"] = _pad_rows(head, padded_vocab)
+    sd["0.word_embeddings.weight"] = _pad_rows(take(f"{fam.embed}.weight"), padded_vocab)
+    for i in range(cfg.num_layers):
+        pre, idx = fam.layer.format(i=i), i + 1
+        for kind in _KINDS:
+            for ours, theirs in fam.renames:
+                if f"{idx}.{ours}.{kind}" in want:
+                    sd[f"{idx}.{ours}.{kind}"] = take(f"{pre}{theirs}.{kind}")
+            if fam.qkv and any(f"{idx}.attention.{n}.{kind}" in want for n in ("query_key_value", "query")):
+                parts = fuse_qkv(*(take(f"{pre}{n}.{kind}") for n in fam.qkv), cfg)
+                sd.update({f"{idx}.attention.{n}.{kind}": t for n, t in parts.items()})
+            if fam.gate_up and f"{idx}.mlp.dense_h_to_4h.{kind}" in want:
+                sd[f"{idx}.mlp.dense_h_to_4h.{kind}"] = torch.cat([take(f"{pre}{n}.{kind}") for n in fam.gate_up])
+    L = cfg.num_layers
+    for kind in _KINDS:
+        if f"{L + 1}.norm.{kind}" in want:
+            sd[f"{L + 1}.norm.{kind}"] = take(f"{fam.final_norm}.{kind}")
+    head = next((h for h in fam.heads if f"{h}.weight" in hf_sd), fam.heads[0])
+    if cfg.tie_embeddings:
+        used.update(f"{h}.{kind}" for h in fam.heads for kind in _KINDS if f"{h}.{kind}" in hf_sd
+                    and hf_sd[f"{h}.{kind}"].shape == hf_sd[f"{fam.embed}.weight"].shape)
+    else:
+        for kind in _KINDS:
+            if f"{L + 2}.final_linear.{kind}" in want:
+                sd[f"{L + 2}.final_linear.{kind}"] = _pad_rows(take(f"{head}.{kind}"), padded_vocab)
+    unused = sorted(n for n in hf_sd if n not in used and not _BUFFERS.search(n))
+    if unused:
+        more = f" (+{len(unused) - 6} more)" if len(unused) > 6 else ""
+        raise CheckpointError(f"Hugging Face checkpoint has tensors a {fam.architecture} of this config does not have: "
+                              f"{', '.join(unused[:6])}{more} (e.g. biases where the config says there are none)")
     return {k: v.detach().clone().contiguous() for k, v in sd.items()}
 
 
 def to_hf_state_dict(sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """Our full layer-indexed state dict -> HF names (vocab stays padded; config says so)."""
+    """Our full layer-indexed state dict -> HF names of cfg's family (vocab stays padded; config says so)."""
     check_hf_compatible(cfg)
+    fam = family_of(cfg)
     L = cfg.num_layers
-    out = {"gpt_neox.embed_in.weight": sd["0.word_embeddings.weight"]}
+    out = {f"{fam.embed}.weight": sd["0.word_embeddings.weight"]}
     for i in range(L):
-        for part in _LAYER_PARTS:
-            key = f"{i + 1}.{part}"
-            if key in sd:
-                out[f"gpt_neox.layers.{i}.{part}"] = sd[key]
-    out["gpt_neox.final_layer_norm.weight"] = sd[f"{L + 1}.norm.weight"]
-    out["gpt_neox.final_layer_norm.bias"] = sd[f"{L + 1}.norm.bias"]
+        pre, idx = fam.layer.format(i=i), i + 1
+        for kind in _KINDS:
+            for ours, theirs in fam.renames:
+                if f"{idx}.{ours}.{kind}" in sd:
+                    out[f"{pre}{theirs}.{kind}"] = sd[f"{idx}.{ours}.{kind}"]
+            qkv = {n: sd[f"{idx}.attention.{n}.{kind}"] for n in ("query_key_value", "query", "key_value")
+                   if f"{idx}.attention.{n}.{kind}" in sd}
+            if fam.qkv and qkv:
+                out.update({f"{pre}{n}.{kind}": t for n, t in zip(fam.qkv, split_qkv(qkv, cfg))})
+            if fam.gate_up and f"{idx}.mlp.dense_h_to_4h.{kind}" in sd:
+                gate, up = sd[f"{idx}.mlp.dense_h_to_4h.{kind}"].chunk(2)
+                out.update({f"{pre}{fam.gate_up[0]}.{kind}": gate, f"{pre}{fam.gate_up[1]}.{kind}": up})
+    for kind in _KINDS:
+        if f"{L + 1}.norm.{kind}" in sd:
+            out[f"{fam.final_norm}.{kind}"] = sd[f"{L + 1}.norm.{kind}"]
     if not cfg.tie_embeddings:
-        out["embed_out.weight"] = sd[f"{L + 2}.final_linear.weight"]
+        head = sd[f"{L + 2}.final_linear.weight"]
+        out[f"{fam.heads[0]}.weight"] = head
+        if f"{L + 2}.final_linear.bias" in sd:
+            out[f"{fam.heads[0]}.bias"] = sd[f"{L + 2}.final_linear.bias"]
+        elif fam is GPTJ:  # GPT-J's head always has a bias: ours is zero
+            out[f"{fam.heads[0]}.bias"] = head.new_zeros(head.shape[0])
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
 
 
@@ -224,13 +182,13 @@ def chmod_like_umask(root: Path) -> None:
 
 def load_hf(hf_dir: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """(model section dict, HF state dict) from a local HF directory (no download)."""
-    from transformers import GPTNeoXConfig
+    from transformers import AutoConfig
 
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: no config.json (expected a Hugging Face model directory)")
     try:
-        hf_cfg = GPTNeoXConfig.from_pretrained(hf_dir)
+        hf_cfg = AutoConfig.from_pretrained(hf_dir)
         model = model_config_from_hf(hf_cfg)
         ModelConfig(**model)  # sizes that do not fit together fail here, named, not while converting
     except ConfigError as e:
@@ -240,7 +198,7 @@ def load_hf(hf_dir: os.PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor
                              for err in e.errors())
         raise ConfigError(f"{hf_dir / 'config.json'}: sizes that make no model: {problems}") from None
     except Exception as e:  # transformers: OSError/ValueError for bad JSON; TypeError etc. for bad values
-        raise ConfigError(f"{hf_dir / 'config.json'}: not a usable GPTNeoX config "
+        raise ConfigError(f"{hf_dir / 'config.json'}: not a usable Hugging Face config "
                           f"({type(e).__name__}: {_first_line(e)})") from None
     sd: Dict[str, torch.Tensor] = {}
     files = sorted(hf_dir.glob("*.safetensors"))

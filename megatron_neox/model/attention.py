@@ -117,8 +117,12 @@ class AttentionPlan:
         if self.requested == "flash" and flash_attn_varlen() is None:
             raise ConfigError("model.attention_kernel='flash' needs the flash-attn package (pip install flash-attn); "
                               "use 'auto' to fall back to FlexAttention or SDPA")
+        if cfg.grouped_query and tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 5):
+            raise ConfigError(f"model.num_kv_heads={cfg.num_kv_heads} (grouped-query attention) needs torch >= 2.5 "
+                              f"(scaled_dot_product_attention's enable_gqa); this torch is {torch.__version__}")
         self.dropout = cfg.attention_dropout > 0
-        self.rotary = RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base) if cfg.position_embedding == "rotary" else None
+        self.rotary = (RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base, scaling=cfg.rope_scaling)
+                       if cfg.position_embedding == "rotary" else None)
         self.alibi = cfg.position_embedding == "alibi"
         self._slopes: Dict[torch.device, torch.Tensor] = {}
         self._score_mods: Dict[torch.device, Callable] = {}
@@ -126,6 +130,8 @@ class AttentionPlan:
             heads = cfg.num_attention_heads // tp_size
             self._slopes[torch.device("cpu")] = alibi_slopes(cfg.num_attention_heads)[tp_rank * heads:(tp_rank + 1) * heads]
         self.window = cfg.local_window if cfg.attention_pattern == "alternating_local" else None
+        # Mistral: a causal window on every layer, so the "dense" flavour is banded too.
+        self.dense_window = cfg.sliding_window
         self.chosen: Dict[Tuple, str] = {}  # (device type, dtype, local, documents, decoding) -> kernel
         self._memo: Optional[Tuple] = None
 
@@ -151,8 +157,9 @@ class AttentionPlan:
         """The kernel for a flavour of layer and kind of input, decided on first use and then fixed."""
         key = (device.type, dtype, local, documents, decoding)
         if key not in self.chosen:
+            masked = local or documents or self.alibi or self.dense_window is not None
             kernel = select_kernel(
-                self.requested, device_type=device.type, dtype=dtype, masked=local or documents or self.alibi,
+                self.requested, device_type=device.type, dtype=dtype, masked=masked,
                 dropout=self.dropout, decoding=decoding, flash=flash_attn_varlen() is not None, flex=flex_available())
             if kernel == "flash" and dtype not in _HALF:
                 raise ConfigError(f"model.attention_kernel='flash': flash-attn runs fp16/bf16 only, the model is {dtype}; "
@@ -192,7 +199,7 @@ class AttentionPlan:
     def _layer_mask(self, kernel: str, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor], *,
                     local: bool, past_len: int, dtype: torch.dtype) -> LayerMask:
         device = position_ids.device
-        window = self.window if local else None
+        window = self.window if local else self.dense_window
         slopes = self.slopes(device) if self.alibi else None
         B, T = position_ids.shape
         if kernel == "flex":
@@ -264,18 +271,21 @@ def _flex_fn(device_type: str) -> Callable:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: LayerMask, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, T, D] and k, v [B, H, K, D]; returns [B, H, T, D]."""
+    """softmax(q k^T / sqrt(d) + mask) v for q [B, H, T, D] and k, v [B, Hkv, K, D]; returns [B, H, T, D].
+    Hkv < H is grouped-query attention (query head h uses KV head h // (H / Hkv)): every kernel takes
+    the KV heads as they are, none repeats them in memory."""
+    gqa = k.shape[1] != q.shape[1]
     if mask.kernel == "flex":
-        return _flex_fn(q.device.type)(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask)
+        return _flex_fn(q.device.type)(q, k, v, score_mod=mask.score_mod, block_mask=mask.block_mask, enable_gqa=gqa)
     if mask.kernel == "flash":
         B, H, T, D = q.shape
 
-        def flat(x):
-            return x.transpose(1, 2).reshape(B * T, H, D)
+        def flat(x):  # flash-attn takes fewer KV heads natively
+            return x.transpose(1, 2).reshape(B * T, x.shape[1], D)
 
         window = (mask.window - 1, 0) if mask.window is not None else (-1, -1)
         out = flash_attn_varlen()(flat(q), flat(k), flat(v), mask.cu_seqlens, mask.cu_seqlens, T, T,
                                   dropout_p=dropout_p, causal=True, window_size=window, alibi_slopes=mask.slopes)
         return out.view(B, T, H, D).transpose(1, 2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.attn_mask, dropout_p=dropout_p,
-                                          is_causal=mask.is_causal)
+                                          is_causal=mask.is_causal, **({"enable_gqa": True} if gqa else {}))

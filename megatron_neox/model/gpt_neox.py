@@ -80,13 +80,14 @@ class FinalNorm(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Untied output projection; returns this rank's vocab slice of the logits."""
+    """Untied output projection (with GPT-J's bias when model.lm_head_bias); returns this rank's vocab
+    slice of the logits."""
 
     def __init__(self, cfg: ModelConfig, padded_vocab: int, tp_group=None, sequence_parallel: bool = False):
         super().__init__()
         init = init_fn(cfg.init_method, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, base_std=cfg.init_std)
         self.final_linear = ColumnParallelLinear(
-            cfg.hidden_size, padded_vocab, group=tp_group, bias=False, gather_output=False, init_method=init,
+            cfg.hidden_size, padded_vocab, group=tp_group, bias=cfg.lm_head_bias, gather_output=False, init_method=init,
             sequence_parallel=sequence_parallel and group_size(tp_group) > 1,
         )
 
@@ -299,12 +300,13 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     gate = 2 if cfg.activation == "swiglu" else 1
     layer_norms = (1 if cfg.shared_norm else 2) * norm
     layer = layer_norms
-    layer += 3 * d * d + (3 * d if cfg.attention_bias else 0)  # query_key_value
+    qkv = cfg.qkv_size  # (heads + 2 * kv_heads) * head_dim
+    layer += qkv * d + (qkv if cfg.attention_bias else 0)  # query_key_value, or query + key_value
     layer += d * d + (d if cfg.attention_bias else 0)  # attention.dense
     layer += d * f * gate + (f * gate if cfg.mlp_bias else 0)  # dense_h_to_4h
     layer += f * d + (d if cfg.mlp_bias else 0)  # dense_4h_to_h
     embedding = V * d + (cfg.seq_length * d if cfg.position_embedding == "learned" else 0)
-    head = 0 if cfg.tie_embeddings else V * d
+    head = 0 if cfg.tie_embeddings else V * d + (V if cfg.lm_head_bias else 0)
     total = embedding + cfg.num_layers * layer + norm + head
     return {"embedding": embedding, "layer": layer, "layer_norms": layer_norms, "final_norm": norm, "head": head,
             "total": total}

@@ -1,9 +1,12 @@
 """Rotary position embeddings (Su et al. 2021, RoFormer), GPT-NeoX flavour.
 
 Only the first `rotary_ndims` dims of each head rotate (GPT-NeoX-20B/Pythia: 25% of the head);
-pairs are (i, i + rotary_ndims/2) -- the "rotate half" layout, as in HF GPTNeoX -- not GPT-J's
-interleaved (2i, 2i+1) pairs.
+pairs are (i, i + rotary_ndims/2) -- the "rotate half" layout, as in HF GPTNeoX and HF Llama -- or,
+with `model.rotary_interleaved`, GPT-J's (and Meta's Llama code's) interleaved (2i, 2i+1) pairs.
+Pair j turns by position * inv_freq[j] either way.
 """
+import math
+
 import torch
 
 
@@ -18,12 +21,15 @@ class RotaryEmbedding:
     to a device once, on first use there.
     """
 
-    def __init__(self, rotary_ndims: int, base: float = 10000.0):
+    def __init__(self, rotary_ndims: int, base: float = 10000.0, scaling=None):
         self.rotary_ndims = rotary_ndims
         inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.float64) / rotary_ndims))
+        if scaling is not None:  # config.RopeScaling (model.rope_scaling)
+            inv_freq = llama3_scaled(inv_freq, scaling)
         self._inv_freq = {torch.device("cpu"): inv_freq.float()}
 
-    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """The angle per position of each rotated pair (fp32), on `device`."""
         if device not in self._inv_freq:
             self._inv_freq[device] = self._inv_freq[torch.device("cpu")].to(device)
         return self._inv_freq[device]
@@ -31,13 +37,14 @@ class RotaryEmbedding:
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
         """cos/sin of shape [B, T, 1, rotary_ndims / 2], one angle per rotated pair, for broadcasting
         over the heads of [B, T, heads, head_dim] (the fused QKV's own layout, see `apply_rotary`)."""
-        freqs = position_ids[..., None].to(torch.float32) * self._inv_freq_on(position_ids.device)
+        freqs = position_ids[..., None].to(torch.float32) * self.inv_freq(position_ids.device)
         freqs = freqs.unsqueeze(2)
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-class _RotateHalf(torch.autograd.Function):
-    """Rotate pairs (i, i + n/2) of the first n = 2 * cos.size(-1) dims of x; pass the rest through.
+class _Rotate(torch.autograd.Function):
+    """Rotate pairs of the first n = 2 * cos.size(-1) dims of x ((i, i + n/2), or (2i, 2i+1) when
+    `interleaved`); pass the rest through.
 
     Written out with its backward (the transpose of a rotation is the rotation by -angle) so that
     autograd records no slice of x: sliced inputs get full-size zero-filled gradients
@@ -45,27 +52,32 @@ class _RotateHalf(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, interleaved):
         ctx.save_for_backward(cos, sin)
-        return _rotate(x, cos, sin)
+        ctx.interleaved = interleaved
+        return _rotate(x, cos, sin, interleaved)
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        return _rotate(grad, cos, -sin), None, None
+        return _rotate(grad, cos, -sin, ctx.interleaved), None, None, None
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     half = cos.size(-1)
+    if interleaved:
+        x1, x2 = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return torch.cat([rotated, x[..., 2 * half:]], dim=-1)
     x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """x [B, T, heads, head_dim] (any strides, e.g. a view into the fused QKV) rotated on its first
     2 * cos.size(-1) dims; returns a new contiguous tensor of the same shape. cos/sin [B, T, 1, n/2]
     from `RotaryEmbedding.cos_sin`. The elementwise work touches only the rotated dims."""
-    return _RotateHalf.apply(x, cos, sin)
+    return _Rotate.apply(x, cos, sin, interleaved)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -86,3 +98,14 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
         closest = 2 ** math.floor(math.log2(num_heads))
         s = pow2(closest) + pow2(2 * closest)[0::2][: num_heads - closest]
     return torch.tensor(s, dtype=torch.float32)
+
+
+def llama3_scaled(inv_freq: torch.Tensor, scaling) -> torch.Tensor:
+    """Llama 3.1's frequency scaling (Meta's llama/model.py `apply_scaling`; HF rope_type 'llama3'):
+    wavelengths 2*pi/f above original / low_freq_factor are divided by `factor`, those below
+    original / high_freq_factor kept, and the band between interpolates smoothly in 1/wavelength."""
+    original = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = smooth.clamp(0.0, 1.0)  # 0 at the long-wavelength end, 1 at the short one
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq

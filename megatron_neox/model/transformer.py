@@ -21,11 +21,14 @@ from megatron_neox.model.norms import make_norm
 from megatron_neox.model.rotary import apply_rotary
 from megatron_neox.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_neox.parallel.mappings import (
+    copy_to_tensor_parallel_region,
+    gather_from_sequence_parallel_region,
     reduce_from_tensor_parallel_region,
     reduce_scatter_to_sequence_parallel_region,
 )
 from megatron_neox.parallel.random import tensor_parallel_rng
-from megatron_neox.parallel.utils import divide, group_size, sum_grads_over_tensor_parallel_group
+from megatron_neox.parallel.sharding import kv_heads_sharded
+from megatron_neox.parallel.utils import divide, group_rank, group_size, sum_grads_over_tensor_parallel_group
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]
 
@@ -42,19 +45,71 @@ class Attention(nn.Module):
         out_init = init_fn(
             cfg.output_layer_init_method, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, base_std=cfg.init_std
         )
-        # Fused QKV with rows interleaved per head ([head][q|k|v][head_dim]), the HF GPTNeoX layout:
-        # a contiguous row block per TP rank then holds whole heads.
-        self.query_key_value = ColumnParallelLinear(
-            cfg.hidden_size, 3 * cfg.hidden_size, group=tp_group, bias=cfg.attention_bias, gather_output=False,
-            init_method=init, sequence_parallel=sequence_parallel,
-        )
+        self.grouped = cfg.grouped_query
+        if not self.grouped:
+            # Fused QKV with rows interleaved per head ([head][q|k|v][head_dim]), the HF GPTNeoX layout:
+            # a contiguous row block per TP rank then holds whole heads.
+            self.query_key_value = ColumnParallelLinear(
+                cfg.hidden_size, 3 * cfg.hidden_size, group=tp_group, bias=cfg.attention_bias, gather_output=False,
+                init_method=init, sequence_parallel=sequence_parallel,
+            )
+        else:
+            self._init_grouped(cfg, tp_group, sequence_parallel, init)
         self.dense = RowParallelLinear(
             cfg.hidden_size, cfg.hidden_size, group=tp_group, bias=cfg.attention_bias, input_is_parallel=True,
             init_method=out_init, skip_bias_add=True, reduce_output=False,
         )
-        self.rotary_ndims = cfg.rotary_ndims
+        self.rotary_interleaved = cfg.rotary_interleaved
         # GPT-3 alternates dense and locally banded layers; the odd layers are the banded ones.
         self.local = cfg.attention_pattern == "alternating_local" and layer_number % 2 == 1
+
+    def _init_grouped(self, cfg: ModelConfig, tp_group, sequence_parallel: bool, init) -> None:
+        """Grouped-query attention: `query` (this rank's query heads) and `key_value` (rows [kv head][k|v]),
+        separate because the KV heads split across TP ranks only when num_kv_heads % tp == 0. When tp >
+        num_kv_heads (tp % num_kv_heads == 0, layout.py) every rank holds all KV heads -- a plain
+        replicated weight, so the gradient norm counts it once -- computes them and keeps its group's;
+        each rank's gradient then covers its group only, so the gradients are summed over the TP group
+        (which keeps the copies identical). The input arrives through the same TP region as a
+        column-parallel layer's, whose backward sums the input gradient over the ranks."""
+        tp, kv = group_size(tp_group), cfg.kv_heads
+        self.query = ColumnParallelLinear(
+            cfg.hidden_size, cfg.num_attention_heads * self.head_dim, group=tp_group, bias=cfg.attention_bias,
+            gather_output=False, init_method=init, sequence_parallel=sequence_parallel,
+        )
+        self.kv_split = kv_heads_sharded(kv, tp)
+        self.kv_heads = kv // tp if self.kv_split else kv  # KV heads this rank computes
+        # tp > kv: rank r's query heads belong to KV head r // (tp / kv).
+        self.kv_index = None if self.kv_split else group_rank(tp_group) // (tp // kv)
+        self.tp_group = tp_group
+        self.sequence_parallel = sequence_parallel and tp > 1
+        self.key_value = ColumnParallelLinear(
+            cfg.hidden_size, 2 * kv * self.head_dim, group=tp_group if self.kv_split else None,
+            bias=cfg.attention_bias, gather_output=False, init_method=init,
+            sequence_parallel=sequence_parallel if self.kv_split else False,
+        )
+        if not self.kv_split:
+            for p in self.key_value.parameters():  # replicated, not a shard (group=None still marks them)
+                p.model_parallel = p.tensor_model_parallel = False
+            sum_grads_over_tensor_parallel_group(self.key_value.parameters(), tp_group)
+
+    def _qkv(self, x: torch.Tensor):
+        """q, k, v [B, T, heads, head_dim] (k, v with this rank's KV heads), views where possible."""
+        if not self.grouped:
+            # [B, T, heads * 3 * head_dim] -> q, k, v: views into the fused output in the layout flash /
+            # cuDNN attention read (head_dim contiguous, heads inside T); unbind's backward stacks the
+            # three gradients back with one cat.
+            return self.query_key_value(x).unflatten(-1, (self.num_heads, 3, self.head_dim)).unbind(-2)
+        q = self.query(x).unflatten(-1, (self.num_heads, self.head_dim))
+        if not self.kv_split:
+            if self.sequence_parallel:
+                x = gather_from_sequence_parallel_region(x, self.tp_group)
+            else:
+                x = copy_to_tensor_parallel_region(x, self.tp_group)
+        kv = self.key_value(x).unflatten(-1, (self.kv_heads, 2, self.head_dim))
+        if self.kv_index is not None:
+            kv = kv[:, :, self.kv_index:self.kv_index + 1]
+        k, v = kv.unbind(-2)
+        return q, k, v
 
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None,
@@ -63,13 +118,10 @@ class Attention(nn.Module):
         """Returns this rank's un-reduced output partial sum (plus `add_to`, summed inside the output
         matmul, see RowParallelLinear) and the KV cache; the output bias is the caller's to add.
         `ctx` (model/attention.py) carries the rotary angles and this forward's masks."""
-        qkv = self.query_key_value(x)
-        # [B, T, heads * 3 * head_dim] -> q, k, v [B, T, heads, head_dim]: views into the fused
-        # output in the layout flash / cuDNN attention read (head_dim contiguous, heads inside T);
-        # unbind's backward stacks the three gradients back with one cat.
-        q, k, v = qkv.unflatten(-1, (self.num_heads, 3, self.head_dim)).unbind(-2)
+        q, k, v = self._qkv(x)
         if ctx.cos is not None:
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            il = self.rotary_interleaved
+            q, k = apply_rotary(q, ctx.cos, ctx.sin, il), apply_rotary(k, ctx.cos, ctx.sin, il)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim] views
         if layer_past is not None:
             k = torch.cat([layer_past[0], k], dim=2)

@@ -12,7 +12,9 @@ drawn on the host from the CPU generator, so a model starts from the same weight
 device the layer is built for (`with torch.device(...)`, e.g. the rank's GPU). Biases start at zero.
 
 `forward` returns the output tensor, or `(output, bias)` when `skip_bias_add=True` (so the caller
-can fuse the bias add into a following op).
+can fuse the bias add into a following op). A bias with nothing between it and the matmul joins the
+matmul (addmm), and `RowParallelLinear.forward(x, add_to=...)` sums a tensor (a residual, another
+branch's partial sum) inside its matmul: one pass over the output fewer each.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from megatron_neox.training.writer import DurableWriter
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
                "activation", "norm", "position_embedding", "tie_embeddings", "attention_bias", "mlp_bias",
-               "shared_norm", "rotary_dims", "rotary_pct")
+               "shared_norm", "rotary_dims", "rotary_pct", "num_kv_heads")
 
 
 def universal_checkpoint_info(cfg: Config, padded_vocab: int) -> Dict[str, Any]:
@@ -45,7 +45,7 @@ def universal_checkpoint_info(cfg: Config, padded_vocab: int) -> Dict[str, Any]:
     from megatron_neox.model.gpt_neox import state_dict_shapes
 
     m = cfg.model
-    pat = universal_patterns(m, state_dict_shapes(m, padded_vocab))
+    pat = universal_patterns(m, state_dict_shapes(m, padded_vocab), cfg.parallel.tp)
     info = {
         C.UNIVERSAL_CHECKPOINT_VERSION_KEY: C.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         C.TP_REPLICATED_PARAMETER_PATTERNS: pat["replicated"],

@@ -1,0 +1,198 @@
+"""GPT-J, Llama (grouped-query attention, Llama-3 rotary scaling) and Mistral (sliding window) against
+Hugging Face's own classes, both ways, on one process: tiny random models built from configs written
+here (nothing is downloaded). The multi-rank checks (GQA under TP, continued pretraining at pp=2 tp=2)
+are in tests/test_model_families_parallel.py.
+"""
+import json
+
+import pytest
+import torch
+
+from _train import load_tool
+
+from megatron_neox.config import ModelConfig
+from megatron_neox.convert.hf import from_hf_state_dict, load_hf, model_config_from_hf, save_hf
+from megatron_neox.parallel.sharding import merge_state_dicts, shard_state_dict
+from megatron_neox.errors import CheckpointError
+from megatron_neox.model.gpt_neox import GPTNeoX
+
+transformers = pytest.importorskip("transformers")
+convert_from_hf = load_tool("convert_from_hf")
+
+VOCAB = 101
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+
+
+def hf_config(family: str, **extra):
+    """A tiny config of each family; windows and rope scaling short enough to matter at T=24."""
+    if family == "gptj":
+        return transformers.GPTJConfig(vocab_size=VOCAB, n_embd=48, n_layer=2, n_head=4, rotary_dim=6, n_inner=80,
+                                       n_positions=64, **extra)
+    common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, rms_norm_eps=1e-6, **extra)
+    if family == "mistral":
+        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **common)
+    if family == "llama_gqa":
+        return transformers.LlamaConfig(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE, **common)
+    return transformers.LlamaConfig(num_key_value_heads=4, **common)  # llama_mha: Llama-2-7B's shape
+
+
+FAMILIES = ["gptj", "llama_mha", "llama_gqa", "mistral"]
+HF_CLASS = {"gptj": "GPTJForCausalLM", "llama_mha": "LlamaForCausalLM", "llama_gqa": "LlamaForCausalLM",
+            "mistral": "MistralForCausalLM"}
+
+
+def random_hf(family: str, seed: int = 0, **extra):
+    torch.manual_seed(seed)
+    model = getattr(transformers, HF_CLASS[family])(hf_config(family, **extra)).eval()
+    with torch.no_grad():  # HF's init leaves biases at zero and norms at one: randomise everything
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def _tokens(seed: int, batch: int = 2, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_model_gives_hf_logits(family):
+    hf = random_hf(family)
+    cfg = ModelConfig(**model_config_from_hf(hf.config))
+    padded = cfg.padded_vocab(1)
+    ours = GPTNeoX(cfg, padded).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg, padded), strict=True)
+    tokens = _tokens(1)
+    with torch.no_grad():
+        expected, got = hf(tokens).logits, ours(tokens)
+    torch.testing.assert_close(got[..., :VOCAB], expected, rtol=0, atol=1e-5)
+    assert (got[..., VOCAB:] == 0).all(), "padded vocab rows must give zero logits"
+
+
+@pytest.mark.parametrize("family", ["gptj", "llama_gqa", "mistral"])
+def test_kv_cache_decoding_equals_hf_generate(family):
+    """Decoding with our KV cache (fewer KV heads; Mistral's window passed by the 16 new tokens) picks
+    HF generate's greedy tokens."""
+    from megatron_neox.generate import generate_ids
+
+    hf = random_hf(family)
+    cfg = ModelConfig(**model_config_from_hf(hf.config))
+    ours = GPTNeoX(cfg, cfg.padded_vocab(1)).eval()
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg, cfg.padded_vocab(1)))
+    prompt = _tokens(4, batch=1, length=3)
+    theirs = hf.generate(prompt, do_sample=False, max_new_tokens=16, eos_token_id=None, pad_token_id=0)
+    assert generate_ids(ours, prompt[0].tolist(), max_new_tokens=16, vocab_size=VOCAB) == theirs[0, 3:].tolist()
+
+
+def test_imported_configs_say_what_each_family_is():
+    gptj, gqa, mistral = (ModelConfig(**model_config_from_hf(random_hf(f).config)) for f in ("gptj", "llama_gqa",
+                                                                                             "mistral"))
+    assert (gptj.rotary_interleaved, gptj.rotary_ndims, gptj.activation, gptj.shared_norm, gptj.lm_head_bias,
+            gptj.attention_bias) == (True, 6, "gelu_tanh", True, True, False)
+    assert (gqa.kv_heads, gqa.rotary_base, gqa.rope_scaling.factor, gqa.norm, gqa.activation, gqa.parallel_residual,
+            gqa.sliding_window) == (2, 500000.0, 8.0, "rmsnorm", "swiglu", False, None)
+    assert (mistral.kv_heads, mistral.sliding_window, mistral.rope_scaling) == (2, 5, None)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_loads_in_hf_with_our_logits(tmp_path, family):
+    cfg = ModelConfig(**model_config_from_hf(random_hf(family).config))
+    padded = cfg.padded_vocab(1)
+    ours = GPTNeoX(cfg, padded, seed=5).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases and norms away from their init
+    out = save_hf(tmp_path / "hf", ours.state_dict(), cfg, padded)
+    assert json.loads((out / "config.json").read_text())["architectures"] == [HF_CLASS[family]]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == HF_CLASS[family]
+    tokens = _tokens(2)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ours(tokens), rtol=0, atol=1e-5)
+    model_dict, hf_sd = load_hf(out)  # and back: the same tensors
+    back = from_hf_state_dict(hf_sd, ModelConfig(**model_dict), padded)
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gqa_shards_split_or_replicate_the_kv_heads(tp):
+    """2 KV heads: split one per rank at tp=2, every rank holds both at tp=4; merge inverts either."""
+    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_gqa").config))
+    full = GPTNeoX(cfg, cfg.padded_vocab(1), seed=3).state_dict()
+    shards = [shard_state_dict(full, cfg, tp, r) for r in range(tp)]
+    kv = full["1.attention.key_value.weight"]  # rows [kv head][k|v][head_dim]
+    if tp == 2:
+        assert torch.equal(shards[1]["1.attention.key_value.weight"], kv[kv.shape[0] // 2:])
+    else:
+        assert all(torch.equal(s["1.attention.key_value.weight"], kv) for s in shards)
+    assert torch.equal(shards[tp - 1]["1.attention.query.weight"], full["1.attention.query.weight"].chunk(tp)[-1])
+    back = merge_state_dicts(shards, cfg)
+    assert all(torch.equal(back[k], v) for k, v in full.items())
+
+
+def test_llama3_scaling_changes_only_long_wavelengths():
+    from megatron_neox.model.rotary import RotaryEmbedding
+
+    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_gqa").config))
+    plain = RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base)
+    scaled = RotaryEmbedding(cfg.rotary_ndims, cfg.rotary_base, scaling=cfg.rope_scaling)
+    inv, inv_s = plain.inv_freq(torch.device("cpu")), scaled.inv_freq(torch.device("cpu"))
+    wavelen = 2 * torch.pi / inv
+    # Llama 3.1: wavelengths under original/high_freq_factor = 2 kept, over original/low_freq_factor = 8 / 8.
+    torch.testing.assert_close(inv_s[wavelen < 2], inv[wavelen < 2], rtol=0, atol=0)
+    torch.testing.assert_close(inv_s[wavelen > 8], inv[wavelen > 8] / 8, rtol=1e-6, atol=0)
+
+
+# ---- bad input: refused at the door, exit 2, nothing written --------------------------------------
+
+
+def _save(model, path, **config_edits):
+    model.save_pretrained(path)
+    cfg_file = path / "config.json"
+    data = json.loads(cfg_file.read_text())
+    data.update(config_edits)
+    cfg_file.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("family,edits,field", [
+    ("llama_gqa", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}, "rope_parameters": None}, "rope_type='yarn'"),
+    ("mistral", {"attention_bias": True}, "attention_bias=true"),
+    ("gptj", {"mlp_bias": True}, "mlp_bias=true"),
+    ("llama_mha", {"head_dim": 24}, "head_dim=24"),
+])
+def test_unsupported_hf_config_is_refused_naming_the_field(tmp_path, capsys, family, edits, field):
+    src = _save(random_hf(family), tmp_path / "hf", **edits)
+    out = tmp_path / "out"
+    assert convert_from_hf.main(["--hf-dir", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and field in err, err
+    assert "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may be written"
+
+
+def test_weights_with_biases_the_class_has_not_are_refused():
+    hf = random_hf("llama_gqa")
+    cfg = ModelConfig(**model_config_from_hf(hf.config))
+    sd = dict(hf.state_dict(), **{"model.layers.0.self_attn.q_proj.bias": torch.zeros(48)})
+    with pytest.raises(CheckpointError, match=r"does not have: model\.layers\.0\.self_attn\.q_proj\.bias"):
+        from_hf_state_dict(sd, cfg, cfg.padded_vocab(1))
+
+
+@pytest.mark.parametrize("tp,ok", [(1, True), (2, True), (4, True), (8, True), (3, False), (6, False)])
+def test_tp_splits_or_replicates_kv_heads_or_is_refused(tp, ok):
+    """4 KV heads: tp 1, 2, 4 split them, tp 8 replicates them; tp 3 and 6 would give a rank query heads
+    of two KV groups."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.errors import ConfigError
+
+    cfg = {"model": {"num_layers": 2, "hidden_size": 96, "num_attention_heads": 24, "num_kv_heads": 4,
+                     "seq_length": 16, "vocab_size": 96, "intermediate_size": 48, "make_vocab_size_divisible_by": 8},
+           "parallel": {"tp": tp}, "train": {"iters": 1}}
+    if ok:
+        assert config_from_dict(cfg).model.kv_heads == 4
+    else:
+        with pytest.raises(ConfigError, match=rf"model.num_kv_heads=4 and parallel.tp={tp}"):
+            config_from_dict(cfg)
