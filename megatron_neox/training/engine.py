@@ -96,6 +96,10 @@ def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
 
     check_precision_supported(cfg)
     cfg = resolve_for_world(cfg, layout.world_size)  # zero.stage / overlap_comm 'auto' -> numbers
+    if cfg.activation_checkpointing.interval == "auto":  # the trainer resolves it first (start-up line)
+        from megatron_neox.plan import resolve_checkpoint_interval
+
+        cfg, _ = resolve_checkpoint_interval(cfg, layout)
     ds_config = cfg.deepspeed_config(layout)
     for key, value in choose_adam(get_accelerator().device_name())[0].items():
         ds_config["optimizer"]["params"].setdefault(key, value)

@@ -95,9 +95,12 @@ class _Run:
 
     def __init__(self, cfg: Config, stop: StopSignal):
         from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options, size_warnings
+        from megatron_neox.plan import resolve_checkpoint_interval
 
-        self.cfg = cfg
         self.layout, self.topo = setup(cfg)
+        # activation_checkpointing.interval 'auto' -> a number from the memory estimate on this device
+        cfg, self.recompute = resolve_checkpoint_interval(cfg, self.layout)
+        self.cfg = cfg
         tok = _check_tokenizer(cfg)
         eod = tok.eod_id if tok is not None else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
@@ -132,7 +135,7 @@ class _Run:
         self.harness = TrainingHarness(cfg, self.engine, self.topo, tok, metrics=self.metrics)
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
-            log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state))
+            log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state, self.recompute))
 
     def step(self) -> Tuple[StepResult, Optional[str]]:
         """One optimizer step at the batch size and learning rate of the run's position; returns
@@ -180,14 +183,16 @@ class _Run:
         self.metrics.start(state.iteration, self.iters)
 
 
-def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState) -> str:
+def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState, recompute) -> str:
     from megatron_neox.model.gpt_neox import count_parameters
     from megatron_neox.training.precision import describe_setup
 
     params = count_parameters(cfg.model, topo.tp)["total"]
+    k = recompute.interval
+    ckpt = f"recompute every {k} layer(s)" if k else "no recompute"
     return (f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "
             f"micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {topo.dp} = global "
-            f"{layout.global_batch_size} | {cfg.precision} | {describe_setup(cfg, layout.dp)} | "
+            f"{layout.global_batch_size} | {cfg.precision} | {describe_setup(cfg, layout.dp)} | {ckpt} ({recompute.why}) | "
             f"{iters} steps from step {state.iteration}")
 
 
