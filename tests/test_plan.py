@@ -6,6 +6,7 @@ tensors autograd actually saves in small CPU models, so the itemised formula can
 the code it describes. Two launches of the real tool (about 5 s each: torch + DeepSpeed import).
 """
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -405,3 +406,15 @@ def test_trainer_start_line_says_what_auto_recompute_chose_and_why(tmp_path):
     assert "| recompute every " in small_line and "estimated without recompute exceeds 90% of 0.0 GiB" in small_line
     assert "| no recompute (auto: " in large_line and "fits 90% of 1024.0 GiB" in large_line
     assert small == large  # recomputation repeats the same forward: the same losses
+
+
+def test_shipped_config_comments_say_what_auto_recompute_chooses():
+    """Each recipe keeps its published checkpointing; its comment quotes the planner's 'auto' choice
+    (regenerate the sentence with plan.format_auto_recompute when the estimate changes)."""
+    from megatron_neox.plan import format_auto_recompute
+
+    for path in sorted((REPO / "deepspeed_configs").glob("*.json")):
+        if path.name == "demo.json":
+            continue
+        comment = json.loads(path.read_text())["comment"]
+        assert comment.endswith(f" tools/plan.py (pp*tp GPUs, dp=1): {format_auto_recompute(load_config(path))}."), path
