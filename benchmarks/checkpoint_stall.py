@@ -82,8 +82,8 @@ def _worker(job: dict) -> dict:
     from megatron_neox.training.step import train_step
 
     cfg = _config(job["model"], job["dir"], job["async"])
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     ckpt = Checkpointer(cfg, engine, topo, StopSignal())
     state = TrainState()
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import sys
@@ -176,8 +175,8 @@ def engine_run(cfg, steps: int = PARITY_STEPS, same_batch: bool = False, snapsho
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     step_fn = partial(train_step, engine, topo=topo, clipper=clipper)
     if snapshot is not None:
         snapshot.append(_flat_weights(engine.module))
@@ -535,7 +534,7 @@ def check_throughput(size: str, compile_rows: bool) -> dict:
     fails is reported with its error and the others still run."""
     from megatron_neox import hardware
     from megatron_neox.training.metrics import flops_per_token
-    from megatron_neox.training.precision import describe_setup
+    from megatron_neox.resolve import describe_setup, resolve
 
     on_gpu = torch.cuda.is_available()
     precision = ("bf16" if _bf16_ok() else "fp16") if on_gpu else "fp32"
@@ -565,7 +564,7 @@ def check_throughput(size: str, compile_rows: bool) -> dict:
             rows[name] = row
     cfg = make_config(BIG_MODEL[size], precision, "auto", micro, micro)
     return {"precision": precision, "params": _count(cfg), "micro_batch": micro, "seq_length": cfg.model.seq_length,
-            "setup": describe_setup(cfg, 1), "peak_tflops": peak, "peak_source": source, "rows": rows}
+            "setup": describe_setup(resolve(cfg, 1)), "peak_tflops": peak, "peak_source": source, "rows": rows}
 
 
 def _count(cfg) -> int:
@@ -738,9 +737,9 @@ def main(argv=None) -> int:
     failed = [k for k in VERDICT_CHECKS if k in report and not report[k]["ok"]]
     report["verdict"] = "PASS" if not failed else "FAIL: " + ", ".join(failed)
     out = Path(args.json)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out)
+    from megatron_neox.durable import write_json
+
+    write_json(out, report, indent=1)
     parts = [f"gpu_check {report['verdict']}", report["device"]]
     if "syncs" in report:
         parts.append(f"host syncs in the model's steady fwd+bwd {report['syncs']['model_steady']['dispatch']}"

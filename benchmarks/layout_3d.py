@@ -46,9 +46,9 @@ def worker(job: dict) -> None:
     cfg = po.make_config(pp=job["pp"], tp=job["tp"], zero=1, micro=job["micro"],
                          global_batch=job["global_batch"], model=MODEL)
     t_import = time.perf_counter()
-    layout, topo = setup(cfg)
+    cfg, topo = setup(cfg)
     t_world = time.perf_counter()
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    engine, _, clipper = build_engine(cfg, topo)
     t_engine = time.perf_counter()
     losses, norms = [], []
     for step in range(job["steps"]):

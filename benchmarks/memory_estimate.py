@@ -208,9 +208,9 @@ def worker(job: dict) -> None:
 
     cfg = po.make_config(pp=job["pp"], zero=job["zero"], micro=MICRO, global_batch=job["global_batch"],
                          model=MODEL, activation_checkpointing={"interval": job["ckpt"]})
-    layout, topo = setup(cfg)
+    cfg, topo = setup(cfg)
     rss_base = _rss()
-    engine, model, clipper = build_engine(cfg, topo, layout)
+    engine, model, clipper = build_engine(cfg, topo)
 
     snapshot = {}
     inner_step, inner_reduce = engine.optimizer.step, engine.allreduce_gradients

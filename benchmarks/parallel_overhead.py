@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 # DeepSpeed builds its CPU shared-memory comm extension at start-up: one stable cache for all runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+from megatron_neox.ranks import free_port  # noqa: E402
 
 # ~36M parameters: 6 layers of d=512 (19M) plus a 16k-vocab embedding and untied head (17M).
 # make_vocab_size_divisible_by=64 keeps the padded vocab at 16384 for tp=1 and tp=2 alike, so
@@ -76,21 +77,13 @@ def micro_batches(cfg, step: int, dp: int, dp_rank: int) -> List[Dict]:
     therefore averages the loss over the same G sequences."""
     import torch
 
+    from megatron_neox.data.loader import micro_batch
+
     m, micro, G = cfg.model, cfg.train.micro_batch_size, cfg.train.global_batch_size
-    T = m.seq_length
     g = torch.Generator().manual_seed(1_000 + step)
-    rows = torch.randint(0, m.vocab_size, (G, T + 1), generator=g)
-    out = []
-    for k in range(G // (micro * dp)):
-        start = (k * dp + dp_rank) * micro
-        r = rows[start:start + micro]
-        out.append({
-            "tokens": r[:, :-1].contiguous(),
-            "labels": r[:, 1:].contiguous(),
-            "loss_mask": torch.ones(micro, T),
-            "position_ids": torch.arange(T).expand(micro, T).contiguous(),
-        })
-    return out
+    rows = torch.randint(0, m.vocab_size, (G, m.seq_length + 1), generator=g)
+    starts = [(k * dp + dp_rank) * micro for k in range(G // (micro * dp))]
+    return [micro_batch(rows[s:s + micro].numpy()) for s in starts]
 
 
 def peak_rss_mib() -> float:
@@ -98,12 +91,6 @@ def peak_rss_mib() -> float:
 
 
 # ---- starting ranks as subprocesses --------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RanksFailed(RuntimeError):
@@ -130,7 +117,7 @@ def run_ranks(script: str, world: int, job: dict, threads: int = 1, timeout: flo
     with tempfile.TemporaryDirectory(prefix="mnx_bench_") as tmp:
         base = {
             "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "MNX_RESULT_DIR": tmp, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         }
         log_paths = [os.path.join(tmp, f"rank{rank}.log") for rank in range(world)]
@@ -283,9 +270,9 @@ def preload() -> None:
 def write_result(result: dict) -> None:
     """Called by a worker rank: hand its JSON result to `run_ranks`."""
     path = os.path.join(os.environ["MNX_RESULT_DIR"], f"rank{os.environ['RANK']}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(path + ".tmp", path)
+    from megatron_neox.durable import write_json
+
+    write_json(path, result)
 
 
 # ---- (a) ours vs Hugging Face on one rank --------------------------------------------------------
@@ -344,8 +331,8 @@ def part_a(args) -> None:
 
     def ours(label, zero):
         cfg = make_config(zero=zero, micro=args.micro, global_batch=args.micro)
-        layout, topo = setup(cfg)
-        engine, model, clipper = build_engine(cfg, topo, layout)
+        cfg, topo = setup(cfg)
+        engine, model, clipper = build_engine(cfg, topo)
         contenders.append((label, lambda s: _as_pair(train_step(engine, micro_batches(cfg, s, 1, 0), topo, clipper))))
         return cfg, model
 
@@ -416,8 +403,8 @@ def worker_b(job: dict) -> None:
 
     cfg = make_config(pp=job["pp"], tp=job["tp"], zero=job["zero"], micro=job["micro"],
                       global_batch=job["global_batch"])
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     times, losses = [], []
     for step in range(job["warmup"] + job["steps"]):
         batches = micro_batches(cfg, step, topo.dp, topo.dp_rank)

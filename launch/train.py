@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    from megatron_neox.errors import MegatronNeoxError
+    from megatron_neox.errors import MegatronNeoxError, error_message
     from megatron_neox.config import load_config
     from megatron_neox.training.launch import configure_threads
     from megatron_neox.training.preemption import report_exit
@@ -38,8 +38,8 @@ def main(argv=None) -> int:
 
         stopped = train(cfg).stopped_by_signal
         code = 0
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable checkpoint or log dir, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr, flush=True)
         code = 2
     finally:
         report_exit(code, stopped)  # for launch/run.py, when it supervises this rank

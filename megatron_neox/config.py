@@ -3,8 +3,9 @@
 A run is described by one JSON or YAML file (see `deepspeed_configs/`). `load_config` reads it,
 applies `--set a.b=value` overrides, validates every key (unknown keys are errors that name the
 key path and the closest valid key) and returns a `Config`. Values that depend on the number of
-ranks (data-parallel size, gradient accumulation, padded vocab) are derived by `Config.layout`,
-and `Config.deepspeed_config` emits the DeepSpeed JSON dict, so nobody maintains two files.
+ranks (data-parallel size, gradient accumulation, padded vocab) are derived by `Config.layout`;
+the DeepSpeed JSON dict is emitted from the config by the engine (training/engine.py
+`deepspeed_config`), so nobody maintains two files.
 """
 from __future__ import annotations
 
@@ -18,20 +19,23 @@ from pathlib import Path
 from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from megatron_neox.data.blended import split_weights
+from megatron_neox.data.blended import DEFAULT_SPLIT, mixture_problems
 from megatron_neox.errors import ConfigError
 from megatron_neox.layout import Layout, config_split_problems
+from megatron_neox.precision import precision_problems
 
 # Where `--config NAME` looks when NAME is not a path.
 CONFIG_DIR = Path(os.environ.get("MEGATRON_NEOX_CONFIGS", Path(__file__).resolve().parent.parent / "deepspeed_configs"))
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, assignments are re-validated."""
+    """Base of every config section: unknown keys are errors, and a section is immutable once
+    validated (a changed value is a new config: `resolve.with_values`, `model_copy`), so the config
+    that set-up resolved is the one every component reads."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def pad_vocab_size(vocab_size: int, tp: int = 1, multiple: int = 128) -> int:
@@ -105,6 +109,9 @@ class ModelConfig(Section):
     """Attention kernel (model/attention.py). 'auto': SDPA on CPU, for decoding and for plain causal layers;
     on CUDA, layers with ALiBi, the local band or documents use flash-attn (installed, fp16/bf16), else
     FlexAttention (compiled), else SDPA with a mask. 'flex' has no attention dropout and, on CPU, no backward."""
+    compile: Union[Literal["auto"], bool] = "auto"
+    """torch.compile each transformer layer (regional: identical layers share one compiled graph; model/compile.py).
+    'auto': on for CUDA, off on CPU, off with dropout > 0 or ZeRO-3 (which `true` refuses). Decoding stays eager."""
 
     @property
     def head_dim(self) -> int:
@@ -232,6 +239,9 @@ class TrainConfig(Section):
             raise ValueError("set train.iters or train.train_tokens (how long to train)")
         if any(s < 1 for s in self.inject_spike_at):
             raise ValueError(f"train.inject_spike_at={self.inject_spike_at}: expected step numbers >= 1")
+        if self.inject_spike_at and self.on_spike != "rollback":
+            raise ValueError(f"train.inject_spike_at={self.inject_spike_at} tests the rollback policy, but "
+                             f"train.on_spike={self.on_spike!r} looks for no spikes; set train.on_spike=rollback")
         return self
 
 
@@ -290,7 +300,7 @@ class LossScaleConfig(Section):
 
 class ZeroConfig(Section):
     stage: Union[Literal["auto"], Annotated[int, Field(ge=0, le=3)]] = "auto"
-    """ZeRO stage (0-1 with a pipeline, 0-3 without). 'auto': 0 for fp32 on one data-parallel rank, else 1 (training/precision.py)."""
+    """ZeRO stage (0-1 with a pipeline, 0-3 without). 'auto': 0 for fp32 on one data-parallel rank, else 1 (megatron_neox/precision.py)."""
     reduce_bucket_size: int = Field(500_000_000, gt=0)
     """Elements per gradient reduce bucket."""
     allgather_bucket_size: int = Field(500_000_000, gt=0)
@@ -310,7 +320,7 @@ class ActivationCheckpointConfig(Section):
     `choose_checkpoint_interval`): off when the run fits with a margin, else the interval with the
     smallest estimated peak; the start-up line says which and why, `tools/plan.py` shows it ahead."""
     partition_activations: bool = False
-    """Shard the saved checkpoint inputs across the TP group (DeepSpeed)."""
+    """Shard the saved checkpoint inputs across the TP group (DeepSpeed); a no-op at tp = 1."""
 
 
 class DataConfig(Section):
@@ -320,7 +330,7 @@ class DataConfig(Section):
     """Blend weights, one per prefix; null = proportional to each dataset's tokens."""
     preset: Optional[Literal["pile"]] = None
     """'pile': weight components by tokens x the Pile paper's epochs (Table 1)."""
-    split: str = "969,30,1"
+    split: str = DEFAULT_SPLIT
     """Train/valid/test split by document ranges: 1-3 weights ('969,30,1'; '100' = train only)."""
     cache_dir: Optional[str] = None
     """Where sample indices are cached; default beside the first prefix."""
@@ -347,18 +357,9 @@ class DataConfig(Section):
         for r in self.skip_batches:
             if len(r) != 2 or not 0 <= r[0] < r[1]:
                 raise ValueError(f"data.skip_batches: {r} is not a [start, end) range with 0 <= start < end")
-        if self.weights is not None and len(self.weights) != len(self.prefixes):
-            raise ValueError(
-                f"data.weights has {len(self.weights)} entries but data.prefixes has {len(self.prefixes)}"
-            )
-        if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
-            raise ValueError(f"data.weights={self.weights}: expected non-negative numbers with a positive sum")
-        if self.weights is not None and self.preset is not None:
-            raise ValueError("data: set either `weights` or `preset`, not both")
-        try:
-            split_weights(self.split)
-        except ConfigError as e:
-            raise ValueError(f"data.{e}") from None
+        problems = mixture_problems(self.prefixes, self.weights, self.preset, self.split)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @field_validator("split", mode="before")
@@ -384,6 +385,10 @@ class CheckpointConfig(Section):
     """Keep only the newest K checkpoints."""
     finetune: bool = False
     """Load weights only: start at step 0 with fresh optimizer and data position."""
+    allow_data_change: bool = False
+    """Resume although the data setup differs from the checkpoint's (model.seq_length, data.prefixes,
+    data.weights, data.preset, data.split, train.seed): the saved data position then counts
+    samples of another order. Refused unless set; when set, the log names what changed."""
     async_save: bool = False
     """Write checkpoints in a background thread: a save costs the training loop one host copy of
     this rank's state (extra host memory of that size) instead of the whole write. A checkpoint is
@@ -425,6 +430,23 @@ class EvalConfig(Section):
 Precision = Literal["fp32", "fp16", "bf16"]
 
 
+def compile_problems(setting: Union[str, bool], *, dropout: bool, zero_stage: Any) -> List[str]:
+    """Why `model.compile=true` cannot run with this configuration (empty: it can). model/compile.py
+    says why each combination is refused; `auto` never chooses them."""
+    if setting is not True:
+        return []
+    problems = []
+    if dropout:
+        problems.append("model.compile=true with model.hidden_dropout / attention_dropout > 0 is refused: compiled "
+                        "dropout draws other masks than the eager reference and their replay under activation "
+                        "recompute is unproven; set the dropouts to 0 or model.compile to 'auto'/false")
+    if zero_stage == 3:
+        problems.append("model.compile=true with zero.stage=3 is refused: ZeRO-3 gathers parameters in module hooks "
+                        "inside the forward, which the compiled layer would have to trace; use zero.stage <= 2 or "
+                        "model.compile 'auto'/false")
+    return problems
+
+
 class Config(Section):
     comment: Optional[str] = None
     """Free text: where the numbers come from."""
@@ -448,9 +470,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_cross(self) -> "Config":
-        from megatron_neox.training.precision import precision_problems
-
         problems = config_split_problems(self) + precision_problems(self)
+        problems += compile_problems(self.model.compile, zero_stage=self.zero.stage,
+                                     dropout=self.model.hidden_dropout > 0 or self.model.attention_dropout > 0)
         if self.eval.tasks and not self.tokenizer.path:
             problems.append("eval.tasks needs tokenizer.path: the harness encodes the tasks' text with the model's "
                             "own tokenizer")
@@ -463,67 +485,24 @@ class Config(Section):
 
     # ---- derived values -------------------------------------------------------------------
 
+    _resolution: Any = PrivateAttr(None)
+
     def layout(self, world_size: int) -> Layout:
         """This config on `world_size` ranks (see `megatron_neox.layout`); ConfigError if it does not fit."""
         return Layout.from_config(self, world_size)
 
-    def deepspeed_config(self, layout: Union[Layout, int]) -> Dict[str, Any]:
-        """The DeepSpeed config dict for this run on `layout` (or a world size), merged with the
-        `deepspeed` passthrough section."""
-        from megatron_neox.training.precision import choose_zero
+    @property
+    def resolved(self) -> Any:
+        """What set-up decided for this run (`megatron_neox.resolve.Resolution`: the layout and every
+        'auto' choice with its reason); only on the config `resolve` returned."""
+        if self._resolution is None:
+            raise ConfigError("this config is not resolved for a world yet: call megatron_neox.resolve.resolve(cfg, "
+                              "world_size) (training/launch.py setup does) and pass the config it returns")
+        return self._resolution
 
-        lay = layout if isinstance(layout, Layout) else self.layout(layout)
-        zero = choose_zero(self, lay.dp)
-        o = self.optimizer
-        ds: Dict[str, Any] = {
-            "train_batch_size": lay.global_batch_size,
-            "train_micro_batch_size_per_gpu": lay.micro_batch_size,
-            "gradient_accumulation_steps": lay.grad_accum,
-            "optimizer": {
-                "type": "AdamW" if o.type == "adamw" else "Adam",
-                "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
-            },
-            "gradient_clipping": o.clip_grad,
-            "zero_optimization": {
-                "stage": zero.stage,
-                "reduce_bucket_size": self.zero.reduce_bucket_size,
-                "allgather_bucket_size": self.zero.allgather_bucket_size,
-                "overlap_comm": zero.overlap_comm,
-                "contiguous_gradients": self.zero.contiguous_gradients,
-            },
-            # We print our own progress lines; DeepSpeed's would interleave with them.
-            "steps_per_print": 2**31 - 1,
-            "wall_clock_breakdown": False,
-        }
-        if self.zero.offload_optimizer == "cpu":
-            ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        if self.precision == "fp16":
-            ls = self.loss_scale
-            ds["fp16"] = {
-                "enabled": True,
-                "loss_scale": ls.static_scale,
-                "initial_scale_power": ls.initial_scale_power,
-                "loss_scale_window": ls.window,
-                "hysteresis": ls.hysteresis,
-                "min_loss_scale": ls.min_scale,
-            }
-        elif self.precision == "bf16":
-            ds["bf16"] = {"enabled": True}
-            if zero.stage >= 1:
-                # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
-                # reported pipeline + ZeRO-1 needs this key). DeepSpeed 0.19 rejects it without ZeRO.
-                ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        ac = self.activation_checkpointing
-        if ac.interval:
-            ds["activation_checkpointing"] = {
-                "partition_activations": ac.partition_activations,
-                "contiguous_memory_optimization": False,
-                "cpu_checkpointing": False,
-                "number_checkpoints": None,
-                "synchronize_checkpoint_boundary": False,
-                "profile": False,
-            }
-        return _deep_merge(ds, self.deepspeed)
+    @property
+    def is_resolved(self) -> bool:
+        return self._resolution is not None
 
     def to_dict(self) -> Dict[str, Any]:
         return self.model_dump(mode="json")
@@ -574,7 +553,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def read_config_file(path: Path) -> Dict[str, Any]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                          "expected a JSON or YAML config saved as UTF-8") from None
     if path.suffix in (".yaml", ".yml"):
         try:
             data = yaml.load(text, Loader=_UniqueKeyLoader)
@@ -693,13 +677,3 @@ def load_config(path_or_name: Union[str, os.PathLike], overrides: Optional[List[
     path = resolve_config_path(path_or_name)
     data = apply_overrides(read_config_file(path), overrides or [])
     return config_from_dict(data, source=str(path), overrides=overrides)
-
-
-def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out

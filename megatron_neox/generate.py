@@ -13,7 +13,6 @@ import torch
 from megatron_neox.config import Config, ModelConfig
 from megatron_neox.convert.checkpoint_io import load_full_state_dict
 from megatron_neox.errors import ConfigError
-from megatron_neox.hardware import DTYPES  # noqa: F401 (the tools' --dtype names)
 from megatron_neox.model.gpt_neox import GPTNeoX
 
 

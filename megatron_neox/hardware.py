@@ -97,6 +97,17 @@ def bf16_native() -> bool:
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def check_attention_kernel_trains(kernel: str) -> None:
+    """ConfigError when the requested attention kernel cannot run a backward pass here: torch's
+    FlexAttention has no CPU backward (it raises NotImplementedError at the first backward)."""
+    from deepspeed.accelerator import get_accelerator
+
+    device = get_accelerator().device_name()
+    if kernel == "flex" and device == "cpu":
+        raise ConfigError("model.attention_kernel='flex' cannot train on the CPU: torch's FlexAttention has no CPU "
+                          "backward; use attention_kernel 'auto' (SDPA with an explicit mask on CPU) or 'sdpa'")
+
+
 def check_precision_supported(precision: str) -> None:
     """ConfigError when this machine's accelerator cannot train in `precision`."""
     from deepspeed.accelerator import get_accelerator

@@ -3,21 +3,19 @@
 `Layout.from_config(cfg, world_size)` is the one validated object (torchtitan's `ParallelDims`
 plays this part there) that the process grid (`Topology.from_layout`), the DeepSpeed config, the
 batch schedule and the planning tools are built from. The rules that do not depend on the world
-size (heads, MLP width and vocab divisible by tp, a layer per stage, ZeRO with a pipeline,
-sequence length under sequence parallelism) are `split_problems`, which the config validator
+size (heads, MLP width and vocab divisible by tp, a layer per stage, sequence length under
+sequence parallelism) are `split_problems`, which the config validator
 runs as soon as a config is read, so a bad config fails before any rank starts.
 
-Messages name the config keys, the numbers and a fix.
+Messages name the config keys, the numbers and a fix. A `cfg` here is a `megatron_neox.config.Config`;
+this module sits below config.py (which builds its `Layout` from here) and does not import it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from megatron_neox.errors import ConfigError
-
-if TYPE_CHECKING:  # config.py imports this module
-    from megatron_neox.config import Config
 
 
 def _check_positive_ints(**values) -> None:
@@ -37,7 +35,7 @@ def data_parallel_size(world_size: int, pp: int, tp: int) -> int:
 
 
 def split_problems(*, pp: int, tp: int, num_layers: int, num_heads: int, ffn_size: Optional[int] = None,
-                   padded_vocab: Optional[int] = None, vocab_multiple: int = 128, zero_stage: int = 0,
+                   padded_vocab: Optional[int] = None, vocab_multiple: int = 128,
                    seq_length: Optional[int] = None, sequence_parallel: bool = False) -> List[str]:
     """What keeps this model from being split pp x tp ways (any world size); [] when it can be."""
     problems = []
@@ -56,12 +54,6 @@ def split_problems(*, pp: int, tp: int, num_layers: int, num_heads: int, ffn_siz
         problems.append(
             f"parallel.pp={pp} is more pipeline stages than the model.num_layers={num_layers} transformer layers: "
             f"a stage needs at least one layer; use pp <= {num_layers}")
-    if zero_stage not in (0, 1, 2, 3):
-        problems.append(f"zero.stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    elif zero_stage >= 2 and pp > 1:
-        problems.append(
-            f"zero.stage={zero_stage} cannot be used with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
-            "ZeRO stages 0 and 1 only; use zero.stage 1 or pp 1")
     if sequence_parallel and seq_length is not None and seq_length % tp:
         problems.append(f"sequence parallelism needs model.seq_length={seq_length} divisible by parallel.tp={tp}")
     return problems
@@ -81,17 +73,15 @@ def validate_layout(world_size: int, pp: int, tp: int, *, num_layers: int, num_h
     return data_parallel_size(world_size, pp, tp)
 
 
-def _config_shape(cfg: "Config") -> Dict[str, Any]:
+def _config_shape(cfg) -> Dict[str, Any]:
     """The `split_problems` keywords of a config."""
     m, p = cfg.model, cfg.parallel
     return dict(pp=p.pp, tp=p.tp, num_layers=m.num_layers, num_heads=m.num_attention_heads, ffn_size=m.ffn_size,
-                padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by,
-                # 'auto' resolves to 0 or 1 (training/precision.py), both fine at any pp.
-                zero_stage=0 if cfg.zero.stage == "auto" else cfg.zero.stage, seq_length=m.seq_length,
+                padded_vocab=m.padded_vocab(p.tp), vocab_multiple=m.make_vocab_size_divisible_by, seq_length=m.seq_length,
                 sequence_parallel=p.sequence_parallel)
 
 
-def config_split_problems(cfg: "Config") -> List[str]:
+def config_split_problems(cfg) -> List[str]:
     """`split_problems` for a whole config (what its validator runs)."""
     return split_problems(**_config_shape(cfg))
 
@@ -113,7 +103,7 @@ class Layout:
         return self.pp * self.tp * self.dp
 
     @classmethod
-    def from_config(cls, cfg: "Config", world_size: int) -> "Layout":
+    def from_config(cls, cfg, world_size: int) -> "Layout":
         """Data-parallel size and batch identity for `world_size` ranks; ConfigError if it does not fit."""
         t = cfg.train
         dp = validate_layout(world_size, **_config_shape(cfg))

@@ -17,7 +17,7 @@ that is what a run measures:
 
 * fp32 with ZeRO >= 1 still keeps a flat fp32 copy of the rank's partition
   (`stage_1_and_2.py`, `single_partition_of_fp32_groups`): optimizer = (4 + 8) / dp, not 8 / dp.
-* bf16 + ZeRO 0/1 with fp32 gradient accumulation (what `Config.deepspeed_config` emits) runs
+* bf16 + ZeRO 0/1 with fp32 gradient accumulation (what training/engine.py `deepspeed_config` emits) runs
   `BF16_Optimizer`: a full fp32 gradient accumulator (4 bytes) next to the bf16 .grad (2 bytes).
 * ZeRO 1/2 with `contiguous_gradients` allocate the whole reduce bucket of `reduce_bucket_size`
   elements every step, however few gradients fill it (`stage_1_and_2.py` `setup_buckets`; a second
@@ -83,7 +83,7 @@ from megatron_neox.config import Config, ModelConfig, config_from_dict
 from megatron_neox.layout import Layout
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
-from megatron_neox.training.precision import resolve_for_world
+from megatron_neox.resolve import resolve
 
 GiB = 1 << 30
 # Tensor parallelism all-reduces inside every layer: keep it within one node (NVLink), 8 GPUs.
@@ -291,7 +291,7 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     all-reduce temporary, allocated after the backward pass, counts only where it exceeds the
     activations).
     """
-    cfg = resolve_for_world(cfg, layout.world_size)
+    cfg = resolve(cfg, layout.world_size)
     m = cfg.model
     if parts is None:
         parts = partition(cfg) if layout.pp > 1 else [0, m.num_layers + 3]
@@ -398,7 +398,7 @@ def choose_checkpoint_interval(cfg: Config, layout: Layout, device_bytes: float)
     ac = cfg.activation_checkpointing
     if ac.interval != "auto":
         return CheckpointChoice(int(ac.interval), "set")
-    cfg = resolve_for_world(cfg, layout.world_size)
+    cfg = resolve(cfg, layout.world_size)
     m = cfg.model
     parts = partition(cfg) if layout.pp > 1 else [0, m.num_layers + 3]
     budget = (1 - RECOMPUTE_MARGIN) * device_bytes
@@ -461,7 +461,7 @@ def make_plan(cfg: Config, world_size: Optional[int] = None, gpu_memory_gb: floa
         layout = cfg.layout(world)
     except ConfigError as e:
         return Plan(cfg, None, str(e), params, [], gpu_bytes)
-    cfg = resolve_for_world(cfg, world)  # zero.stage / overlap_comm 'auto' -> what this world runs
+    cfg = resolve(cfg, world)  # zero.stage / overlap_comm 'auto' -> what this world runs
     cfg, recompute = resolve_checkpoint_interval(cfg, layout, gpu_bytes)  # interval 'auto' on this card
     parts = partition(cfg) if p.pp > 1 else [0, cfg.model.num_layers + 3]
     stages = []

@@ -1,8 +1,11 @@
 """Tokenizers: training a byte-level BPE, the runtime wrapper, and a fast exact encoder.
 
-The file format is HF `tokenizers`' tokenizer.json: a BPE model with a ByteLevel pre-tokenizer
-and decoder. The end of document is the token `<|endoftext|>`, wherever it sits: id 0 in
-GPT-NeoX-20B's tokenizer and ours (with `<|padding|>` = id 1), 50256 (the last id) in GPT-2's.
+The file format is HF `tokenizers`' tokenizer.json: ours is a BPE model with a ByteLevel
+pre-tokenizer and decoder; any other loads too (Llama-3's Split + ByteLevel, Llama-2's
+SentencePiece-style BPE with byte fallback). The end of document is the token `<|endoftext|>`,
+wherever it sits: id 0 in GPT-NeoX-20B's tokenizer and ours (with `<|padding|>` = id 1), 50256
+(the last id) in GPT-2's; a tokenizer without it uses its family's (`EOD_TOKENS`). The BOS a
+family puts before each text is read from the file's own post-processor (`Tokenizer.bos_ids`).
 
 Encoding semantics (the same in every path): text is encoded as plain text -- special tokens
 written literally in a document ("<|endoftext|>" in a file about GPT-2) are *not* turned into
@@ -14,7 +17,8 @@ The fast path: tiktoken's engine gives the same ids as HF 4-8x faster (measured 
 source and prose). tiktoken merges the adjacent pair whose concatenation has the lowest rank; HF
 merges the pair that comes first in the merge list. These agree when token ids follow the merge
 order, which `_fast_encoder_or_reason` checks along with everything else that would make the
-two differ. Two HF steps that come before the BPE are reproduced: a Unicode normalizer (NFC for
+two differ. The split regex is GPT-2's for a ByteLevel pre-tokenizer, or the file's own for a
+Split + ByteLevel one (Llama-3). Two HF steps that come before the BPE are reproduced: a Unicode normalizer (NFC for
 GPT-NeoX-20B; HF's own normalizer object is applied to each non-ASCII document), and added
 tokens that are runs of spaces (GPT-NeoX-20B's 2-24 spaces, cut out before the split regex: see
 `_space_run_pattern`). The result is then verified by encoding every vocabulary token and a
@@ -27,14 +31,18 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from megatron_neox.durable import atomic_paths, write_text
 from megatron_neox.errors import ConfigError, DataError
 
 EOD_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
+# The end-of-document token of each family, looked for in this order: GPT-2/GPT-NeoX, Llama-3
+# (its base model's EOS), Llama-2/Mistral (SentencePiece's </s>). The latter two count only as
+# special added tokens, as the families declare them, never as text a BPE happened to learn.
+EOD_TOKENS = (EOD_TOKEN, "<|end_of_text|>", "</s>")
 
 
 def domain_token(name: str) -> str:
@@ -172,25 +180,77 @@ def _space_tokens_or_reason(spec: dict, plain_added: list[dict]) -> tuple[dict[i
     return runs, ""
 
 
+def _sentencepiece_reason(spec: dict) -> str:
+    """Why a SentencePiece-style BPE (Llama-2's tokenizer.json: "▁" for spaces via a Metaspace
+    pre-tokenizer or a Prepend/Replace normalizer, byte fallback to `<0xNN>` tokens) has no fast
+    path, or "" when `spec` is not one.
+
+    Its merges run over Unicode characters and a character missing from the vocabulary becomes
+    its UTF-8 bytes as `<0xNN>` tokens that never merge again; tiktoken merges bytes, so a
+    character the vocabulary holds would have to be reached through byte pairs that are not in
+    it. And with no split regex the whole document is one piece, on which tiktoken's merge loop
+    is quadratic. HF's Rust encoder is the exact path for these."""
+    model = spec.get("model") or {}
+    pre = spec.get("pre_tokenizer") or {}
+    normalizer = json.dumps(spec.get("normalizer") or {}, ensure_ascii=False)
+    kinds = {pre.get("type"), *(p.get("type") for p in pre.get("pretokenizers") or [])}
+    if model.get("byte_fallback") or "Metaspace" in kinds or "\u2581" in normalizer:
+        return ("it is a SentencePiece-style BPE (Llama-2's kind: '▁' for spaces, merges over Unicode "
+                "characters, byte fallback to <0xNN> tokens), which tiktoken's byte-level engine cannot reproduce")
+    return ""
+
+
+def _split_pattern_or_reason(pre: dict) -> tuple[str, str]:
+    """(the regex that splits text before the BPE, "") for the two byte-level layouts tiktoken
+    reproduces, else ("", reason):
+
+    - GPT-2 / GPT-NeoX: a ByteLevel pre-tokenizer that splits with GPT-2's regex itself;
+    - Llama-3 / tiktoken conversions: Sequence[Split(Regex, Isolated), ByteLevel(use_regex=False)],
+      the regex being the tokenizer's own (HF runs it with Oniguruma, tiktoken with fancy-regex:
+      the self-check encodes the probe text and the vocabulary both ways to vouch for them).
+    """
+    if pre.get("type") == "ByteLevel":
+        if pre.get("add_prefix_space") or not pre.get("use_regex", True):
+            return "", "its ByteLevel pre-tokenizer adds a prefix space or does not split with GPT-2's regex"
+        return BYTE_LEVEL_PATTERN, ""
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and [p.get("type") for p in steps] == ["Split", "ByteLevel"]:
+        split, byte_level = steps
+        regex = (split.get("pattern") or {}).get("Regex")
+        if regex is None or split.get("behavior") != "Isolated" or split.get("invert"):
+            return "", ("its Split pre-tokenizer is not a regex whose matches are kept as pieces (pattern "
+                        f"{split.get('pattern')}, behavior {split.get('behavior')}, invert {split.get('invert')})")
+        if byte_level.get("add_prefix_space") or byte_level.get("use_regex", True):
+            return "", "its ByteLevel step after the Split adds a prefix space or splits again with GPT-2's regex"
+        return regex, ""
+    return "", f"its pre-tokenizer is {_describe_pre(pre)}, not ByteLevel or Split + ByteLevel"
+
+
+def _describe_pre(pre: dict) -> str:
+    steps = pre.get("pretokenizers")
+    return f"Sequence[{', '.join(str(p.get('type')) for p in steps)}]" if steps else str(pre.get("type"))
+
+
 def _fast_encoder_or_reason(spec: dict, name: str, hf=None):
     """(_FastEncoder, "") when `spec` (a parsed tokenizer.json) is a byte-level BPE whose ids
     tiktoken can reproduce, else (None, reason). `hf` is the loaded tokenizer, whose normalizer
     is reused as it is (a Unicode normal form only)."""
+    reason = _sentencepiece_reason(spec)
+    if reason:
+        return None, reason
     normalizer = spec.get("normalizer")
     if normalizer is not None and normalizer.get("type") not in _UNICODE_NORMALIZERS:
         return None, f"it has a normalizer the fast path does not apply ({normalizer.get('type')})"
-    pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") != "ByteLevel":
-        return None, f"its pre-tokenizer is {pre.get('type')}, not ByteLevel"
-    if pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        return None, "its ByteLevel pre-tokenizer adds a prefix space or does not split with GPT-2's regex"
     model = spec.get("model") or {}
+    split_pattern, reason = _split_pattern_or_reason(spec.get("pre_tokenizer") or {})
+    if reason:
+        return None, reason
     if model.get("type") != "BPE":
         return None, f"its model is {model.get('type')}, not BPE"
     if model.get("dropout") not in (None, 0, 0.0):
         return None, "its BPE uses dropout (non-deterministic)"
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("byte_fallback"):
-        return None, "its BPE uses subword prefixes/suffixes or byte fallback"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None, "its BPE uses subword prefixes/suffixes"
     added = spec.get("added_tokens") or []
     space_runs, reason = _space_tokens_or_reason(spec, [t for t in added if not t.get("special")])
     if reason:
@@ -232,8 +292,10 @@ def _fast_encoder_or_reason(spec: dict, name: str, hf=None):
         return None, f"a vocabulary token contains {e.args[0]!r}, not a byte-level character"
     if len(ranks) != len({i for i in vocab.values() if i not in added_ids}):
         return None, "two vocabulary tokens spell the same bytes"
-    pattern = BYTE_LEVEL_PATTERN
-    what = []
+    pattern = split_pattern
+    what = [] if pattern == BYTE_LEVEL_PATTERN else ["its own split regex"]
+    if space_runs and pattern != BYTE_LEVEL_PATTERN:
+        return None, "it has both a custom split regex and added whitespace tokens"
     if space_runs:
         # A run of spaces never reaches the BPE (see _space_run_pattern), so the BPE's own
         # multi-space tokens are unreachable and the added ids take their bytes.
@@ -362,12 +424,26 @@ class Tokenizer:
         return self._hf.id_to_token(token_id)
 
     @property
+    def eod_token(self) -> str:
+        """The end-of-document token: the first of EOD_TOKENS the tokenizer has (see there)."""
+        special = {t["content"] for t in self._spec.get("added_tokens") or [] if t.get("special")}
+        for i, token in enumerate(EOD_TOKENS):
+            if (i == 0 or token in special) and self._hf.token_to_id(token) is not None:
+                return token
+        raise DataError(f"{self.path}: tokenizer has none of the end-of-document tokens {list(EOD_TOKENS)} "
+                        "(the last two must be special added tokens); train one with tools/train_tokenizer.py "
+                        "or add one as a special token")
+
+    @property
     def eod_id(self) -> int:
-        tid = self._hf.token_to_id(EOD_TOKEN)
-        if tid is None:
-            raise DataError(f"{self.path}: tokenizer has no {EOD_TOKEN} token (the end-of-document marker); "
-                            "train one with tools/train_tokenizer.py or add it as a special token")
-        return tid
+        return self._hf.token_to_id(self.eod_token)
+
+    @property
+    def bos_ids(self) -> list[int]:
+        """The special tokens the tokenizer's own post-processor puts before a text (Llama-2's
+        `<s>`, Llama-3's `<|begin_of_text|>`: HF `encode(text)` with special tokens on starts
+        with them); [] for tokenizers that add none (GPT-2, GPT-NeoX, ours)."""
+        return _template_prefix(self._spec.get("post_processor"))
 
     @property
     def pad_id(self) -> int:
@@ -395,6 +471,23 @@ class Tokenizer:
         """The underlying `tokenizers.Tokenizer`, configured as above: special-token text is not
         parsed (`encode_special_tokens`), no truncation, no padding."""
         return self._hf
+
+
+def _template_prefix(processor: dict | None) -> list[int]:
+    """The ids a TemplateProcessing (alone or in a Sequence) puts before `$A` in its single template."""
+    if not processor:
+        return []
+    if processor.get("type") == "Sequence":
+        return [i for p in processor.get("processors") or [] for i in _template_prefix(p)]
+    if processor.get("type") != "TemplateProcessing":
+        return []
+    ids: list[int] = []
+    for piece in processor.get("single") or []:
+        if "Sequence" in piece:
+            break
+        name = piece.get("SpecialToken", {}).get("id")
+        ids += (processor.get("special_tokens") or {}).get(name, {}).get("ids", [])
+    return ids
 
 
 def load_tokenizer(path: str | os.PathLike, encoder: str = "auto", verify: bool = True) -> Tokenizer:
@@ -443,9 +536,7 @@ def _touch(marker: Path) -> None:
     """Create the marker; a cache dir we cannot write only means checking again next time."""
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-        tmp.write_text("vocabulary self-check passed\n")
-        os.replace(tmp, marker)
+        write_text(marker, "vocabulary self-check passed\n")
     except OSError:
         pass
 
@@ -500,9 +591,5 @@ def save_tokenizer(hf, path: str | os.PathLike) -> None:
     path = Path(path)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_paths(path) as (tmp,):
         hf.save(str(tmp), pretty=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import time
 import traceback
@@ -30,6 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_neox.ranks import free_port
 
 __all__ = ["run_distributed"]
 
@@ -48,7 +49,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120):
             "WORLD_SIZE": str(world_size),
             "LOCAL_WORLD_SIZE": str(world_size),
             "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()),
+            "MASTER_PORT": str(free_port()),  # only for code that reads it; our rendezvous is the FileStore
             # Ranks share 2 cores here: more threads per rank only adds contention.
             "OMP_NUM_THREADS": "1",
             "TORCH_EXTENSIONS_DIR": os.environ.get(
@@ -101,8 +102,3 @@ def _worker(rank, fn, world_size, args, tmp, env, timeout):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    # Only for code that reads MASTER_PORT itself; our own rendezvous uses the FileStore.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -1,10 +1,10 @@
 """Shared pieces of the multi-rank training tests: a tiny config and deterministic batches.
 
-The batches follow the data loader's order (global batch = samples [step*G, (step+1)*G); micro-step
-k of data-parallel rank r takes its contiguous `micro` samples), so every layout sees the same
-global batch and the same mean loss. A config with any of data.eod_mask_loss / reset_position_ids /
-reset_attention_mask trains on packed documents instead (every token divisible by 5 becomes the
-EOD id 0, about 3 documents per sample), batched by the real BatchLoader.
+The batches come from the real BatchLoader over random samples (global batch = samples
+[step*G, (step+1)*G); micro-step k of data-parallel rank r takes its contiguous `micro` samples),
+so every layout sees the same global batch and the same mean loss. A config with any of
+data.eod_mask_loss / reset_position_ids / reset_attention_mask trains on packed documents instead
+(every token divisible by 5 becomes the EOD id 0, about 3 documents per sample).
 """
 import copy
 
@@ -36,18 +36,19 @@ def sample(i: int, seq_length: int, vocab: int) -> torch.Tensor:
 EOD = 0
 
 
-class PackedSamples:
-    """sample(i) with every token divisible by 5 turned into EOD: a stream of short documents."""
+class Samples:
+    """sample(i) for every i; `packed`: every token divisible by 5 turned into EOD (a stream of
+    short documents)."""
 
-    def __init__(self, seq_length: int, vocab: int):
-        self.seq_length, self.vocab = seq_length, vocab
+    def __init__(self, seq_length: int, vocab: int, packed: bool = False):
+        self.seq_length, self.vocab, self.packed = seq_length, vocab, packed
 
     def __len__(self):
         return 1 << 30
 
     def __getitem__(self, i):
         s = sample(i, self.seq_length, self.vocab)
-        return torch.where(s % 5 == 0, EOD, s).numpy()
+        return (torch.where(s % 5 == 0, EOD, s) if self.packed else s).numpy()
 
 
 def packed(cfg) -> bool:
@@ -56,28 +57,14 @@ def packed(cfg) -> bool:
 
 
 def micro_batches(step: int, cfg, dp: int, dp_rank: int):
-    if packed(cfg):
-        from megatron_neox.data.loader import BatchLoader, loader_options
+    """This rank's micro-batches of global batch `step`, from the real BatchLoader."""
+    from megatron_neox.data.loader import BatchLoader, loader_options
 
-        G = cfg.train.global_batch_size
-        loader = BatchLoader(PackedSamples(cfg.model.seq_length, cfg.model.vocab_size),
-                             micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
-                             consumed_samples=step * G, **loader_options(cfg.data, EOD))
-        return loader.next_global_batch(G)
-    lay_micro = cfg.train.micro_batch_size
     G = cfg.train.global_batch_size
-    T, V = cfg.model.seq_length, cfg.model.vocab_size
-    out = []
-    for k in range(G // (lay_micro * dp)):
-        start = step * G + k * lay_micro * dp + dp_rank * lay_micro
-        rows = torch.stack([sample(start + j, T, V) for j in range(lay_micro)])
-        out.append({
-            "tokens": rows[:, :-1].contiguous(),
-            "labels": rows[:, 1:].contiguous(),
-            "loss_mask": torch.ones(lay_micro, T),
-            "position_ids": torch.arange(T).expand(lay_micro, T).contiguous(),
-        })
-    return out
+    loader = BatchLoader(Samples(cfg.model.seq_length, cfg.model.vocab_size, packed(cfg)),
+                         micro_batch_size=cfg.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
+                         consumed_samples=step * G, **loader_options(cfg.data, EOD if packed(cfg) else None))
+    return loader.next_global_batch(G)
 
 
 def run_steps(cfg, steps: int):
@@ -86,8 +73,8 @@ def run_steps(cfg, steps: int):
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     losses, norms = [], []
     for s in range(steps):
         r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo, clipper)

@@ -348,7 +348,6 @@ def test_rotary_angles_match_the_former_cached_table():
     cos, sin = rot.cos_sin(pos, torch.float32)
     inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
     table = torch.outer(torch.arange(5001, dtype=torch.float32), inv.float())
-    table = torch.cat([table, table], -1)
-    assert cos.shape == (2, 1, 4, 8)
-    torch.testing.assert_close(cos[:, 0], table.cos()[pos], rtol=0, atol=1e-6)
-    torch.testing.assert_close(sin[:, 0], table.sin()[pos], rtol=0, atol=1e-6)
+    assert cos.shape == (2, 4, 1, 4)  # [B, T, 1 (heads), one angle per rotated pair]
+    torch.testing.assert_close(cos[:, :, 0], table.cos()[pos], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin[:, :, 0], table.sin()[pos], rtol=0, atol=1e-6)

@@ -19,6 +19,8 @@ from megatron_neox.config import (
     resolve_config_path,
 )
 from megatron_neox.errors import ConfigError
+from megatron_neox.resolve import resolve
+from megatron_neox.training.engine import deepspeed_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted(p for p in CONFIG_DIR.glob("*") if p.suffix in (".json", ".yaml", ".yml"))
@@ -130,20 +132,19 @@ def test_shipped_config_loads_and_batch_identity_holds(path):
         world = p.pp * p.tp * dp
         if t.global_batch_size is not None and t.global_batch_size % (t.micro_batch_size * dp):
             continue
-        ds = cfg.deepspeed_config(world)
+        resolved = resolve(cfg, world)
+        ds = deepspeed_config(resolved)
         assert ds["train_batch_size"] == (
             ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * dp
         )
         if t.global_batch_size is not None:
             assert ds["train_batch_size"] == t.global_batch_size
-        from megatron_neox.training.precision import resolve_for_world
-
-        assert ds["zero_optimization"]["stage"] == resolve_for_world(cfg, world).zero.stage != "auto"
+        assert ds["zero_optimization"]["stage"] == resolved.zero.stage != "auto"
         assert ("fp16" in ds) == (cfg.precision == "fp16") and ("bf16" in ds) == (cfg.precision == "bf16")
 
 
 def test_20B_reproduces_the_trained_batch_on_96_gpus():
-    ds = load_config("20B").deepspeed_config(96)
+    ds = deepspeed_config(resolve(load_config("20B"), 96))
     batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
     assert batch == (4, 32, 1536)
     assert ds["fp16"]["initial_scale_power"] == 12 and ds["fp16"]["hysteresis"] == 2
@@ -171,3 +172,38 @@ def test_plan_tool_exits_2_on_bad_input(tmp_path, args, expected):
     assert r.returncode == 2, r.stdout + r.stderr
     assert expected in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
+
+
+# ---- resolution (megatron_neox/resolve.py) --------------------------------------------------
+
+
+def test_resolve_decides_every_auto_once_and_attaches_the_layout():
+    cfg = config_from_dict(_with(zero={"stage": "auto"}))
+    assert cfg.zero.stage == "auto" and cfg.zero.overlap_comm is None and not cfg.is_resolved
+    one, two = resolve(cfg, 1), resolve(cfg, 2)
+    assert (one.zero.stage, one.zero.overlap_comm) == (0, False)  # fp32 on one data-parallel rank
+    assert (two.zero.stage, two.zero.overlap_comm) == (1, True)
+    assert one.resolved.layout == cfg.layout(1) and two.resolved.layout.dp == 2
+    assert one.resolved.why("zero.stage") == "auto: one data-parallel rank, nothing to shard"
+    assert one.model.compile is False and one.resolved.why("model.compile") == "auto: eager on cpu"
+    assert resolve(one, 1) is one  # resolving is done once
+    with pytest.raises(ConfigError, match="resolved for 1 ranks, used on 2"):
+        resolve(one, 2)
+    with pytest.raises(ConfigError, match="not resolved"):
+        cfg.resolved
+
+
+def test_a_set_value_is_not_a_decision():
+    resolved = resolve(config_from_dict(_with(zero={"stage": 1, "overlap_comm": False},
+                                              model={"compile": False})), 2)
+    assert (resolved.zero.stage, resolved.zero.overlap_comm) == (1, False)
+    assert resolved.resolved.decisions == () and resolved.resolved.why("zero.stage") == "set"
+
+
+def test_config_sections_are_immutable():
+    cfg = resolve(config_from_dict(MINIMAL), 1)
+    for section, key, value in (("zero", "stage", 3), ("train", "iters", 5), ("model", "num_layers", 4)):
+        with pytest.raises(Exception, match="frozen"):
+            setattr(getattr(cfg, section), key, value)
+    with pytest.raises(Exception, match="frozen"):
+        cfg.precision = "bf16"

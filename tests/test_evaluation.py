@@ -201,6 +201,28 @@ def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses():
         facts.unlink(missing_ok=True)
 
 
+def test_knowledge_probe_prompts_start_as_training_documents_do(tmp_path):
+    """The prompt starts with EOD by default, and with `doc_start` (EOD + a domain token, say) when given."""
+    from megatron_neox.evaluation import knowledge
+
+    seen = []
+
+    class RecordingLM:
+        tokenizer = type("T", (), {"eod_id": 0, "encode": staticmethod(lambda s: [7])})()
+
+        def score_pairs(self, prompts, targets):
+            seen.extend(prompts)
+            return [(0.0, True)] * len(prompts)
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"name": "P", **{a: "x" for a in knowledge.probe_prefixes()}}) + "\n")
+    knowledge.knowledge_probe(RecordingLM(), facts, 1)
+    assert {tuple(p) for p in seen} == {(0, 7)}
+    seen.clear()
+    knowledge.knowledge_probe(RecordingLM(), facts, 1, doc_start=[0, 99])
+    assert {tuple(p) for p in seen} == {(0, 99, 7)}
+
+
 def test_presets_name_tasks_of_the_installed_lm_eval():
     from megatron_neox.evaluation.harness import task_manager
     from megatron_neox.evaluation.presets import PRESETS, expand_tasks

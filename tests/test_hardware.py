@@ -77,7 +77,7 @@ def test_bind_local_device_without_gpus_changes_nothing(monkeypatch):
 
 
 def test_adam_needs_no_compiler(monkeypatch):
-    from megatron_neox.training import precision
+    from megatron_neox import precision
 
     monkeypatch.setattr(precision, "fused_adam_prebuilt", lambda: False)  # a PyPI wheel
     assert precision.choose_adam("cuda") == ({"torch_adam": True, "fused": True}, "torch fused AdamW")

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from _train import REPO, config_dict, make_dataset
+from megatron_neox.ranks import free_port
 
 PYTHON = sys.executable
 DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
@@ -64,12 +64,6 @@ if [[ $1 == show && $2 == hostnames ]]; then tr , '\n' <<<"$3"; else echo "scont
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(**extra) -> dict:
@@ -175,7 +169,7 @@ def _fake_slurm(tmp: Path, nodes: int, **extra) -> dict:
         (bin_dir / name).chmod(0o755)
     env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=tmp / "slurm.log", SLURM_JOB_ID=4242,
                SLURM_JOB_NAME="mnx", SLURM_JOB_NODELIST=",".join(f"node{i}" for i in range(nodes)),
-               SLURM_NNODES=nodes, GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port(),
+               SLURM_NNODES=nodes, GPUS_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port(),
                STATE_DIR=tmp / "state", PYTHON=PYTHON, DEEPSPEED=DEEPSPEED)
     return _env(**{**env, **extra})
 
@@ -289,7 +283,7 @@ def test_sbatch_requeues_only_after_usr1_and_a_clean_exit(tmp_path, signalled, e
 
 
 def _launch_two_ranks(cfg: Path, out: Path, *extra) -> list:
-    port = _free_port()
+    port = free_port()
     return [_start([PYTHON, TRAIN, "--config", str(cfg), *extra],
                    _env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, LOCAL_WORLD_SIZE=2,
                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port), out)
@@ -418,7 +412,7 @@ def deepspeed_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deepspeed_pp2")
     cfg = _write_config(tmp, pp=2, train__iters=2)
     out = tmp / "deepspeed.out"
-    proc = _start([DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN, "--config", str(cfg)],
+    proc = _start([DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN, "--config", str(cfg)],
                   _env(), out)
     try:
         (rc,) = _wait_all([proc], out, timeout=120)
@@ -484,7 +478,7 @@ def test_run_py_deepspeed_stop_signal_saves_exits_0_and_resumes_exactly(tmp_path
     log_dir, out = tmp_path / "log", tmp_path / "run.out"
 
     def supervised(*extra):
-        return _start([PYTHON, RUN, DEEPSPEED, "--num_gpus", "2", "--master_port", str(_free_port()), TRAIN,
+        return _start([PYTHON, RUN, DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
                        "--config", str(cfg), *extra], _env(), out)
 
     proc = supervised()

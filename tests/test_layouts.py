@@ -33,8 +33,8 @@ def _fp16_scaler_scenario():
         "precision": "fp16", "zero.stage": 1,
         "loss_scale.initial_scale_power": 8, "loss_scale.window": 2, "loss_scale.hysteresis": 1,
     })
-    layout, topo = setup(cfg)
-    engine, model, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, model, clipper = build_engine(cfg, topo)
     poison = {"on": False}
     first = next(p for p in model.parameters() if p.requires_grad)
     first.register_hook(lambda g: torch.full_like(g, float("inf")) if poison["on"] else g)
@@ -56,8 +56,8 @@ def _bf16_scenario(pp):
     from megatron_neox.training.launch import setup
     from megatron_neox.training.step import train_step
 
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     batch = micro_batches(0, cfg, topo.dp, topo.dp_rank)
     return [train_step(engine, batch, topo, clipper).loss for _ in range(6)]  # one batch, again and again
 

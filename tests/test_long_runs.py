@@ -159,14 +159,17 @@ def test_abort_policy_calls_no_spike():
     from megatron_neox.training.checkpointer import TrainState
     from megatron_neox.training.spikes import SpikePolicy
 
-    policy = SpikePolicy(config_from_dict(config_dict("/tmp", train__inject_spike_at=[1])))
+    policy = SpikePolicy(config_from_dict(config_dict("/tmp")))
     assert policy.check(float("nan"), TrainState(iteration=1)) is None
+    assert policy.check(1e9, TrainState(iteration=1)) is None
 
 
 @pytest.mark.parametrize("overrides, expected", [
     ({"train__on_spike": "rollback"}, "train.on_spike='rollback' needs checkpoint.dir and checkpoint.save_interval"),
     ({"data__skip_batches": [[5, 5]]}, "data.skip_batches: [5, 5] is not a [start, end) range"),
     ({"train__inject_spike_at": [0]}, "train.inject_spike_at=[0]: expected step numbers >= 1"),
+    ({"train__inject_spike_at": [3]}, "train.inject_spike_at=[3] tests the rollback policy, but "
+                                      "train.on_spike='abort' looks for no spikes; set train.on_spike=rollback"),
 ])
 def test_unrunnable_spike_settings_are_refused_at_config_time(overrides, expected):
     from megatron_neox.config import config_from_dict
@@ -221,7 +224,8 @@ def test_background_write_error_names_the_file_on_the_training_thread(tmp_path):
 
 
 def test_finalize_writes_complete_then_latest_and_drops_old_markers_first(tmp_path):
-    from megatron_neox.training.checkpoint import PendingSave, complete_tags, finalize_tag
+    from megatron_neox.checkpoint_files import complete_tags
+    from megatron_neox.training.checkpoint import PendingSave, finalize_tag
 
     for step in (1, 2, 3):
         (tmp_path / f"global_step{step}").mkdir()

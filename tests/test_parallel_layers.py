@@ -329,15 +329,31 @@ def test_cross_entropy_tp1_matches_loss_and_gradient():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 
 
-def test_cross_entropy_backward_reuses_softmax_in_place_once():
-    # The gradient is written into the saved softmax (no extra [B, T, V/tp] tensor at peak memory),
-    # so a second backward through the same graph must fail loudly (autograd's version counter)
-    # rather than return garbage.
-    logits = _randn(2, 3, 7, seed=0).requires_grad_()
-    loss = vocab_parallel_cross_entropy(logits, torch.tensor([[1, 2, 3]] * 2)).sum()
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+def test_cross_entropy_in_chunks_keeps_no_fp32_copy_of_half_logits(monkeypatch):
+    """bf16 logits: between forward and backward nothing of the logits' size is kept in fp32 (the
+    former version kept an fp32 softmax); loss and gradient equal the fp32 reference, also when the
+    rows are processed in several chunks (3 rows per chunk here)."""
+    from megatron_neox.parallel import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "_CHUNK_ELEMENTS", 3 * 7)
+    full = (3 * _randn(2, 5, 7, seed=0)).bfloat16()
+    target = torch.tensor([[1, 2, 3, 0, 6]] * 2)
+    weights = _randn(2, 5, seed=1)
+    ref_logits = full.float().requires_grad_()
+    ref = F.cross_entropy(ref_logits.reshape(-1, 7), target.reshape(-1), reduction="none").reshape(2, 5)
+    (ref * weights).sum().backward()
+
+    saved = []
+    logits = full.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = vocab_parallel_cross_entropy(logits, target)
+    (ours * weights).sum().backward()
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert logits.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.grad, ref_logits.grad.bfloat16(), rtol=0, atol=1e-3)  # one bf16 step
+    big_fp32 = [tuple(t.shape) for t in saved if t.dtype == torch.float32 and t.numel() >= full.numel()]
+    assert not big_fp32, big_fp32
 
 
 def test_divide_and_split_helpers():

@@ -22,6 +22,7 @@ import torch
 
 from _dist import run_distributed
 from _layouts import micro_batches, tiny_config
+from megatron_neox.training.engine import deepspeed_config
 
 STEPS = 3
 LOSS_RTOL = {"fp16": 5e-3, "bf16": 4e-2}
@@ -54,8 +55,8 @@ def _run(pp, precision, overrides=None, poison_step=None, steps=STEPS):
 
     _allow_fp16()
     cfg = tiny_config(pp, 1, {"precision": precision, "zero.stage": 1, **(overrides or {})})
-    layout, topo = setup(cfg)
-    engine, model, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, model, clipper = build_engine(cfg, topo)
     out = {"loss": [], "norm": [], "scale": [], "skipped": [], "changed": [], "adam_norm": [], "dlogits": None}
 
     head = _head(model)
@@ -151,13 +152,13 @@ def test_sequence_parallel_with_partitioned_activations_is_refused():
     ("bf16", 2, 2, 1, False),
 ])
 def test_auto_zero_stage_per_layout_and_precision(precision, pp, world, stage, overlap):
-    from megatron_neox.training.precision import resolve_for_world
+    from megatron_neox.resolve import resolve
 
-    cfg = tiny_config(pp, 1, {"precision": precision, "zero.stage": "auto"})
-    ds = cfg.deepspeed_config(world)["zero_optimization"]
+    resolved = resolve(tiny_config(pp, 1, {"precision": precision, "zero.stage": "auto"}), world)
+    ds = deepspeed_config(resolved)["zero_optimization"]
     assert (ds["stage"], ds["overlap_comm"]) == (stage, overlap)
-    resolved = resolve_for_world(cfg, world).zero
-    assert (resolved.stage, resolved.overlap_comm) == (stage, overlap)
+    assert (resolved.zero.stage, resolved.zero.overlap_comm) == (stage, overlap)
+    assert resolved.resolved.why("zero.stage").startswith("auto: ")
 
 
 # ---- training ------------------------------------------------------------------------------

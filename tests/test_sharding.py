@@ -1,4 +1,4 @@
-"""The sharding table (convert/sharding.py) is the one rule: the layers' own marks agree with it,
+"""The sharding table (parallel/sharding.py) is the one rule: the layers' own marks agree with it,
 and conversion's split/merge round-trips through it."""
 import itertools
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megatron_neox.config import ModelConfig
-from megatron_neox.convert.sharding import merge_state_dicts, partition_of, shard_state_dict, universal_patterns
+from megatron_neox.parallel.sharding import merge_state_dicts, partition_of, shard_state_dict, universal_patterns
 from megatron_neox.model.gpt_neox import GPTNeoX, state_dict_shapes
 
 

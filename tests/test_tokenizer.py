@@ -20,7 +20,14 @@ from megatron_neox.tokenizer import (
     train_bpe,
 )
 
-from _tokenizers import gpt2_style_tokenizer, neox20b_tokenizer, whitespace_stress_documents
+from _tokenizers import (
+    gpt2_style_tokenizer,
+    hard_texts,
+    llama2_style_tokenizer,
+    llama3_style_tokenizer,
+    neox20b_tokenizer,
+    whitespace_stress_documents,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
@@ -290,3 +297,117 @@ def test_vocabulary_check_is_remembered_per_file_and_versions(tmp_path, monkeypa
     bad = _abc_tokenizer([("b", "c"), ("a", "b"), ("ab", "c")], {"bc": 256, "ab": 257, "abc": 258})
     assert load_tokenizer(save_spec(tmp_path, bad, "bad.json")).encoder_name == "hf"  # a failure is not remembered
     assert len(list(vocab_check_cache_dir().iterdir())) == 2
+
+
+# -- the Llama families' tokenizers --------------------------------------------------------------
+
+LLAMA2_BYTE_IDS = range(3, 259)  # <0x00>..<0xFF> follow <unk>, <s>, </s> in Llama-2's vocabulary
+
+
+@pytest.fixture(scope="module")
+def family_tokenizers(corpus, tmp_path_factory):
+    """name -> tokenizer.json of each kind, trained on the sample corpus."""
+    out = tmp_path_factory.mktemp("families")
+    texts = corpus_texts(corpus)
+    return {"llama3": llama3_style_tokenizer(texts, 1000, out / "llama3.json"),
+            "llama2": llama2_style_tokenizer(texts, 1000, out / "llama2.json"),
+            "llama2_metaspace": llama2_style_tokenizer(texts, 1000, out / "llama2_metaspace.json", legacy=False)}
+
+
+def test_llama3_style_tokenizer_takes_the_fast_path_with_hf_ids(family_tokenizers, corpus):
+    path = family_tokenizers["llama3"]
+    tok = load_tokenizer(path)
+    assert tok.encoder_name == "tiktoken", tok.fast_reason
+    assert "its own split regex" in tok.describe_encoder()
+    ref = hf_reference(path)
+    texts = [*hard_texts(), *whitespace_stress_documents(100, seed=5), *corpus_texts(corpus)[:200]]
+    got = tok.encode_batch(texts)
+    for text, ids in zip(texts, got):
+        assert ids == ref(text), repr(text[:60])
+    # Llama-3's regex splits digits in threes (GPT-2's keeps the whole run): the fast path uses the file's regex.
+    assert [tok.decode([i]) for i in tok.encode("1234567")][:3] != ["1234567"]
+    assert all(len(tok.decode([i])) <= 3 for i in tok.encode("1234567"))
+
+
+@pytest.mark.parametrize("name", ["llama2", "llama2_metaspace"])
+def test_llama2_style_tokenizer_falls_back_to_hf_with_the_reason(family_tokenizers, corpus, name):
+    path = family_tokenizers[name]
+    tok = load_tokenizer(path)
+    assert tok.encoder_name == "hf"
+    assert "SentencePiece-style BPE" in tok.fast_reason and "byte fallback" in tok.fast_reason
+    assert tok.fast_reason in tok.describe_encoder()
+    ref = hf_reference(path)
+    texts = [*hard_texts(), *corpus_texts(corpus)[:100]]
+    assert tok.encode_batch(texts) == [ref(t) for t in texts]
+    # Characters outside its 100-character alphabet take the byte fallback and come back intact.
+    rare = "rare: \U0001F9EC \u16A0 日本"
+    ids = tok.encode(rare)
+    assert sum(i in LLAMA2_BYTE_IDS for i in ids) >= 4 + 3
+    assert tok.decode(ids) == rare
+    with pytest.raises(ConfigError, match="SentencePiece-style"):
+        load_tokenizer(path, encoder="tiktoken")
+
+
+@pytest.mark.parametrize("name, eod, bos", [
+    ("llama3", "<|end_of_text|>", "<|begin_of_text|>"),
+    ("llama2", "</s>", "<s>"),
+    ("llama2_metaspace", "</s>", "<s>"),
+])
+def test_family_tokenizer_without_endoftext_uses_its_own_eod_and_bos(family_tokenizers, name, eod, bos):
+    tok = load_tokenizer(family_tokenizers[name])
+    assert tok.token_to_id(EOD_TOKEN) is None
+    assert tok.eod_token == eod and tok.eod_id == tok.token_to_id(eod)
+    assert tok.bos_ids == [tok.token_to_id(bos)]
+    assert tok.pad_id == tok.eod_id  # no <|padding|>: padding is masked out anyway
+    # What HF's own encode adds in front of a text is what bos_ids says.
+    hf = HFTokenizer.from_file(str(family_tokenizers[name]))
+    assert hf.encode("Hi there").ids[: len(tok.bos_ids)] == tok.bos_ids
+
+
+def test_eod_is_endoftext_first_and_never_a_learned_text_token(tmp_path, tokenizer_path):
+    tok = load_tokenizer(tokenizer_path)
+    assert tok.eod_token == EOD_TOKEN and tok.bos_ids == []
+    # "</s>" as a plain (not special) added token is text, not a document end.
+    spec = json.loads(Path(tokenizer_path).read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != EOD_TOKEN]
+    spec["model"]["vocab"].pop(EOD_TOKEN)
+    path = tmp_path / "no_eod.json"
+    path.write_text(json.dumps(spec))
+    hf = HFTokenizer.from_file(str(path))
+    hf.add_tokens(["</s>"])
+    hf.save(str(path))
+    with pytest.raises(DataError, match=r"no_eod.json: tokenizer has none of the end-of-document tokens"):
+        load_tokenizer(path).eod_id
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama2"])
+def test_preprocess_writes_bos_text_eod_per_document_as_hf_encodes(family_tokenizers, corpus, tmp_path, name):
+    """Each document is HF's encode(text) with the family's special tokens ([BOS] text) plus its EOD;
+    --no-bos leaves the BOS out; a domain token goes after the BOS."""
+    from megatron_neox.data.indexed import IndexedDataset
+    from megatron_neox.data.preprocess import PreprocessOptions, preprocess
+
+    path = family_tokenizers[name]
+    tok = load_tokenizer(path)
+    hf = HFTokenizer.from_file(str(path))
+    hf.encode_special_tokens = True
+    docs = [{"text": t, "meta": {"pile_set_name": "BioS"}} for t in [*hard_texts(), *corpus_texts(corpus)[:20]]
+            if t.strip()]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+
+    def run(prefix, tokenizer=path, **kw):
+        preprocess(PreprocessOptions(inputs=[str(src)], tokenizer=str(tokenizer), output_prefix=str(tmp_path / prefix),
+                                     append_eod=True, workers=0, progress=False, **kw), log=lambda *a: None)
+        ds = IndexedDataset(str(tmp_path / f"{prefix}_text_document"))
+        return [ds.get_document(j).tolist() for j in range(ds.num_documents)]
+
+    with_bos = run("bos")
+    assert with_bos == [hf.encode(d["text"]).ids + [tok.eod_id] for d in docs]
+    assert all(ids[0] == tok.bos_ids[0] for ids in with_bos)
+    assert run("nobos", bos=False) == [ids[1:] for ids in with_bos]
+    hf.add_special_tokens([domain_token("BioS")])
+    hf.save(str(tmp_path / "with_domain.json"))
+    domain = hf.token_to_id(domain_token("BioS"))
+    assert run("domain", tmp_path / "with_domain.json", domain_tokens=True) == [
+        [ids[0], domain, *ids[1:]] for ids in with_bos]

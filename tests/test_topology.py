@@ -1,4 +1,6 @@
 """The (pipe, data, model) grid, its process groups, the mpu API and layout validation."""
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -65,9 +67,7 @@ def test_topology_refuses_indivisible_world():
     (dict(world_size=8, pp=8, tp=1, num_layers=4), r"pp=8 .*num_layers=4 transformer layers"),
     (dict(world_size=4, pp=1, tp=2, padded_vocab=50277),
      r"vocab 50277 is not divisible by parallel.tp=2.*128 \* 2 = 256"),
-    (dict(world_size=4, pp=2, tp=1, zero_stage=2), r"zero.stage=2 .*pp=2.*stages 0 and 1"),
     (dict(world_size=4, pp=1, tp=0), r"tp must be a positive integer, got 0"),
-    (dict(world_size=4, pp=1, tp=1, zero_stage=4), r"zero.stage must be 0, 1, 2 or 3, got 4"),
 ])
 def test_validate_layout_errors_name_the_numbers(kwargs, message):
     args = {"num_layers": 24, "num_heads": 16, **kwargs}
@@ -76,9 +76,20 @@ def test_validate_layout_errors_name_the_numbers(kwargs, message):
 
 
 def test_validate_layout_returns_dp():
-    assert validate_layout(96, 4, 2, num_layers=44, num_heads=64, padded_vocab=50432,
-                           zero_stage=1) == 12
-    assert validate_layout(4, 1, 1, num_layers=2, num_heads=4, zero_stage=3) == 4
+    assert validate_layout(96, 4, 2, num_layers=44, num_heads=64, padded_vocab=50432) == 12
+    assert validate_layout(4, 1, 1, num_layers=2, num_heads=4) == 4
+
+
+@pytest.mark.parametrize("stage, pp, message", [
+    (2, 2, r"zero.stage=2 .*pp=2.*stages 0 and 1"),
+    (4, 1, r"zero.stage must be 0, 1, 2 or 3, got 4"),
+])
+def test_zero_stage_that_cannot_run_is_named(stage, pp, message):
+    from megatron_neox.precision import zero_problems
+
+    (problem,) = zero_problems(stage, pp)
+    assert re.search(message, problem), problem
+    assert zero_problems(3, 1) == zero_problems(1, 2) == zero_problems("auto", 4) == []
 
 
 def _groups_check(rank, world_size):

@@ -42,6 +42,8 @@ def _world1(rank, world_size, tmp):
                    for t in os.listdir(base) if t.startswith("global_step")}
     with open(os.path.join(base, "latest")) as f:
         out["latest"] = f.read()
+    with open(os.path.join(base, "global_step4", "complete.json")) as f:
+        out["saved_config"] = json.load(f)["config"]
 
     def resumed_from(ckpt):
         # iters=5: one more step after a resume from step 4, two after a resume from step 2.
@@ -158,6 +160,12 @@ def test_resume_at_another_layout_continues_the_same_losses(world2, target):
 def test_checkpoints_are_marked_complete(world1):
     assert world1["tags"] == {"global_step2": True, "global_step4": True}
     assert world1["latest"] == "global_step4"
+
+
+def test_checkpoint_records_the_resolved_config(world1):
+    zero = world1["saved_config"]["zero"]
+    # The file said zero.stage=1 and overlap_comm null ('auto'): the checkpoint says what ran.
+    assert zero["stage"] == 1 and zero["overlap_comm"] is False
 
 
 def test_corrupt_latest_falls_back_to_newest_complete_checkpoint(world1):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from megatron_neox.hardware import DTYPES  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,8 +32,6 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (never one holding a checkpoint or a training run)")
     args = p.parse_args(argv)
-
-    import torch
 
     from megatron_neox.convert.checkpoint_io import load_full_state_dict
     from megatron_neox.convert.hf import save_hf
@@ -56,7 +54,7 @@ def main(argv=None) -> int:
         eod = tok.eod_id if tok is not None else None  # by token: never assume id 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
         out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,
-                      dtype=getattr(torch, DTYPES[args.dtype]))
+                      dtype=DTYPES[args.dtype])
         _write_generation_config(out, eod, vocab, padded)
     except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr)

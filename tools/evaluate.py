@@ -28,16 +28,15 @@ Knowledge probe (--facts): accuracy per attribute, and the knowledge stored in b
 per parameter (Physics of Language Models 3.3; megatron_neox/evaluation/knowledge.py).
 """
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.durable import write_json  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
+from megatron_neox.hardware import DTYPES  # noqa: E402
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def main(argv=None) -> int:
@@ -65,8 +64,6 @@ def main(argv=None) -> int:
     if args.num_fewshot is not None and args.num_fewshot < 0:
         p.error("--num-fewshot must be >= 0")
 
-    import torch
-
     from megatron_neox.data.corpus import check_facts_file
     from megatron_neox.errors import ConfigError
     from megatron_neox.evaluation import require_lm_eval
@@ -81,14 +78,27 @@ def main(argv=None) -> int:
         for flag, value in (("--tasks", args.tasks), ("--facts", args.facts)):
             if value:
                 require_lm_eval(flag)
-        loaded = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
+        if args.output:
+            _check_output_file(Path(args.output))
+        tasks = None
+        if args.tasks is not None:  # before the model is loaded: a bad task costs seconds, not a whole evaluation
+            from megatron_neox.evaluation.harness import check_include_path, check_task_setup, task_manager
+
+            names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+            if not names:
+                raise ConfigError(f"--tasks {args.tasks!r}: names no task; expected lm-eval task names, comma-separated, "
+                                  "or a preset: neox20b, gpt3 (leave --tasks out for perplexity)")
+            check_include_path(args.include_path)  # before lm-eval indexes it
+            tasks = check_task_setup(names, task_manager(args.include_path),
+                                     num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path)
+        loaded = load_model(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
         tok_file = args.tokenizer or tokenizer_path(loaded.run)
         tok = load_tokenizer(tok_file, verify=False) if tok_file and Path(tok_file).is_file() else None
         if args.tokenizer and tok is None:
             raise ConfigError(f"{args.tokenizer}: tokenizer file not found")
         if tok is not None:
             check_tokenizer_fits(tok, loaded.padded_vocab)
-        if (args.tasks or args.facts) and tok is None:
+        if (tasks or args.facts) and tok is None:
             raise ConfigError("--tasks and --facts need a tokenizer: pass --tokenizer (the checkpoint's run config "
                               "names none that exists here)")
         lm = None
@@ -98,7 +108,7 @@ def main(argv=None) -> int:
             lm = NeoXLM(MergedModel(loaded.model, tok.vocab_size, args.device), tok,
                         max_length=loaded.model_config.seq_length, batch_size=args.batch_size)
 
-        if args.split or args.data or args.iters or not (args.tasks or args.facts):
+        if args.split or args.data or args.iters or not (tasks or args.facts):
             from megatron_neox.evaluation.perplexity import perplexity
 
             split = args.split or "valid"
@@ -125,12 +135,11 @@ def main(argv=None) -> int:
                                    "parameters": params, "bits_per_parameter": bits / params}
 
         out = None
-        if args.tasks:
+        if tasks:
             from lm_eval.utils import make_table
 
             from megatron_neox.evaluation.harness import run_tasks
 
-            tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
             out = run_tasks(lm, tasks, num_fewshot=args.num_fewshot, include_path=args.include_path,
                             limit=args.limit, bootstrap_iters=args.bootstrap_iters)
             print(make_table(out))
@@ -138,10 +147,25 @@ def main(argv=None) -> int:
                 print(make_table(out, "groups"))
         if args.output:
             _write_json(Path(args.output), out, report, args)
-    except (MegatronNeoxError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_output_file(path: Path) -> None:
+    """--output must be a file we can create or replace: checked before the evaluation runs."""
+    from megatron_neox.errors import ConfigError
+    from megatron_neox.outputs import check_writable_dir
+
+    if path.is_dir():
+        raise ConfigError(f"--output {path}: is a directory, expected a JSON file to write")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"--output {path}: {parent} is a file, not a directory")
+    check_writable_dir(path.parent, f"--output {path}: directory")
 
 
 def _write_json(path: Path, out, report: dict, args) -> None:
@@ -155,12 +179,7 @@ def _write_json(path: Path, out, report: dict, args) -> None:
     doc.pop("samples", None)
     doc["megatron_neox"] = {"checkpoint": str(args.checkpoint), "device": args.device, "dtype": args.dtype, **report}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(doc, indent=2, default=handle_non_serializable, ensure_ascii=False))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, doc, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
 if __name__ == "__main__":

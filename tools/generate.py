@@ -37,7 +37,8 @@ def main(argv=None) -> int:
         p.error("need --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
 
     from megatron_neox.errors import ConfigError
-    from megatron_neox.generate import DTYPES, check_tokenizer_fits, generate_text, load_model, tokenizer_path
+    from megatron_neox.generate import check_tokenizer_fits, generate_text, load_model, tokenizer_path
+    from megatron_neox.hardware import DTYPES
     from megatron_neox.tokenizer import load_tokenizer
 
     try:

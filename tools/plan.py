@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from megatron_neox.config import load_config  # noqa: E402
-from megatron_neox.errors import MegatronNeoxError  # noqa: E402
+from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
 
 def _positive(kind):
@@ -54,8 +54,8 @@ def main(argv=None) -> int:
         if args.gpus is not None and not layout_overridden:
             print(planner.format_candidates(planner.candidate_layouts(cfg, args.gpus, args.gpu_memory_gb),
                                             args.gpus, args.gpu_memory_gb))
-    except MegatronNeoxError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MegatronNeoxError, OSError) as e:  # OSError: an unreadable config file
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
     return 0 if result.fits else 1
 

@@ -13,10 +13,13 @@ Exit status 2 with FILE:LINE on a malformed line.
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
+
+from megatron_neox.durable import atomic_paths  # noqa: E402
 
 Record = Dict[str, object]
 
@@ -30,7 +33,8 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
     train: List[Record] = []
     evals: List[Record] = []
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
+        lines = text.splitlines()
     except OSError as e:
         raise MetricsFileError(f"{path}: cannot read ({e.strerror or e})") from None
     for lineno, line in enumerate(lines, 1):
@@ -40,12 +44,17 @@ def read_metrics(path: Path) -> Tuple[List[Record], List[Record]]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
+            if lineno == len(lines) and not text.endswith("\n"):  # torn by a crash mid-write
+                print(f"warning: {where}: the last line was cut mid-record; skipped it", file=sys.stderr)
+                continue
             raise MetricsFileError(f"{where}: malformed JSON ({e.msg} at column {e.colno}): {line[:80]!r}; "
                                    "fix or delete the line") from None
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
             raise MetricsFileError(f"{where}: expected a JSON object with an integer 'step', found {line[:80]!r}")
         if "eval_loss" in rec or any(k.startswith("eval/") for k in rec):
             evals.append(rec)
+            continue
+        if "eval_tasks_error" in rec:  # an in-training lm-eval failure, logged and passed over
             continue
         if "rollback_to" in rec:  # a loss-spike rollback: the replayed steps that follow replace the old ones
             continue
@@ -126,10 +135,9 @@ def plot(train: List[Record], evals: List[Record], out: Path, x_axis: str = "ste
     fig.tight_layout()
     # Write beside the target and rename: a reader (or a crash) never sees half a PNG.
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, out)
+        with atomic_paths(out) as (tmp,):
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
         tmp.unlink(missing_ok=True)

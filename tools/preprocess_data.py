@@ -26,7 +26,12 @@ def parse_args(argv=None):
     p.add_argument("--output-prefix", required=True, help="output path prefix (its directory must exist)")
     p.add_argument("--jsonl-keys", "--json-keys", nargs="+", default=["text"], dest="keys",
                    help="JSON fields to tokenize, one dataset each (default: text)")
-    p.add_argument("--append-eod", action="store_true", help="append <|endoftext|> to every document")
+    p.add_argument("--append-eod", action="store_true",
+                   help="append the end-of-document token to every document: <|endoftext|>, else the family's "
+                        "own <|end_of_text|> (Llama-3) or </s> (Llama-2, Mistral)")
+    p.add_argument("--no-bos", dest="bos", action="store_false",
+                   help="do not start documents with the BOS the tokenizer's own template adds (<s>, "
+                        "<|begin_of_text|>; tokenizers without one get none either way)")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     p.add_argument("--workers", type=int, default=cpus,
                    help="encoding processes (default: the CPUs available; 0 = in this process)")
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
     opts = PreprocessOptions(
         inputs=args.input, tokenizer=args.tokenizer, output_prefix=args.output_prefix, keys=args.keys,
         append_eod=args.append_eod, workers=args.workers, domain_tokens=args.domain_tokens,
-        split_by_meta=args.split_by_meta, skip_bad_lines=args.skip_bad_lines, encoder=args.encoder,
+        split_by_meta=args.split_by_meta, skip_bad_lines=args.skip_bad_lines, encoder=args.encoder, bos=args.bos,
         progress=not args.no_progress,
     )
     try:

@@ -24,7 +24,6 @@ module-only load needs, per file, `module` (the state dict, or None under a pipe
 layers read their layer files) and `dp_world_size`; the rest of what we write mirrors a real
 save so DeepSpeed's own tools recognise the files.
 """
-import json
 import os
 import shutil
 import tempfile
@@ -34,15 +33,15 @@ from typing import Any, Dict, List, NamedTuple, Optional, Union
 import torch
 from pydantic import BaseModel, ValidationError
 
+from megatron_neox.checkpoint_files import (CLIENT_KEY, COMPLETE, read_meta, resolve_tag_dir, verify_contents,
+                                            verify_files, write_latest, write_meta)
 from megatron_neox.config import Config, ModelConfig, config_from_dict
 from megatron_neox.convert.hf import chmod_like_umask
-from megatron_neox.convert.sharding import merge_state_dicts, shard_state_dict, split_key
 from megatron_neox.errors import CheckpointError, ConfigError
 from megatron_neox.layout import split_problems
 from megatron_neox.model.gpt_neox import state_dict_shapes
 from megatron_neox.outputs import replace_dir
-from megatron_neox.training.checkpoint import (CLIENT_KEY, COMPLETE, file_manifest, read_meta, resolve_tag_dir,
-                                              verify_contents, verify_files)
+from megatron_neox.parallel.sharding import merge_state_dicts, shard_state_dict, split_key
 
 WEIGHTS_TAG = "global_step0"
 
@@ -299,9 +298,8 @@ def write_weights_checkpoint(full_sd: Dict[str, torch.Tensor], model_cfg: Union[
                 "model": cfg.model_dump(mode="json"), "padded_vocab": padded}
         if source:
             meta["source"] = source
-        meta["files"] = file_manifest(tag_dir)
-        (tag_dir / COMPLETE).write_text(json.dumps(meta, indent=1))
-        (tmp / "latest").write_text(WEIGHTS_TAG)
+        write_meta(tag_dir, meta)
+        write_latest(tmp, WEIGHTS_TAG)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         replace_dir(tmp, out_dir)

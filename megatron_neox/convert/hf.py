@@ -2,7 +2,7 @@
 
 Both sides store the fused QKV the same way (rows interleaved per head: [head][q|k|v][head_dim]),
 so the mapping is a renaming plus vocab padding. Tensor-parallel shards are merged/split by
-`convert.sharding` before/after this module.
+`parallel.sharding` before/after this module.
 
 HF names: gpt_neox.embed_in, gpt_neox.layers.i.{input_layernorm, post_attention_layernorm,
 attention.query_key_value, attention.dense, mlp.dense_h_to_4h, mlp.dense_4h_to_h},

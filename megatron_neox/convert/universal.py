@@ -6,7 +6,6 @@ shards into one file per parameter, using the regexes our checkpoints carry in
 A run that loads the result (its complete.json says `universal`) has DeepSpeed slice them for
 its own layout.
 """
-import json
 import os
 import shutil
 import subprocess
@@ -15,9 +14,24 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from megatron_neox.checkpoint_files import (COMPLETE, complete_tags, read_meta, verify_contents, verify_manifest,
+                                            write_latest, write_meta)
 from megatron_neox.errors import CheckpointError, ConfigError
-from megatron_neox.training.checkpoint import (COMPLETE, complete_tags, file_manifest, read_meta, verify_contents,
-                                              verify_manifest)
+
+
+def _check_out_holds_only_universal(out_dir: Path) -> None:
+    """--out may be new, empty, or hold universal checkpoints written by this tool (a re-run adds
+    or replaces one). Anything of a training run -- a checkpoint, complete or cut, or its logs --
+    is never touched: its `latest` would point at another run's state."""
+    if not out_dir.is_dir():
+        return
+    for step in sorted(out_dir.glob("global_step*/")):
+        if not ((step / COMPLETE).is_file() and read_meta(step).get("universal")):
+            raise ConfigError(f"--out {out_dir}: {step.name} there is a training checkpoint, not a universal one "
+                              "written by tools/reshard.py; another run's directory is never changed, choose a new "
+                              "directory")
+    if (out_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"--out {out_dir}: holds a training run (metrics.jsonl); choose a new directory")
 
 
 def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str] = None, workers: int = 2) -> Path:
@@ -31,10 +45,7 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
     if out_dir.resolve() == ckpt_dir.resolve():
         raise ConfigError(f"--out {out_dir}: is the checkpoint directory itself; write the universal checkpoint "
                           "to a new directory")
-    existing = out_dir / tag / COMPLETE
-    if existing.is_file() and not read_meta(out_dir / tag).get("universal"):
-        raise ConfigError(f"--out {out_dir}: {tag} there is a training checkpoint, not a universal one; it is never "
-                          "replaced, choose another directory")
+    _check_out_holds_only_universal(out_dir)
     meta = read_meta(src)
     if meta.get("weights_only"):
         raise CheckpointError(f"{src}: holds weights only (no optimizer state); load it directly at any layout")
@@ -58,16 +69,14 @@ def to_universal(ckpt_dir: os.PathLike, out_dir: os.PathLike, tag: Optional[str]
         if proc.returncode != 0:
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
             raise CheckpointError(f"{src}: DeepSpeed's ds_to_universal failed:\n{tail}")
-        meta.update(universal=True, source=str(src), files=file_manifest(tmp / tag))  # its own files, not the source's
-        (tmp / tag / COMPLETE).write_text(json.dumps(meta, indent=1))
+        meta.update(universal=True, source=str(src))
+        write_meta(tmp / tag, meta)  # its own files, not the source's
         final = out_dir / tag
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp / tag, final)
         for name in ("latest", "latest_universal"):
-            marker = out_dir / f".{name}.tmp"
-            marker.write_text(tag)
-            os.replace(marker, out_dir / name)
+            write_latest(out_dir, tag, name)
         ok = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

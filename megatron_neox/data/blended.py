@@ -24,7 +24,7 @@ import functools
 import heapq
 import os
 import re
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -93,6 +93,42 @@ def pile_weights(prefixes: Sequence[str], token_counts: Sequence[int]) -> list[f
     if total <= 0:
         raise DataError(f"pile preset: the datasets {list(prefixes)} hold no tokens")
     return [r / total for r in raw]
+
+
+# -- the data section's defaults and checks (config.py's DataConfig runs them at read time) --
+
+DEFAULT_SPLIT = "969,30,1"  # GPT-NeoX's default train/valid/test split by documents
+PRESETS = ("pile",)
+
+
+def mixture_problems(prefixes: Sequence[str], weights: Optional[Sequence[float]], preset: Optional[str],
+                     split: str) -> list[str]:
+    """What is wrong with a data mixture (`data.prefixes/weights/preset/split`); [] when nothing."""
+    problems = []
+    if weights is not None and len(weights) != len(prefixes):
+        problems.append(f"data.weights: {len(weights)} weights for {len(prefixes)} prefixes; give one per prefix")
+    if weights is not None and (any(w < 0 for w in weights) or sum(weights) <= 0):
+        problems.append(f"data.weights={list(weights)}: expected non-negative numbers with a positive sum")
+    if weights is not None and preset is not None:
+        problems.append("data: set either `weights` or `preset`, not both")
+    if preset is not None and preset not in PRESETS:
+        problems.append(f"data.preset: unknown preset {preset!r}; expected one of {', '.join(PRESETS)} or null")
+    try:
+        split_weights(split)
+    except ConfigError as e:
+        problems.append(f"data.{e}")
+    return problems
+
+
+def mixture_weights(prefixes: Sequence[str], weights: Optional[Sequence[float]], preset: Optional[str],
+                    tokens: Sequence[int]) -> list[float]:
+    """Weights of one split's mixture (checked by `mixture_problems`): explicit, the Pile preset,
+    or proportional to each dataset's tokens in the split."""
+    if preset == "pile":
+        return pile_weights(prefixes, tokens)
+    if weights is not None:
+        return [float(w) for w in weights]
+    return [float(t) for t in tokens]
 
 
 # -- splits ----------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ import json
 import os
 import random
 import sysconfig
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import zstandard
 
+from megatron_neox.durable import atomic_paths
 from megatron_neox.errors import ConfigError, DataError
 
 MB = 1_000_000  # sizes are reported in decimal megabytes, like the MB/s of preprocessing
@@ -367,7 +367,7 @@ def even_interleave(counts: dict[str, int]) -> list[str]:
 
 def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: int = 1234,
                        github_fraction: float = 0.5, bios_per_person: int = 5,
-                       stdlib_dir: str | None = None) -> CorpusSummary:
+                       stdlib_dir: str | None = None, chunk_people: int = 512) -> CorpusSummary:
     """Write `out_dir/sample.jsonl.zst` and `out_dir/bios_facts.jsonl`; both appear together,
     complete, or not at all (temporary names, renamed at the end).
 
@@ -375,6 +375,8 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
     to stdlib sources; when the stdlib is smaller than that share, bios fill the rest.
     `bios_facts.jsonl` holds one line per person with at least one bio in the corpus: the name,
     the six attributes and `bios`, how many of their bios made it under the size cap.
+    `chunk_people`: people whose bios are shuffled together (see `bios_documents`); a small
+    corpus with every bio of every person needs a size cap near a multiple of a small chunk.
     """
     if size_mb <= 0:
         raise ConfigError(f"--size-mb must be positive, got {size_mb}")
@@ -397,7 +399,7 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
     bios_budget = total - github_bytes
 
     bios, bios_bytes = [], 0
-    for person, text in bios_documents(rng_bios, bios_per_person):
+    for person, text in bios_documents(rng_bios, bios_per_person, chunk_people):
         n = _utf8_len(text)
         if bios_bytes + n > bios_budget:
             break
@@ -406,10 +408,9 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
 
     stats = {GITHUB: ComponentStats(), BIOS: ComponentStats()}
     people: dict[str, tuple[Person, int]] = {}  # insertion order = order people first appear
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     corpus_path, facts_path = out / CORPUS_FILE, out / FACTS_FILE
-    corpus_tmp, facts_tmp = Path(str(corpus_path) + tag), Path(str(facts_path) + tag)
-    try:
+    # The facts first: whoever finds the corpus finds the facts that go with it.
+    with atomic_paths(facts_path, corpus_path) as (facts_tmp, corpus_tmp):
         with open(corpus_tmp, "wb") as raw, zstandard.ZstdCompressor(level=3).stream_writer(raw) as zf:
             docs = {GITHUB: iter(github), BIOS: iter(bios)}
             for name in even_interleave({GITHUB: len(github), BIOS: len(bios)}):
@@ -425,11 +426,6 @@ def make_sample_corpus(out_dir: str | os.PathLike, size_mb: float = 8.0, seed: i
         with open(facts_tmp, "w", encoding="utf-8") as f:
             for person, n_bios in people.values():
                 f.write(json.dumps({**person.facts(), "bios": n_bios}, ensure_ascii=False) + "\n")
-        os.replace(facts_tmp, facts_path)
-        os.replace(corpus_tmp, corpus_path)
-    finally:
-        for tmp in (corpus_tmp, facts_tmp):
-            tmp.unlink(missing_ok=True)
     return CorpusSummary(corpus_path, facts_path, len(people), stats)
 
 

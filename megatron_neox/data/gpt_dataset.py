@@ -34,15 +34,16 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 import time
-import uuid
+from typing import Optional
 
 import numpy as np
 
 from megatron_neox.data.indexed import IndexedDataset, index_file_path
+from megatron_neox.durable import atomic_write, write_json
 from megatron_neox.errors import ConfigError, DataError
+from megatron_neox.ranks import rank0_first, rank_of
 
 logger = logging.getLogger(__name__)
 
@@ -319,25 +320,18 @@ def build_indices(doc_sizes: np.ndarray, doc_range: tuple[int, int], num_samples
 _ARRAYS = ("doc_idx", "sample_idx", "epoch_starts")
 
 
-def _dist():
-    """torch.distributed when it is initialised; None otherwise (no torch import just for this)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return None
-    dist = torch.distributed
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
 def _save_npy(path: str, array: np.ndarray) -> None:
-    # Temporary name + rename: a rank that finds the final name finds a complete file.
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # A rank that finds the final name finds a complete file.
+    with atomic_write(path) as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cache_key(description: dict) -> str:
@@ -390,23 +384,7 @@ class GPTDataset:
         self.description_path = f"{stem}.json"
         self.built_here = False
 
-        dist = _dist()
-        rank = dist.get_rank() if dist else 0
-        failure = None
-        if rank == 0 and not self._cached():
-            try:
-                self._build()
-            except BaseException as e:  # still reach the barrier, so no rank is left waiting
-                failure = e
-        if dist:
-            dist.barrier()
-        if failure is not None:
-            raise failure
-        if not self._cached():
-            # The cache dir is not shared with rank 0 (node-local disk): the build is
-            # deterministic, so building here gives the same arrays.
-            logger.warning("%s: index cache %s not visible from rank %d; building locally", name, stem, rank)
-            self._build()
+        rank0_first(self._build_unless_cached)
         self.doc_idx, self.sample_idx, starts = (
             np.load(self.paths[a], mmap_mode="r", allow_pickle=False) for a in _ARRAYS)
         self.order = SampleOrder(starts, self.seed)
@@ -414,9 +392,48 @@ class GPTDataset:
                 or len(self.sample_idx) != len(self.order) + 1):
             raise DataError(f"{stem}_*.npy: cached index arrays do not match {self.description}; delete them to rebuild")
 
+    def _build_unless_cached(self) -> None:
+        rank = rank_of()
+        if rank == 0:  # checks the arrays whole; the other ranks then find what it checked or built
+            problem = self._cache_problem()
+            if problem is None:
+                return
+            if problem != "missing":
+                logger.warning("warning: %s: index cache %s; rebuilding it", self.name, problem)
+        elif self._cached():
+            return
+        else:
+            # The cache dir is not shared with rank 0 (node-local disk): the build is
+            # deterministic, so building here gives the same arrays.
+            logger.warning("%s: index cache %s not visible from rank %d; building locally", self.name,
+                           self.description_path[:-len(".json")], rank)
+        self._build()
+
     def _cached(self) -> bool:
         # The description is written last, so its presence means all three arrays are complete.
         return os.path.exists(self.description_path) and all(os.path.exists(p) for p in self.paths.values())
+
+    def _cache_problem(self) -> Optional[str]:
+        """None when the cached arrays match the sizes and SHA-256 recorded with them when they were
+        built; "missing"; or what is wrong with them (a truncated or altered file would otherwise
+        fail every run with numpy's IndexError until the user deleted it)."""
+        if not self._cached():
+            return "missing"
+        try:
+            with open(self.description_path) as f:
+                recorded = json.load(f).get("arrays") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            return f"{self.description_path} is unreadable ({e})"
+        for a, path in self.paths.items():
+            want = recorded.get(a)
+            if not want:
+                return f"{self.description_path} records no checksum for {path} (written by an older version)"
+            size = os.path.getsize(path)
+            if size != want["bytes"]:
+                return f"{path} holds {size} bytes, {want['bytes']} were written (truncated or replaced)"
+            if _sha256(path) != want["sha256"]:
+                return f"{path} differs from the checksum recorded when it was built (altered or corrupt)"
+        return None
 
     def _build(self) -> None:
         t0 = time.time()
@@ -424,11 +441,12 @@ class GPTDataset:
                                self.seq_length, self.seed)
         for a, arr in zip(_ARRAYS, arrays):
             _save_npy(self.paths[a], arr)
-        tmp = f"{self.description_path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:  # the file name is for people reading the cache, not part of the key
-            json.dump({**self.description, "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
-                      f, indent=1)
-        os.replace(tmp, self.description_path)
+        # The file name is for people reading the cache, not part of the key; the arrays' sizes and
+        # hashes let a later run tell a truncated or altered file from a good one.
+        checksums = {a: {"bytes": os.path.getsize(p), "sha256": _sha256(p)} for a, p in self.paths.items()}
+        write_json(self.description_path, {**self.description, "arrays": checksums,
+                                           "index_file": os.path.abspath(index_file_path(self.indexed.prefix))},
+                   indent=1)
         self.built_here = True
         logger.info("%s: built indices for %d epoch(s), %d samples, in %.1f s", self.name,
                     self.description["epochs"], len(arrays[1]) - 1, time.time() - t0)

@@ -29,12 +29,12 @@ import os
 import re
 import shutil
 import struct
-import uuid
 from array import array
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from megatron_neox.durable import commit, temporary_name, write_json
 from megatron_neox.errors import ConfigError, DataError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -131,9 +131,8 @@ class IndexedDatasetBuilder:
             raise ConfigError(f"output directory {parent} for dataset prefix {self.prefix} does not exist")
         remove_stale_temporaries(self.prefix)
         # Unique suffix: several writers (e.g. one per Pile component) may share a directory.
-        tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._bin_tmp = data_file_path(self.prefix) + tag
-        self._idx_tmp = index_file_path(self.prefix) + tag
+        self._bin_tmp = temporary_name(data_file_path(self.prefix))
+        self._idx_tmp = temporary_name(index_file_path(self.prefix))
         try:
             self._bin = open(self._bin_tmp, "wb")
         except OSError as e:
@@ -233,8 +232,8 @@ class IndexedDatasetBuilder:
             f.write(pointers.astype("<i8", copy=False).tobytes())
             f.write(doc_idx.astype("<i8", copy=False).tobytes())
         # .bin first: whoever sees the final .idx can rely on the .bin beside it.
-        os.replace(self._bin_tmp, data_file_path(self.prefix))
-        os.replace(self._idx_tmp, index_file_path(self.prefix))
+        commit(self._bin_tmp, data_file_path(self.prefix))
+        commit(self._idx_tmp, index_file_path(self.prefix))
         self._finalized = True
 
     def close(self) -> None:
@@ -461,10 +460,7 @@ def token_id_range(ds: "IndexedDataset", cache_dir: str | None = None) -> tuple[
     if cache is not None:
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{cache}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "min": lo, "max": hi}, f)
-            os.replace(tmp, cache)
+            write_json(cache, {"key": key, "min": lo, "max": hi})
         except OSError as e:  # a read-only cache only costs a rescan next time
             logger.warning("could not cache the token range of %s in %s: %s", ds.prefix, cache_dir, e)
     return lo, hi

@@ -7,29 +7,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from megatron_neox.data.blended import BlendedDataset, blend_counts, parse_split, pile_weights
+from megatron_neox.data.blended import (DEFAULT_SPLIT, BlendedDataset, blend_counts, mixture_problems,
+                                        mixture_weights, parse_split)
 from megatron_neox.data.gpt_dataset import GPTDataset
 from megatron_neox.data.indexed import IndexedDataset, check_token_ids
 from megatron_neox.errors import ConfigError
+from megatron_neox.ranks import rank0_first
 
 SPLIT_NAMES = ("train", "valid", "test")
-
-
-def _split_weights(data_cfg, prefixes, tokens) -> list[float]:
-    """Mixture weights of one split: explicit, the Pile preset, or proportional to tokens."""
-    preset = getattr(data_cfg, "preset", None)
-    weights = getattr(data_cfg, "weights", None)
-    if preset is not None and weights is not None:
-        raise ConfigError("data: set either `weights` or `preset`, not both")
-    if preset is not None:
-        if preset != "pile":
-            raise ConfigError(f"data.preset: unknown preset {preset!r}; expected 'pile' or null")
-        return pile_weights(prefixes, tokens)
-    if weights is not None:
-        if len(weights) != len(prefixes):
-            raise ConfigError(f"data.weights: {len(weights)} weights for {len(prefixes)} prefixes; give one per prefix")
-        return [float(w) for w in weights]
-    return [float(t) for t in tokens]
 
 
 def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[int, int, int],
@@ -43,15 +28,19 @@ def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[i
     prefixes = [str(p) for p in getattr(data_cfg, "prefixes", None) or []]
     if not prefixes:
         raise ConfigError("data.prefixes: no dataset given; expected prefixes of .bin/.idx pairs (without extension)")
+    weights, preset = getattr(data_cfg, "weights", None), getattr(data_cfg, "preset", None)
+    split = getattr(data_cfg, "split", None) or DEFAULT_SPLIT
+    problems = mixture_problems(prefixes, weights, preset, split)  # a DataConfig has passed them already
+    if problems:
+        raise ConfigError(problems[0])
     if len(num_samples) != 3:
         raise ConfigError(f"num_samples: expected (train, valid, test), got {num_samples!r}")
     cache_dir = cache_dir or getattr(data_cfg, "cache_dir", None) or os.path.join(
         os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
-    split = getattr(data_cfg, "split", None) or "969,30,1"
     indexed = [IndexedDataset(p) for p in prefixes]
     ranges = [parse_split(split, ds.num_documents) for ds in indexed]
     if vocab_size is not None:
-        _rank0_first(lambda: [check_token_ids(ds, vocab_size, cache_dir) for ds in indexed])
+        rank0_first(lambda: [check_token_ids(ds, vocab_size, cache_dir) for ds in indexed])
 
     out = []
     for s, name in enumerate(SPLIT_NAMES):
@@ -61,14 +50,14 @@ def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[i
         if n <= 0 or sum(tokens) == 0:
             out.append(None)
             continue
-        weights = _split_weights(data_cfg, prefixes, tokens)
-        keep = [i for i in range(len(parts)) if weights[i] > 0 and tokens[i] > 0]
+        mix = mixture_weights(prefixes, weights, preset, tokens)
+        keep = [i for i in range(len(parts)) if mix[i] > 0 and tokens[i] > 0]
         if not keep:
             out.append(None)
             continue
-        weights = [weights[i] for i in keep]
+        mix = [mix[i] for i in keep]
         parts = [parts[i] for i in keep]
-        counts = blend_counts(weights, n) if len(parts) > 1 else [n]
+        counts = blend_counts(mix, n) if len(parts) > 1 else [n]
         try:
             datasets = [
                 GPTDataset(ds, rng, int(c), seq_length, seed, cache_dir, f"{os.path.basename(p)}_{name}")
@@ -77,7 +66,7 @@ def build_datasets(data_cfg, *, seq_length: int, seed: int, num_samples: tuple[i
         except OSError as e:
             raise ConfigError(f"index cache {cache_dir}: cannot write {e.filename or 'there'} ({e.strerror or e}); "
                               "set data.cache_dir to a writable directory") from None
-        out.append(datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, weights, n))
+        out.append(datasets[0] if len(datasets) == 1 else BlendedDataset(datasets, mix, n))
     return tuple(out)
 
 
@@ -102,14 +91,48 @@ def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
 _EOD_FLAGS = ("eod_mask_loss", "reset_position_ids", "reset_attention_mask")
 
 
+def eod_flags(data_cfg) -> list[str]:
+    """The `data` flags that are on and act at end-of-document tokens."""
+    return [k for k in _EOD_FLAGS if getattr(data_cfg, k, False)]
+
+
+def _check_eod_flags(flags: dict, eod_token_id: Optional[int], fix: str) -> None:
+    """A flag that needs the end-of-document id is refused without one; the message ends with `fix`."""
+    wanted = [k for k, on in flags.items() if on]
+    if wanted and eod_token_id is None:
+        raise ConfigError(f"data.{wanted[0]}=true needs the tokenizer (to know the end-of-document id): {fix}")
+
+
 def loader_options(data_cfg, eod_token_id: Optional[int], fix: str = "set tokenizer.path") -> dict:
     """BatchLoader keyword arguments from the `data` config section; a flag that needs the
     end-of-document id is refused without one (no tokenizer): the message ends with `fix`."""
     flags = {k: bool(getattr(data_cfg, k, False)) for k in _EOD_FLAGS}
-    wanted = [k for k, on in flags.items() if on]
-    if wanted and eod_token_id is None:
-        raise ConfigError(f"data.{wanted[0]}=true needs the tokenizer (to know the end-of-document id): {fix}")
+    _check_eod_flags(flags, eod_token_id, fix)
     return {"eod_token_id": eod_token_id, **flags}
+
+
+def micro_batch(samples, *, eod_token_id: Optional[int] = None, eod_mask_loss: bool = False,
+                reset_position_ids: bool = False, reset_attention_mask: bool = False) -> dict:
+    """The one micro-batch builder (the loader, the tests and the benchmarks use it): [B, T+1] token
+    rows -> tokens, labels, loss_mask, position_ids and, with reset_attention_mask, doc_ids."""
+    samples = np.asarray(samples)
+    tokens = torch.from_numpy(np.ascontiguousarray(samples[:, :-1], dtype=np.int64))
+    labels = torch.from_numpy(np.ascontiguousarray(samples[:, 1:], dtype=np.int64))
+    loss_mask = torch.ones(tokens.shape, dtype=torch.float32)
+    if eod_mask_loss:
+        # Megatron's rule: where the input is EOD, the label is the first token of an unrelated
+        # document, which the model cannot predict; leave it out of the loss.
+        loss_mask[tokens == eod_token_id] = 0.0
+    batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+    if reset_position_ids or reset_attention_mask:
+        doc_ids = document_ids(tokens, eod_token_id)
+        if reset_attention_mask:
+            batch["doc_ids"] = doc_ids
+    if reset_position_ids:
+        batch["position_ids"] = document_positions(doc_ids)
+    else:
+        batch["position_ids"] = torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous()
+    return batch
 
 
 def split_tokens(ds) -> int:
@@ -141,24 +164,19 @@ def size_warnings(data_cfg, train_ds, valid_ds, *, seq_length: int, train_tokens
     return out
 
 
-def _rank0_first(fn) -> None:
-    """Run `fn` on rank 0, then on the other ranks (which then find its cached results); a failure
-    on rank 0 still reaches the barrier, so no rank is left waiting."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        fn()
-        return
-    failure = None
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except BaseException as e:
-            failure = e
-    dist.barrier()
-    if failure is not None:
-        raise failure
-    if dist.get_rank() != 0:
-        fn()
+def eod_warnings(data_cfg, train_ds, eod_token_id: Optional[int], samples: int = 256) -> list[str]:
+    """The EOD flags act where the data holds the end-of-document token; on data preprocessed
+    without --append-eod they change nothing, which the user should hear, with the numbers."""
+    wanted = [f"data.{k}" for k in eod_flags(data_cfg)]
+    if not wanted or eod_token_id is None or train_ds is None:
+        return []
+    n = min(len(train_ds), samples)
+    tokens = sum(len(train_ds[i]) for i in range(n))
+    if any((np.asarray(train_ds[i]) == eod_token_id).any() for i in range(n)):
+        return []
+    return [f"{', '.join(wanted)}: the first {n} training samples ({tokens:,} tokens) of {data_cfg.prefixes} hold no "
+            f"end-of-document token (id {eod_token_id}), so these flags change nothing; preprocess with --append-eod "
+            "(tools/preprocess_data.py) for them to act"]
 
 
 class BatchLoader:
@@ -189,17 +207,15 @@ class BatchLoader:
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise ConfigError(f"BatchLoader: need micro_batch_size >= 1 and 0 <= dp_rank < dp_size; got "
                               f"micro_batch_size={micro_batch_size}, dp_rank={dp_rank}, dp_size={dp_size}")
-        if (eod_mask_loss or reset_position_ids or reset_attention_mask) and eod_token_id is None:
-            raise ConfigError("BatchLoader: eod_mask_loss / reset_position_ids / reset_attention_mask need eod_token_id")
+        self.options = {"eod_mask_loss": bool(eod_mask_loss), "reset_position_ids": bool(reset_position_ids),
+                        "reset_attention_mask": bool(reset_attention_mask)}
+        _check_eod_flags(self.options, eod_token_id, "pass eod_token_id to BatchLoader")
+        self.options["eod_token_id"] = eod_token_id
         self.dataset = dataset
         self.micro_batch_size = int(micro_batch_size)
         self.dp_rank = int(dp_rank)
         self.dp_size = int(dp_size)
         self.consumed_samples = int(consumed_samples)
-        self.eod_token_id = eod_token_id
-        self.eod_mask_loss = bool(eod_mask_loss)
-        self.reset_position_ids = bool(reset_position_ids)
-        self.reset_attention_mask = bool(reset_attention_mask)
         self.consumed_batches = int(consumed_batches)
         self.skip_ranges = [(int(a), int(b)) for a, b in skip_ranges]
 
@@ -219,33 +235,16 @@ class BatchLoader:
         for m in range(global_batch_size // (B * dp)):
             first = self.consumed_samples + m * B * dp + self.dp_rank * B
             rows = [self.dataset[(first + j) % n] for j in range(B)]
-            batches.append(self._micro_batch(np.stack(rows)))
+            batches.append(micro_batch(np.stack(rows), **self.options))
         self.consumed_samples += global_batch_size
         self.consumed_batches += 1
         return batches
-
-    def _micro_batch(self, samples: np.ndarray) -> dict:
-        tokens = torch.from_numpy(np.ascontiguousarray(samples[:, :-1], dtype=np.int64))
-        labels = torch.from_numpy(np.ascontiguousarray(samples[:, 1:], dtype=np.int64))
-        loss_mask = torch.ones(tokens.shape, dtype=torch.float32)
-        if self.eod_mask_loss:
-            # Megatron's rule: where the input is EOD, the label is the first token of an unrelated
-            # document, which the model cannot predict; leave it out of the loss.
-            loss_mask[tokens == self.eod_token_id] = 0.0
-        batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
-        if self.reset_position_ids or self.reset_attention_mask:
-            doc_ids = document_ids(tokens, self.eod_token_id)
-            if self.reset_attention_mask:
-                batch["doc_ids"] = doc_ids
-        if self.reset_position_ids:
-            batch["position_ids"] = document_positions(doc_ids)
-        else:
-            batch["position_ids"] = torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous()
-        return batch
 
     def state_dict(self) -> dict:
         return {"consumed_samples": self.consumed_samples, "consumed_batches": self.consumed_batches}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state_dict()`'s position (training/checkpointer.py TrainState.data_position
+        supplies it, also for checkpoints older than consumed_batches)."""
         self.consumed_samples = int(state["consumed_samples"])
-        self.consumed_batches = int(state.get("consumed_batches", 0))
+        self.consumed_batches = int(state["consumed_batches"])

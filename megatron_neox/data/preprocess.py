@@ -67,6 +67,7 @@ class EncodeSettings:
     domain_tokens: bool
     meta_field: str | None  # required in every document when set
     dtype: str
+    bos: bool = True  # start each document with the tokenizer's BOS, when its template has one
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Encoder:
         self.s = settings
         self.tokenizer = tokenizer or load_tokenizer(settings.tokenizer, encoder=settings.encoder, verify=False)
         self.eod = self.tokenizer.eod_id if settings.append_eod else None
+        self.bos = self.tokenizer.bos_ids if settings.bos else []
         self.dtype = np.dtype(settings.dtype)
         self._domain_ids: dict[str, int | None] = {}
 
@@ -133,8 +135,10 @@ class Encoder:
             encoded = self.tokenizer.encode_batch([text for _, text, _ in docs])
             flat: list[int] = []
             lengths = np.empty(len(docs), dtype=np.int64)
-            extra = (1 if s.domain_tokens else 0) + (1 if self.eod is not None else 0)
+            # A document is [BOS] [domain token] text [EOD]: BOS first, as HF's encode puts it.
+            extra = len(self.bos) + (1 if s.domain_tokens else 0) + (1 if self.eod is not None else 0)
             for i, ids in enumerate(encoded):
+                flat += self.bos
                 if s.domain_tokens:
                     flat.append(prefix_ids[i])
                 flat += ids
@@ -259,6 +263,7 @@ class PreprocessOptions:
     split_by_meta: str | None = None  # a meta field, e.g. "pile_set_name": one dataset per value
     skip_bad_lines: bool = False
     encoder: str = "auto"  # auto | tiktoken | hf (see megatron_neox.tokenizer)
+    bos: bool = True  # the tokenizer's own BOS before each document (Llama families; see Tokenizer.bos_ids)
     block_bytes: int = BLOCK_BYTES
     progress: bool = True
 
@@ -463,7 +468,7 @@ def preprocess(opts: PreprocessOptions, log=print) -> PreprocessSummary:
 
     def start_runner():
         settings = EncodeSettings(opts.tokenizer, tokenizer.encoder_name, keys, opts.append_eod,
-                                  opts.domain_tokens, meta_field, dtype.name)
+                                  opts.domain_tokens, meta_field, dtype.name, opts.bos)
         if opts.workers == 0:
             return _InlineRunner(settings, tokenizer)
         return _ProcessPool(settings, opts.workers)
@@ -484,6 +489,7 @@ def preprocess(opts: PreprocessOptions, log=print) -> PreprocessSummary:
             runner = start_runner()
         summary = PreprocessSummary(len(files), tokenizer.describe_encoder(), dtype.name)
         log(f"encoder: {summary.encoder}")
+        log(f"each document: {document_layout(tokenizer, opts)}")
 
         bar = stack.enter_context(_progress(sum(os.path.getsize(p) for p in files), opts.progress))
         writer = _Writer(opts, summary, dtype, stack, bar)
@@ -492,6 +498,14 @@ def preprocess(opts: PreprocessOptions, log=print) -> PreprocessSummary:
         ok = True
     summary.seconds = time.time() - t0
     return summary
+
+
+def document_layout(tokenizer, opts: PreprocessOptions) -> str:
+    """How each document is laid out in the output, e.g. "<s> text </s>"."""
+    parts = [tokenizer.id_to_token(i) for i in (tokenizer.bos_ids if opts.bos else [])]
+    parts += ["<|domain:NAME|>"] if opts.domain_tokens else []
+    parts += ["text"] + ([tokenizer.eod_token] if opts.append_eod else [])
+    return " ".join(parts)
 
 
 def _progress(total_bytes: int, enabled: bool):

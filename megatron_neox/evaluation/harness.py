@@ -4,7 +4,7 @@
 (`results[task]["acc,none"]`, ...), and `lm_eval.utils.make_table` prints lm-eval's table.
 `flatten_metrics` turns it into the `eval/<task>/<metric>` keys of metrics.jsonl.
 
-`TrainingHarness` is the trainer's view: `maybe_evaluate(step, last_step)` runs `eval.tasks` every
+`TrainingHarness` is the trainer's view: `after_step(state, last_step)` runs `eval.tasks` every
 `eval.tasks_interval` steps (and after the last step) on the sharded training engine, logs the
 metrics (metrics.jsonl, TensorBoard, wandb) and returns them. lm-eval reseeds Python's, numpy's and torch's global
 generators; the training RNG states are put back afterwards, so evaluating does not change what
@@ -15,7 +15,8 @@ import functools
 import logging
 import math
 import random
-from typing import Any, Dict, List, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -32,17 +33,96 @@ def task_manager(include_path: Optional[str] = None):
     return TaskManager(include_path=include_path)
 
 
-def check_tasks(names: Sequence[str], manager) -> List[str]:
-    """The task list with presets expanded; unknown names are a ConfigError listing close matches."""
+def check_include_path(include_path: Optional[str], flag: str = "--include-path") -> None:
+    """A task directory that is missing or a file is named as such (lm-eval would only say that
+    the tasks in it are unknown)."""
+    if include_path is None:
+        return
+    path = Path(include_path)
+    if not path.exists():
+        raise ConfigError(f"{flag} {path}: no such directory (expected the directory of the task YAMLs)")
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file, expected the directory of the task YAMLs")
+
+
+def _broken_yamls(include_path: Optional[str]) -> List[str]:
+    """'file: reason' for each YAML under `include_path` that lm-eval's index skips (it drops a
+    YAML it cannot read without a word, so its tasks look unknown)."""
+    if include_path is None:
+        return []
+    from lm_eval.tasks._index import TaskIndex
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    broken = []
+    for yaml_path in sorted(Path(include_path).glob("**/*.yaml")):
+        try:  # what lm-eval's TaskIndex.build does for each file
+            TaskIndex.process_cfg(load_yaml(yaml_path, resolve_func=False, recursive=True), yaml_path, {})
+        except Exception as e:  # noqa: BLE001 -- any reason lm-eval skips the file is worth naming
+            broken.append(f"{yaml_path}: {type(e).__name__}: {e}")
+    return broken
+
+
+def check_tasks(names: Sequence[str], manager, include_path: Optional[str] = None,
+                flag: str = "--include-path") -> List[str]:
+    """The task list with presets expanded; unknown names are a ConfigError listing close matches,
+    the include path and the YAMLs in it that lm-eval could not read."""
     import difflib
 
+    check_include_path(include_path, flag)
     tasks = expand_tasks(names)
+    if not tasks or any(not t.strip() for t in tasks):
+        raise ConfigError(f"the task list {list(names)!r} names no task (or an empty one); name lm-eval tasks, "
+                          "comma-separated, or a preset: neox20b, gpt3")
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         hints = "; ".join(f"{t!r}: did you mean {difflib.get_close_matches(t, known, n=3)}?" for t in unknown)
-        raise ConfigError(f"unknown lm-eval task(s) {unknown} ({hints}); presets: neox20b, gpt3; local tasks need "
-                          "their directory as --include-path / eval.include_path")
+        where = (f"not in {flag} {include_path} nor among lm-eval's tasks" if include_path else
+                 f"local tasks need their directory as {flag}")
+        broken = _broken_yamls(include_path)
+        unreadable = f"; task YAMLs lm-eval could not read: {'; '.join(broken)}" if broken else ""
+        raise ConfigError(f"unknown lm-eval task(s) {unknown} ({hints}); presets: neox20b, gpt3; "
+                          f"{where}{unreadable}")
+    return tasks
+
+
+def _fewshot_asked(task, num_fewshot: Optional[int]) -> Tuple[int, bool]:
+    """(few-shot examples lm-eval will draw per document, as `simple_evaluate` decides it -- a task
+    configured with 0 keeps 0; whether they come from the evaluated split, where the sampler
+    draws one more to leave the document itself out)."""
+    own = task.get_config("num_fewshot")
+    n = (own if (num_fewshot is None or own == 0) else num_fewshot) or 0
+    fewshot = getattr(task, "fewshot_cfg", None)
+    return n, fewshot is not None and fewshot.split == task.config.test_split
+
+
+def check_task_setup(names: Sequence[str], manager, *, num_fewshot: Optional[int] = None,
+                     limit: Optional[float] = None, include_path: Optional[str] = None,
+                     flags: Tuple[str, str, str] = ("--include-path", "--num-fewshot", "--limit")) -> List[str]:
+    """Everything lm-eval would otherwise fail on mid-run, checked before any model work: the
+    names, each task built (its YAML, `output_type`, its data reachable), enough documents for
+    the few-shot count, a positive limit. Returns the expanded task list; a ConfigError naming
+    the task, its YAML and the `flags` (include path, few-shot, limit) otherwise."""
+    include_flag, fewshot_flag, limit_flag = flags
+    if limit is not None and not limit > 0:
+        raise ConfigError(f"{limit_flag}={limit}: expected > 0 (examples per task, or a fraction below 1)")
+    tasks = check_tasks(names, manager, include_path, include_flag)
+    built = {}
+    for name in tasks:
+        entry = manager.task_index.get(name)
+        yaml = f" ({entry.yaml_path})" if entry is not None and entry.yaml_path else ""
+        try:
+            built.update(manager.load([name])["tasks"])
+        except Exception as e:  # noqa: BLE001 -- lm-eval raises what its task code and `datasets` raise
+            raise ConfigError(f"lm-eval task {name!r}{yaml} cannot be built: {type(e).__name__}: {e}") from None
+    for name, task in built.items():
+        n, same_split = _fewshot_asked(task, num_fewshot)
+        docs = task.fewshot_docs() if n else None
+        if docs is not None and len(docs) < n + same_split:
+            raise ConfigError(
+                f"lm-eval task {name!r}: {n} few-shot examples per document ({fewshot_flag}={num_fewshot}, the "
+                f"task's own {task.get_config('num_fewshot')}) but its few-shot split holds {len(docs)} documents"
+                f"{' (one of them the evaluated document itself)' if same_split else ''}; ask for fewer")
     return tasks
 
 
@@ -94,10 +174,22 @@ def preserved_rng():
             torch.cuda.set_rng_state_all(cuda)
 
 
+def check_training_tasks(cfg) -> List[str]:
+    """eval.tasks checked whole (`check_task_setup`) with the config's key names; [] when none."""
+    if not cfg.eval.tasks:
+        return []
+    check_include_path(cfg.eval.include_path, "eval.include_path")  # before lm-eval indexes it
+    return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path), num_fewshot=cfg.eval.num_fewshot,
+                            limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
+                            flags=("eval.include_path", "eval.num_fewshot", "eval.tasks_limit"))
+
+
 class TrainingHarness:
     """`eval.tasks` on the training engine; see the module docstring."""
 
-    def __init__(self, cfg, engine=None, topo=None, tokenizer=None, metrics=None):
+    def __init__(self, cfg, engine=None, topo=None, tokenizer=None, metrics=None, tasks: Optional[List[str]] = None):
+        """`tasks`: what `check_training_tasks(cfg)` returned (the trainer calls it before building
+        the model, so a bad task costs seconds); checked here when not given."""
         self.cfg, self.metrics = cfg, metrics
         self.enabled = bool(cfg.eval.tasks)
         if not self.enabled:
@@ -106,21 +198,26 @@ class TrainingHarness:
         from megatron_neox.evaluation.lm import NeoXLM
 
         self.manager = task_manager(cfg.eval.include_path)
-        self.tasks = check_tasks(cfg.eval.tasks, self.manager)  # before the first step, not at the first eval
+        self.tasks = tasks if tasks is not None else check_training_tasks(cfg)
         backend = EngineModel(engine, topo, tokenizer.vocab_size, cfg.parallel.sequence_parallel)
         self.lm = NeoXLM(backend, tokenizer, max_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size,
                          seed=cfg.train.seed, show_progress=False)
 
-    def due(self, step: int, last_step: int) -> bool:
+    def should_evaluate(self, step: int, last_step: int) -> bool:
         interval = self.cfg.eval.tasks_interval
         return self.enabled and (step == last_step or bool(interval and step % interval == 0))
 
-    def maybe_evaluate(self, step: int, last_step: int) -> Dict[str, float]:
-        """`eval/<task>/<metric>` values when evaluation is due at `step`, else {}. Every rank must
-        call it (the engine's forward passes are collective); the values come back on each node's
-        first process (LOCAL_RANK 0, global rank 0 among them), the others get {}."""
-        if not self.due(step, last_step):
-            return {}
+    def after_step(self, state, last_step: int, trained: bool = True) -> bool:
+        """The trainer's component convention (training/trainer.py): evaluate when due after a
+        trained step; never asks the run to stop."""
+        if trained and self.should_evaluate(state.iteration, last_step):
+            self.evaluate(state.iteration)
+        return False
+
+    def evaluate(self, step: int) -> Dict[str, float]:
+        """`eval/<task>/<metric>` values at `step`. Every rank must call it (the engine's forward
+        passes are collective); the values come back on each node's first process (LOCAL_RANK 0,
+        global rank 0 among them), the others get {}."""
         quiet = logging.getLogger("lm_eval")
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # lm-eval logs every task build at INFO on every rank
@@ -128,6 +225,14 @@ class TrainingHarness:
             with preserved_rng():
                 out = run_tasks(self.lm, self.tasks, num_fewshot=self.cfg.eval.num_fewshot,
                                 limit=self.cfg.eval.tasks_limit, bootstrap_iters=0, manager=self.manager)
+        except Exception as e:  # noqa: BLE001 -- see below
+            # What start-up could check it did; what is left (a task's own code, its data going away)
+            # must not cost the run its next checkpoint: every rank runs the same requests and fails
+            # alike, so each logs the failure and training goes on.
+            print(f"warning: eval.tasks at step {step} failed, training goes on: {type(e).__name__}: {e}", flush=True)
+            if self.metrics is not None:
+                self.metrics.log({"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"})
+            return {}
         finally:
             quiet.setLevel(level)
         if out is None:  # not a node's first process: it ran the same requests, rank 0 logs

@@ -22,7 +22,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from megatron_neox.errors import DataError
 
@@ -84,14 +84,19 @@ def read_facts(path: Path, people: int) -> List[dict]:
     return records
 
 
-def knowledge_probe(lm, facts_path: Path, people: int) -> Dict[str, AttributeResult]:
-    """attribute -> AttributeResult over the first `people` people; `lm` is a `NeoXLM`."""
+def knowledge_probe(lm, facts_path: Path, people: int, doc_start: Optional[List[int]] = None
+                    ) -> Dict[str, AttributeResult]:
+    """attribute -> AttributeResult over the first `people` people; `lm` is a `NeoXLM`.
+
+    `doc_start`: the ids a training document starts with, put before each prompt (default: the
+    EOD that ends the document before; add a domain token when the data has them)."""
     records = read_facts(Path(facts_path), people)
     counts = value_counts()
     tok = lm.tokenizer
+    start = [tok.eod_id] if doc_start is None else doc_start
     results = {}
     for attr, head in probe_prefixes().items():
-        prompts = [[tok.eod_id] + tok.encode(head.format(s=rec["name"])) for rec in records]
+        prompts = [list(start) + tok.encode(head.format(s=rec["name"])) for rec in records]
         targets = [tok.encode(" " + str(rec[attr])) for rec in records]
         scores = lm.score_pairs(prompts, targets)
         bits = sum(max(0.0, math.log2(counts[attr]) + logprob / math.log(2)) for logprob, _ in scores)

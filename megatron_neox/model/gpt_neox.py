@@ -129,7 +129,7 @@ class TransformerLayerPipe(TransformerLayer):
     def forward(self, inputs: Tuple[torch.Tensor, ...]):
         h, position_ids, *doc_ids = inputs
         ctx = self.plan.cached_context(position_ids, doc_ids[0] if doc_ids else None, h.dtype)
-        return (super().forward(h, ctx)[0], position_ids, *doc_ids)
+        return (self.run(h, ctx), position_ids, *doc_ids)
 
 
 class FinalNormPipe(FinalNorm):
@@ -235,7 +235,7 @@ class GPTNeoX(nn.Module):
         n = self.checkpoint_interval if self.training and self.checkpoint_fn is not None else 0
         if not n:
             for i in range(self.num_layers):
-                h = self.layer(i)(h, ctx)[0]
+                h = self.layer(i).run(h, ctx)
             return h
         for start in range(0, self.num_layers, n):
             block = [self.layer(i) for i in range(start, min(start + n, self.num_layers))]
@@ -243,7 +243,7 @@ class GPTNeoX(nn.Module):
             def run(x, block=block):
                 # The context (masks, rotary angles) needs no gradient: the recompute reuses it.
                 for layer in block:
-                    x = layer(x, ctx)[0]
+                    x = layer.run(x, ctx)
                 return x
 
             h = self.checkpoint_fn(run, h)
@@ -291,12 +291,14 @@ def state_dict_shapes(cfg: ModelConfig, padded_vocab: int) -> Dict[str, torch.Si
 def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     """Exact parameter counts of the full (unsharded) model, with the vocab padded for `tp`.
 
-    Returns {'embedding', 'layer' (one transformer layer), 'final_norm', 'head', 'total'}.
+    Returns {'embedding', 'layer' (one transformer layer), 'layer_norms' (the norm gains and biases
+    inside one layer), 'final_norm', 'head', 'total'}.
     """
     d, f, V = cfg.hidden_size, cfg.ffn_size, cfg.padded_vocab(tp)
     norm = 2 * d if cfg.norm == "layernorm" else d
     gate = 2 if cfg.activation == "swiglu" else 1
-    layer = (1 if cfg.shared_norm else 2) * norm
+    layer_norms = (1 if cfg.shared_norm else 2) * norm
+    layer = layer_norms
     layer += 3 * d * d + (3 * d if cfg.attention_bias else 0)  # query_key_value
     layer += d * d + (d if cfg.attention_bias else 0)  # attention.dense
     layer += d * f * gate + (f * gate if cfg.mlp_bias else 0)  # dense_h_to_4h
@@ -304,4 +306,5 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     embedding = V * d + (cfg.seq_length * d if cfg.position_embedding == "learned" else 0)
     head = 0 if cfg.tie_embeddings else V * d
     total = embedding + cfg.num_layers * layer + norm + head
-    return {"embedding": embedding, "layer": layer, "final_norm": norm, "head": head, "total": total}
+    return {"embedding": embedding, "layer": layer, "layer_norms": layer_norms, "final_norm": norm, "head": head,
+            "total": total}

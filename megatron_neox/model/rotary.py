@@ -29,24 +29,43 @@ class RotaryEmbedding:
         return self._inv_freq[device]
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """cos/sin of shape [B, 1, T, rotary_ndims] for broadcasting over heads."""
+        """cos/sin of shape [B, T, 1, rotary_ndims / 2], one angle per rotated pair, for broadcasting
+        over the heads of [B, T, heads, head_dim] (the fused QKV's own layout, see `apply_rotary`)."""
         freqs = position_ids[..., None].to(torch.float32) * self._inv_freq_on(position_ids.device)
-        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = freqs.unsqueeze(2)
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+class _RotateHalf(torch.autograd.Function):
+    """Rotate pairs (i, i + n/2) of the first n = 2 * cos.size(-1) dims of x; pass the rest through.
+
+    Written out with its backward (the transpose of a rotation is the rotation by -angle) so that
+    autograd records no slice of x: sliced inputs get full-size zero-filled gradients
+    (`slice_backward`) which are then summed, 4 per layer before. One cat forward, one backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad, cos, -sin), None, None
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ndims: int):
-    """Rotate the first `ndims` dims of q and k ([B, heads, T, head_dim]); pass the rest through."""
-    q_rot, q_pass = q[..., :ndims], q[..., ndims:]
-    k_rot, k_pass = k[..., :ndims], k[..., ndims:]
-    q_rot = q_rot * cos + _rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
-    return torch.cat([q_rot, q_pass], dim=-1), torch.cat([k_rot, k_pass], dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, T, heads, head_dim] (any strides, e.g. a view into the fused QKV) rotated on its first
+    2 * cos.size(-1) dims; returns a new contiguous tensor of the same shape. cos/sin [B, T, 1, n/2]
+    from `RotaryEmbedding.cos_sin`. The elementwise work touches only the rotated dims."""
+    return _RotateHalf.apply(x, cos, sin)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 
 from megatron_neox.config import ModelConfig
 from megatron_neox.model.attention import AttentionContext, attend
+from megatron_neox.model.compile import compiled, use_compile
 from megatron_neox.model.init import init_fn
 from megatron_neox.model.norms import make_norm
 from megatron_neox.model.rotary import apply_rotary
@@ -56,16 +57,20 @@ class Attention(nn.Module):
         self.local = cfg.attention_pattern == "alternating_local" and layer_number % 2 == 1
 
     def forward(
-        self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor, KVCache]:
-        """Returns this rank's un-reduced output partial sum, the output bias, and the KV cache.
+        self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None,
+        add_to: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, KVCache]:
+        """Returns this rank's un-reduced output partial sum (plus `add_to`, summed inside the output
+        matmul, see RowParallelLinear) and the KV cache; the output bias is the caller's to add.
         `ctx` (model/attention.py) carries the rotary angles and this forward's masks."""
         qkv = self.query_key_value(x)
-        B, T = qkv.shape[0], qkv.shape[1]
-        qkv = qkv.view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
+        # [B, T, heads * 3 * head_dim] -> q, k, v [B, T, heads, head_dim]: views into the fused
+        # output in the layout flash / cuDNN attention read (head_dim contiguous, heads inside T);
+        # unbind's backward stacks the three gradients back with one cat.
+        q, k, v = qkv.unflatten(-1, (self.num_heads, 3, self.head_dim)).unbind(-2)
         if ctx.cos is not None:
-            q, k = apply_rotary(q, k, ctx.cos, ctx.sin, self.rotary_ndims)
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, head_dim] views
         if layer_past is not None:
             k = torch.cat([layer_past[0], k], dim=2)
             v = torch.cat([layer_past[1], v], dim=2)
@@ -73,9 +78,10 @@ class Attention(nn.Module):
         # Each TP rank has different heads: their dropout masks come from the rank's own stream.
         with tensor_parallel_rng() if dropout > 0 else contextlib.nullcontext():
             out = attend(q, k, v, ctx.mask(self.local), dropout)
-        out = out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        partial_out, bias = self.dense(out)
-        return partial_out, bias, (k, v)
+        # A free view when the kernel's output is [B, T, heads, head_dim] in memory (flash / cuDNN
+        # on CUDA); one copy otherwise.
+        out = out.transpose(1, 2).flatten(2)
+        return self.dense(out, add_to=add_to)[0], (k, v)
 
 
 class MLP(nn.Module):
@@ -99,7 +105,9 @@ class MLP(nn.Module):
             init_method=out_init, skip_bias_add=True, reduce_output=False,
         )
 
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """This rank's un-reduced output partial sum, plus `add_to` (summed inside the output matmul);
+        the output bias is the caller's to add."""
         h = self.dense_h_to_4h(x)
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
@@ -107,7 +115,7 @@ class MLP(nn.Module):
         else:
             # Exact (erf) GELU as GPT-NeoX and HF's "gelu"; GPT-2/3 and GPT-J used the tanh form.
             h = F.gelu(h, approximate="tanh" if self.tanh_gelu else "none")
-        return self.dense_4h_to_h(h)
+        return self.dense_4h_to_h(h, add_to=add_to)[0]
 
 
 class TransformerLayer(nn.Module):
@@ -120,7 +128,11 @@ class TransformerLayer(nn.Module):
         self.shared_norm = cfg.shared_norm
         self.tp_group = tp_group
         self.sequence_parallel = sequence_parallel and group_size(tp_group) > 1
+        self.reduces = group_size(tp_group) > 1  # the output partials need an all-reduce / reduce-scatter
         self.hidden_dropout = cfg.hidden_dropout
+        self.compile_setting = cfg.compile
+        self.has_dropout = cfg.hidden_dropout > 0 or cfg.attention_dropout > 0
+        self._compiled: Optional[bool] = None  # decided on the first full-sequence forward
         self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
         if not self.shared_norm:
             self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.norm_eps)
@@ -139,27 +151,54 @@ class TransformerLayer(nn.Module):
             return reduce_scatter_to_sequence_parallel_region(x, self.tp_group)
         return reduce_from_tensor_parallel_region(x, self.tp_group)
 
-    def _dropout_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        # The reduced activation is replicated across the TP group: the default RNG (same seed on
-        # every TP rank) gives every rank the same mask.
-        return residual + F.dropout(x, p=self.hidden_dropout, training=self.training)
+    def _bias_dropout_add(self, x: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        """residual + dropout(x + bias), for the reduced x (replicated across the TP group: the
+        default RNG, same seed on every TP rank, gives every rank the same mask)."""
+        if self.training and self.hidden_dropout > 0:
+            return residual + F.dropout(_add(x, bias), p=self.hidden_dropout, training=True)
+        out = residual + x
+        return out if bias is None else out.add_(bias)  # in place: no second [B, T, C] allocation
+
+    def run(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The full-sequence forward (training, evaluation): compiled when `model.compile` says so
+        (model/compile.py), decided once, on the first call, from the device of `x`."""
+        if self._compiled is None:
+            zero3 = any(hasattr(p, "ds_id") for p in self.parameters())  # ZeRO-3 partitioned parameters
+            self._compiled = use_compile(self.compile_setting, x.device.type, dropout=self.has_dropout, zero3=zero3)
+        return (compiled(_layer_output) if self._compiled else _layer_output)(self, x, ctx)
 
     def forward(
         self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None
     ) -> Tuple[torch.Tensor, KVCache]:
+        # Without a reduce between the output matmuls and the residual (tp = 1, no dropout) the
+        # residual and the row-parallel biases enter the output matmul itself (addmm: one add
+        # fewer over [B, T, C]); otherwise the partials are summed, reduced, and the bias and the
+        # residual added once after the reduce.
+        fold = not self.reduces and not (self.training and self.hidden_dropout > 0)
+        attn_bias, mlp_bias = self.attention.dense.bias, self.mlp.dense_4h_to_h.bias
         ln1 = self.input_layernorm(x)
-        attn, attn_bias, present = self.attention(ln1, ctx, layer_past)
         if self.parallel_residual:
             ln2 = ln1 if self.shared_norm else self.post_attention_layernorm(x)
-            mlp, mlp_bias = self.mlp(ln2)
-            # One all-reduce for both branches; row-parallel biases are added once, after it.
-            out = self._reduce(attn + mlp)
-            out = _add_bias(_add_bias(out, attn_bias), mlp_bias)
-            return self._dropout_add(out, x), present
-        h = self._dropout_add(_add_bias(self._reduce(attn), attn_bias), x)
-        mlp, mlp_bias = self.mlp(self.post_attention_layernorm(h))
-        return self._dropout_add(_add_bias(self._reduce(mlp), mlp_bias), h), present
+            bias = _add(attn_bias, mlp_bias)
+            attn, present = self.attention(ln1, ctx, layer_past, add_to=_add(x, bias) if fold else None)
+            out = self.mlp(ln2, add_to=attn)  # attention + MLP partials: one reduce for both
+            return (out if fold else self._bias_dropout_add(self._reduce(out), bias, x)), present
+        if fold:
+            h, present = self.attention(ln1, ctx, layer_past, add_to=_add(x, attn_bias))
+            return self.mlp(self.post_attention_layernorm(h), add_to=_add(h, mlp_bias)), present
+        attn, present = self.attention(ln1, ctx, layer_past)
+        h = self._bias_dropout_add(self._reduce(attn), attn_bias, x)
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        return self._bias_dropout_add(self._reduce(mlp), mlp_bias, h), present
 
 
-def _add_bias(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return x if bias is None else x + bias
+def _layer_output(layer: TransformerLayer, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    # TransformerLayer's forward even for subclasses (the pipeline's takes a tuple).
+    return TransformerLayer.forward(layer, x, ctx)[0]
+
+
+def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """a + b, where either may be None (a layer without biases)."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b

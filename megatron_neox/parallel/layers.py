@@ -12,7 +12,9 @@ drawn on the host from the CPU generator, so a model starts from the same weight
 device the layer is built for (`with torch.device(...)`, e.g. the rank's GPU). Biases start at zero.
 
 `forward` returns the output tensor, or `(output, bias)` when `skip_bias_add=True` (so the caller
-can fuse the bias add into a following op).
+can fuse the bias add into a following op). A bias with nothing between it and the matmul joins the
+matmul (addmm), and `RowParallelLinear.forward(x, add_to=...)` sums a tensor (a residual, another
+branch's partial sum) inside its matmul: one pass over the output fewer each.
 """
 from __future__ import annotations
 
@@ -168,12 +170,25 @@ class RowParallelLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, add_to: torch.Tensor | None = None):
+        """`add_to` (shaped like the output) is summed inside the matmul (addmm), saving one pass
+        over the output: with `reduce_output=True` it is added on every rank before the reduce, so
+        it must be a partial sum, or anything at tp = 1."""
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel_region(x, self.group)
-        y = F.linear(x, self.weight)
+        # The bias joins the matmul when no reduce comes between them (tp = 1).
+        fold_bias = self.reduce_output and not self.skip_bias_add and group_size(self.group) == 1
+        if add_to is not None:
+            y = torch.addmm(add_to.reshape(-1, self.output_size), x.reshape(-1, x.size(-1)), self.weight.t())
+            y = y.view(add_to.shape)
+            if fold_bias and self.bias is not None:
+                y = y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias if fold_bias else None)
         if not self.reduce_output:
             return (y, self.bias) if self.skip_bias_add else y
+        if fold_bias:
+            return y
         if self.sequence_parallel:
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:

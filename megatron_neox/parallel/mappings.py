@@ -137,29 +137,36 @@ class _ReduceScatterToSequenceParallel(torch.autograd.Function):
         return _gather(grad, SEQUENCE_DIM, ctx.group), None
 
 
+@torch.compiler.disable
+def _apply(function, *args):
+    """`function.apply(*args)` outside any compiled graph (model.compile): the collectives run
+    eagerly between the compiled pieces of a layer. Only reached when the group has > 1 rank."""
+    return function.apply(*args)
+
+
 def copy_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Identity forward, all-reduce backward: enters a region whose ranks each use the full input."""
-    return x if group_size(group) == 1 else _CopyToTensorParallel.apply(x, group)
+    return x if group_size(group) == 1 else _apply(_CopyToTensorParallel, x, group)
 
 
 def reduce_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """All-reduce forward, identity backward: sums the ranks' partial results."""
-    return x if group_size(group) == 1 else _ReduceFromTensorParallel.apply(x, group)
+    return x if group_size(group) == 1 else _apply(_ReduceFromTensorParallel, x, group)
 
 
 def scatter_to_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's slice of the last dim; backward all-gathers it."""
-    return x if group_size(group) == 1 else _ScatterToTensorParallel.apply(x, group)
+    return x if group_size(group) == 1 else _apply(_ScatterToTensorParallel, x, group)
 
 
 def gather_from_tensor_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather along the last dim; backward keeps this rank's slice."""
-    return x if group_size(group) == 1 else _GatherFromTensorParallel.apply(x, group)
+    return x if group_size(group) == 1 else _apply(_GatherFromTensorParallel, x, group)
 
 
 def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Keep this rank's slice of the sequence dim (1); backward all-gathers it."""
-    return x if group_size(group) == 1 else _ScatterToSequenceParallel.apply(x, group)
+    return x if group_size(group) == 1 else _apply(_ScatterToSequenceParallel, x, group)
 
 
 def gather_from_sequence_parallel_region(x: torch.Tensor, group,
@@ -172,9 +179,9 @@ def gather_from_sequence_parallel_region(x: torch.Tensor, group,
     """
     if group_size(group) == 1:
         return x
-    return _GatherFromSequenceParallel.apply(x, group, tensor_parallel_output_grad)
+    return _apply(_GatherFromSequenceParallel, x, group, tensor_parallel_output_grad)
 
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     """Sum the ranks' partials and keep this rank's slice of the sequence dim (1); backward all-gathers."""
-    return x if group_size(group) == 1 else _ReduceScatterToSequenceParallel.apply(x, group)
+    return x if group_size(group) == 1 else _apply(_ReduceScatterToSequenceParallel, x, group)

@@ -62,9 +62,11 @@ def set_tensor_parallel_attributes(param: torch.nn.Parameter, partition_dim: int
     """Mark `param` as a tensor-parallel shard.
 
     DeepSpeed's gradient-norm and overflow code (deepspeed.runtime.utils) counts a parameter
-    with a true `model_parallel` on every TP rank and any other parameter on TP rank 0 only;
-    `tensor_model_parallel`, `partition_dim` and `partition_stride` are Megatron's names, read by
-    checkpoint conversion and resharding.
+    with a true `model_parallel` on every TP rank and any other parameter on TP rank 0 only (our
+    own clipper, training/clipping.py, counts the same way); `tensor_model_parallel`,
+    `partition_dim` and `partition_stride` are Megatron's names. Conversion and resharding read
+    the sharding table (parallel/sharding.py), not these marks; tests/test_sharding.py checks that
+    every parameter's marks agree with the table.
     """
     param.model_parallel = True
     param.tensor_model_parallel = True

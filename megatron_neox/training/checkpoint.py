@@ -1,27 +1,18 @@
-"""Save, find and load training checkpoints (DeepSpeed's layout plus our client state).
+"""Save and load training checkpoints: DeepSpeed's engine files plus our client state and RNG states.
 
-    CKPT_DIR/global_stepN/   DeepSpeed's files: layer_XX-model_YY-model_states.pt (pipeline) or
-                             mp_rank_YY_model_states.pt (client state at top level),
-                             zero_pp_rank_D_mp_rank_YY_optim_states.pt
-                             rng_state_R.pt      every rank's RNG states (exact resume with dropout)
-                             complete.json       written last, after every rank's files are durable
-    CKPT_DIR/latest          names the newest *complete* checkpoint (written atomically)
-
-Every file is written to a temporary name, fsynced and renamed (training/writer.py), in the
-training thread or, with checkpoint.async_save, in a background writer; `finalize_tag` writes
-complete.json and then `latest` only once every rank's files are on disk. A crash at any moment of
-a save (even kill -9 or a power loss) leaves no complete.json and an unchanged `latest`, so the run
-resumes from the previous checkpoint. A corrupt `latest`, a missing or truncated file (complete.json
-lists every file and its size) or changed bytes (each .pt file's zip CRCs) are reported by name;
-resuming then falls back to the newest older checkpoint that is intact.
+The directory layout, `latest` and the completion marker are the checkpoint file format
+(megatron_neox/checkpoint_files.py). Every file is written to a temporary name, fsynced and renamed
+(training/writer.py), in the training thread or, with checkpoint.async_save, in a background
+writer; `finalize_tag` writes complete.json and then `latest` only once every rank's files are on
+disk. A crash at any moment of a save (even kill -9 or a power loss) leaves no complete.json and an
+unchanged `latest`, so the run resumes from the previous checkpoint. A damaged checkpoint is
+reported by name and resuming falls back to the newest older checkpoint that is intact.
 """
 import json
 import os
 import random
-import re
 import shutil
 import sys
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -30,14 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_neox.checkpoint_files import (CLIENT_KEY, COMPLETE, complete_tags, read_latest, read_meta, tag_of,
+                                            verify_contents, verify_files, verify_manifest, write_latest, write_meta)
 from megatron_neox.config import Config
+from megatron_neox.durable import fsync_dir
 from megatron_neox.errors import CheckpointError, CheckpointMismatch
 from megatron_neox.topology import Topology
-from megatron_neox.training.writer import DurableWriter, fsync_dir, write_durable
+from megatron_neox.training.writer import DurableWriter
 
-CLIENT_KEY = "megatron_neox"
-COMPLETE = "complete.json"
-TAG_RE = re.compile(r"^global_step(\d+)$")  # DeepSpeed's tag for the checkpoint of step N
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
                "activation", "norm", "position_embedding", "tie_embeddings", "attention_bias", "mlp_bias",
@@ -46,11 +37,11 @@ _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
 
 def universal_checkpoint_info(cfg: Config, padded_vocab: int) -> Dict[str, Any]:
     """What DeepSpeed's ds_to_universal needs to merge and re-split our parameters: the sharding
-    table (convert/sharding.py) as regexes over the engine's parameter names. Tensors in no list
+    table (parallel/sharding.py) as regexes over the engine's parameter names. Tensors in no list
     (column-parallel QKV, h->4h) are split on dim 0, DeepSpeed's default."""
     from deepspeed.checkpoint import constants as C
 
-    from megatron_neox.convert.sharding import universal_patterns
+    from megatron_neox.parallel.sharding import universal_patterns
     from megatron_neox.model.gpt_neox import state_dict_shapes
 
     m = cfg.model
@@ -78,10 +69,6 @@ def _rank0() -> bool:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_durable(path, lambda f: f.write(text.encode()))
 
 
 def _rng_state() -> Dict[str, Any]:
@@ -129,7 +116,7 @@ def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state
     consumed samples, ...) to the engine's checkpoint writer. Every rank calls it."""
     ckpt_dir = Path(ckpt_dir)
     iteration = int(state["iteration"])
-    tag = f"global_step{iteration}"
+    tag = tag_of(iteration)
     padded = cfg.model.padded_vocab(topo.tp)
     if _rank0():
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -137,12 +124,15 @@ def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state
         if stale.exists():  # an earlier crashed save of the same step: start it afresh
             shutil.rmtree(stale)
     _barrier()
+    # The resolved config (every 'auto' decided: megatron_neox/resolve.py) is what ran.
+    state = {**state, "config": cfg.to_dict()}
     client = {CLIENT_KEY: state, "universal_checkpoint_info": universal_checkpoint_info(cfg, padded)}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     engine.checkpoint_engine.save(_rng_state(), str(ckpt_dir / tag / f"rng_state_{rank}.pt"))
     meta = {"iteration": iteration, "layout": {"pp": topo.pp, "tp": topo.tp, "dp": topo.dp},
-            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded}
+            "model": cfg.model.model_dump(mode="json"), "padded_vocab": padded, "config": state["config"],
+            "data_setup": data_setup(cfg)}
     return PendingSave(ckpt_dir, tag, meta)
 
 
@@ -151,9 +141,8 @@ def finalize_tag(pending: PendingSave, keep_last: Optional[int]) -> Path:
     then `latest` (each durable before the next), then checkpoints beyond `keep_last` are removed."""
     ckpt_dir, tag = pending.ckpt_dir, pending.tag
     fsync_dir(ckpt_dir / tag)
-    meta = {**pending.meta, "files": file_manifest(ckpt_dir / tag)}
-    _write_atomic(ckpt_dir / tag / COMPLETE, json.dumps(meta, indent=1))
-    _write_atomic(ckpt_dir / "latest", tag)
+    write_meta(ckpt_dir / tag, pending.meta)
+    write_latest(ckpt_dir, tag)
     if keep_last:
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             # The marker goes first: a crash mid-removal leaves a partial checkpoint, never one
@@ -162,79 +151,6 @@ def finalize_tag(pending: PendingSave, keep_last: Optional[int]) -> Path:
             fsync_dir(ckpt_dir / old)
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     return ckpt_dir / tag
-
-
-def complete_tags(ckpt_dir: os.PathLike) -> List[str]:
-    """global_stepN directories that have their completion marker, oldest first."""
-    ckpt_dir = Path(ckpt_dir)
-    if not ckpt_dir.is_dir():
-        return []
-    found = []
-    for p in ckpt_dir.iterdir():
-        m = TAG_RE.match(p.name)
-        if m and (p / COMPLETE).is_file():
-            found.append((int(m.group(1)), p.name))
-    return [name for _, name in sorted(found)]
-
-
-def has_checkpoint(ckpt_dir: os.PathLike) -> bool:
-    """Anything to resume from: a `latest` file (even a damaged one) or a complete checkpoint."""
-    return (Path(ckpt_dir) / "latest").exists() or bool(complete_tags(ckpt_dir))
-
-
-def read_meta(tag_dir: Path) -> Dict[str, Any]:
-    try:
-        return json.loads((tag_dir / COMPLETE).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{tag_dir}: no {COMPLETE}: the checkpoint is partial (its save did not finish)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{tag_dir / COMPLETE}: corrupt ({e})") from None
-
-
-def verify_files(tag_dir: Path) -> None:
-    """Every .pt file must be a readable zip archive (torch.save's format); truncation removes the
-    archive's trailing directory, which this detects without reading the tensors."""
-    files = sorted(tag_dir.rglob("*.pt"))
-    if not files:
-        raise CheckpointError(f"{tag_dir}: no checkpoint files (*.pt)")
-    for f in files:
-        try:
-            with zipfile.ZipFile(f) as z:
-                z.namelist()
-        except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"{f}: unreadable checkpoint shard ({e}); the file is truncated or corrupt") from None
-
-
-def file_manifest(tag_dir: Path) -> Dict[str, int]:
-    """Every file of a finished save (relative path -> bytes), recorded in complete.json so that a
-    missing or truncated file is named on load, before DeepSpeed asserts on it."""
-    return {str(p.relative_to(tag_dir)): p.stat().st_size for p in sorted(tag_dir.rglob("*"))
-            if p.is_file() and p.name != COMPLETE}
-
-
-def verify_manifest(tag_dir: Path, meta: Dict[str, Any]) -> None:
-    """The files complete.json lists are all there, each of its recorded size (checkpoints saved
-    before the list existed have none: nothing to check)."""
-    for name, size in (meta.get("files") or {}).items():
-        f = tag_dir / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing (listed in {COMPLETE} when the checkpoint was saved)")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, {size} when saved: the file is truncated or was "
-                                  "replaced")
-
-
-def verify_contents(path: Path) -> None:
-    """A torch.save file's bytes are the ones written: every zip entry checked against the CRC-32
-    that torch stored with it (torch.load never checks them, so changed bytes load as garbage)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint shard ({e}); the file is truncated or corrupt") from None
-    if bad is not None:
-        raise CheckpointError(f"{path}: entry {bad!r} fails its CRC-32 check: the file's contents changed after it "
-                              "was saved (disk or copy corruption)")
 
 
 def _verify_contents_on_all_ranks(tag_dir: Path) -> Optional[str]:
@@ -255,8 +171,36 @@ def _verify_contents_on_all_ranks(tag_dir: Path) -> Optional[str]:
     return next((p for p in found if p is not None), None)
 
 
+def data_setup(cfg: Config) -> Dict[str, Any]:
+    """What the saved data position (consumed samples and batches) counts in: the sample order is
+    a function of these, so a resume under other values would silently read other data."""
+    return {"model.seq_length": cfg.model.seq_length, "data.prefixes": [str(p) for p in cfg.data.prefixes],
+            "data.weights": cfg.data.weights, "data.preset": cfg.data.preset, "data.split": cfg.data.split,
+            "train.seed": cfg.train.seed}
+
+
+def _check_data_setup(meta: Dict[str, Any], cfg: Config, tag_dir: Path) -> None:
+    """A resume under another data setup is refused (a CheckpointMismatch: every rank raises it, and
+    no older checkpoint is tried), naming each key with both values, unless
+    checkpoint.allow_data_change; then the log names what changed."""
+    saved = meta.get("data_setup")
+    if saved is None:  # written before the data setup was recorded
+        return
+    now = json.loads(json.dumps(data_setup(cfg)))  # as the checkpoint's JSON holds it
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items() if saved.get(k) != v]
+    if not diffs:
+        return
+    if not cfg.checkpoint.allow_data_change:
+        raise CheckpointMismatch(f"{tag_dir}: resuming with another data setup would read other samples from the saved "
+                          "data position:\n  " + "\n  ".join(diffs) + "\nrestore these values, or set "
+                          "checkpoint.allow_data_change=true to continue from the same position anyway")
+    _log("checkpoint.allow_data_change: resuming with a changed data setup: " + "; ".join(diffs))
+
+
 def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool,
                       weights_only: bool) -> None:
+    if not weights_only:  # a weights-only load starts a fresh data order
+        _check_data_setup(meta, cfg, tag_dir)
     saved, now = meta["model"], cfg.model.model_dump(mode="json")
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
              for k in _SHAPE_KEYS if saved.get(k) != now.get(k)]
@@ -279,44 +223,6 @@ def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir
             f"pp={topo.pp} tp={topo.tp} dp={topo.dp}. To change the layout: python tools/reshard.py "
             f"--checkpoint {tag_dir.parent} --out NEW_DIR, then --set checkpoint.load=NEW_DIR"
         )
-
-
-def read_latest(ckpt_dir: os.PathLike) -> Optional[str]:
-    """The tag that `ckpt_dir/latest` names; None when there is no `latest`; CheckpointError when
-    it is unreadable or does not name a global_stepN tag."""
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.exists():
-        return None
-    try:
-        tag = latest.read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{latest}: unreadable ({e})") from None
-    if not TAG_RE.match(tag):
-        raise CheckpointError(f"{latest}: corrupt (expected 'global_stepN', found {tag[:40]!r})")
-    return tag
-
-
-def resolve_tag_dir(path: os.PathLike) -> Path:
-    """`DIR/global_stepN` as given, or the tag that `DIR/latest` names (else DIR's newest complete tag)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory (expected a checkpoint dir or its global_stepN/)")
-    if (path / COMPLETE).exists() or TAG_RE.match(path.name):
-        return path
-    try:
-        tag = read_latest(path)
-    except CheckpointError as e:
-        raise CheckpointError(f"{e}; pass {path}/global_stepN explicitly") from None
-    if tag is not None:
-        if not (path / tag).is_dir():
-            raise CheckpointError(f"{path / tag}: named by {path / 'latest'} but missing")
-        return path / tag
-    tags = complete_tags(path)
-    if not tags:
-        raise CheckpointError(f"{path}: no checkpoint here (no 'latest', no complete global_stepN/, no {COMPLETE})")
-    return path / tags[-1]
 
 
 def _candidates(load_dir: Path) -> Tuple[List[str], List[str]]:
@@ -394,6 +300,9 @@ def _load_tag(engine, cfg: Config, load_dir: Path, tag: str, finetune: bool,
               universal: bool) -> Optional[Dict[str, Any]]:
     # A universal checkpoint (tools/reshard.py) is re-sliced by DeepSpeed for this run's layout;
     # the flag lives in the engine's config and is only read while loading.
+    if universal and not finetune and engine.zero_optimization_stage() == 0:
+        raise CheckpointError(f"{load_dir / tag}: a universal checkpoint, whose optimizer state DeepSpeed loads only "
+                              "into a ZeRO optimizer; set zero.stage=1 (or 'auto', which picks it for this load)")
     engine._config.load_universal_checkpoint = universal
     path, client = engine.load_checkpoint(
         str(load_dir), tag=tag, load_optimizer_states=not finetune, load_lr_scheduler_states=False,

@@ -4,13 +4,14 @@
 stop after a preemption signal (SIGTERM/SIGUSR1 on any rank) or `train.exit_interval` steps of this
 run; `resume()` prefers the run's own checkpoints (auto-resume after preemption) over
 `checkpoint.load` (which seeds a new run). How a checkpoint is written, found and verified is
-training/checkpoint.py.
+training/checkpoint.py (the file format: checkpoint_files.py).
 
 With `checkpoint.async_save` a save returns once this rank's state is copied to host memory; the
 checkpoint is declared complete at the first `after_step` at which every rank's writer has
 finished. That is learnt from the all-reduce the stop signal already makes each step, so an
 asynchronous save adds no collective to the steps it overlaps.
 """
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -18,6 +19,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_neox.checkpoint_files import has_checkpoint
 from megatron_neox.config import Config
 from megatron_neox.topology import Topology
 from megatron_neox.training import checkpoint, preemption
@@ -58,6 +60,17 @@ class TrainState:
         if "consumed_batches" not in saved:  # saved before batches could be skipped: one per step
             self.consumed_batches = self.iteration
 
+    def data_position(self) -> Dict[str, int]:
+        """The train loader's state (data/loader.py `BatchLoader.state_dict`) this state records."""
+        return {"consumed_samples": self.consumed_samples, "consumed_batches": self.consumed_batches}
+
+    def advance(self, tokens: int, data_position: Dict[str, int]) -> None:
+        """One step done: `tokens` more consumed, the loader now at `data_position` (its state_dict)."""
+        self.iteration += 1
+        self.consumed_tokens += tokens
+        self.consumed_samples = int(data_position["consumed_samples"])
+        self.consumed_batches = int(data_position["consumed_batches"])
+
 
 class StopSignal:
     """SIGTERM/SIGUSR1 (SLURM preemption) ask for a save and a clean exit after the current step."""
@@ -71,6 +84,11 @@ class StopSignal:
             except ValueError:  # not the main thread (e.g. a notebook): signals stay as they were
                 pass
         preemption.announce_rank()  # a supervising launch/run.py may forward signals from now on
+        preemption.watch_launcher(self._launcher_gone)  # the plain `deepspeed` runner passes no signal on
+
+    def _launcher_gone(self, why: str) -> None:
+        log_info(f"rank {os.environ.get('RANK', '?')}: {why}: finishing the step, saving and exiting")
+        self.received = signal.SIGTERM
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -112,7 +130,7 @@ class Checkpointer:
     def resume(self) -> TrainState:
         """The state to start from: the run's own newest checkpoint, else checkpoint.load, else step 0."""
         ck = self.cfg.checkpoint
-        own = self.dir and checkpoint.has_checkpoint(self.dir)
+        own = self.dir and has_checkpoint(self.dir)
         load_dir = self.dir if own else ck.load
         if not load_dir:
             return TrainState()
@@ -122,7 +140,7 @@ class Checkpointer:
         """Load the newest complete checkpoint of this run (a rollback); returns its client state,
         or None when the run has saved none yet."""
         self.flush()
-        if not (self.dir and checkpoint.has_checkpoint(self.dir)):
+        if not (self.dir and has_checkpoint(self.dir)):
             return None
         return checkpoint.load(self.engine, self.cfg, self.topo, self.dir, required=True)
 
@@ -131,8 +149,7 @@ class Checkpointer:
         if not self.dir:
             return
         self.flush()
-        self.pending = checkpoint.begin_save(self.engine, self.cfg, self.topo, self.dir,
-                                             {**state.to_dict(), "config": self.cfg.to_dict()})
+        self.pending = checkpoint.begin_save(self.engine, self.cfg, self.topo, self.dir, state.to_dict())
         if wait or not self.cfg.checkpoint.async_save:
             self.flush()
 
@@ -150,14 +167,15 @@ class Checkpointer:
             checkpoint.finalize_tag(self.pending, self.cfg.checkpoint.keep_last)
         self.pending = None
 
-    def after_step(self, state: TrainState, total_steps: int) -> bool:
-        """Save if due; True when the run must stop now (it has saved)."""
-        self.steps_this_run += 1
+    def after_step(self, state: TrainState, total_steps: int, trained: bool = True) -> bool:
+        """Save if due; True when the run must stop now (it has saved). After a rollback
+        (`trained` False) only a stop signal is looked for: the state is a checkpoint's."""
+        self.steps_this_run += int(trained)
         signalled, writing = self.stop.any_rank(busy=self.pending is not None and self.writer.pending())
         if self.pending is not None and not writing:
             self._finalize()  # every rank's files are durable
         exit_after = self.cfg.train.exit_interval
-        if signalled or (exit_after and self.steps_this_run >= exit_after):
+        if signalled or (trained and exit_after and self.steps_this_run >= exit_after):
             self.save(state)
             self.stopped_by_signal = signalled
             if self.topo.rank == 0:
@@ -165,6 +183,6 @@ class Checkpointer:
                 log_info(f"saved at step {state.iteration} after {why}; exiting")
             return True
         every = self.cfg.checkpoint.save_interval
-        if every and state.iteration % every == 0 and state.iteration < total_steps:
+        if trained and every and state.iteration % every == 0 and state.iteration < total_steps:
             self.save(state, wait=False)  # the last step is saved by the loop's end
         return False

@@ -15,20 +15,23 @@ class GlobalNormClipper:
     checks for inf/nan.
 
     DeepSpeed calls the optimizer's `step` itself (inside `engine.step()`, and inside the pipeline
-    engine's `train_batch`), so that call is the one place every engine kind passes through after
-    the gradients are final: `install` wraps it. `build_engine` installs the clipper when
-    `needed(cfg)` and hands it back; `train_step` reads the norm and skips from it.
+    engine's `train_batch`, which runs the whole schedule, optimizer step included), so that call is
+    the one place every engine kind passes through after the gradients are final. `install`
+    registers `clip` as the optimizer's step pre-hook (torch's `register_step_pre_hook`, not a
+    replaced method); `build_engine` installs the clipper when `needed(cfg)` and hands it back, and
+    `train_step` passes it in and reads the norm and the skip from it (`StepResult`).
 
-    The wrapped step sums squared grads over this rank's parameters (TP-replicated
-    ones counted on tp_rank 0 only; tied copies once), all-reduces over the pipe and tensor groups,
-    clips every rank by the same global norm and skips the step when it is not finite.
+    `clip` sums squared grads over this rank's parameters (TP-replicated ones counted on tp_rank 0
+    only; tied copies once), all-reduces over the pipe and tensor groups, and clips every rank by
+    the same global norm; when the norm is not finite it drops every gradient, so the optimizer
+    (torch's AdamW, DeepSpeed's FusedAdam: parameters without a gradient are left alone, their
+    moments and step count too) changes nothing and the step counts as skipped.
     """
 
     def __init__(self, engine, topo: Topology, max_norm: float):
         self.engine, self.topo, self.max_norm = engine, topo, max_norm
         self.last_norm: Optional[float] = None
         self.skipped = 0
-        self._step = None
 
     @staticmethod
     def needed(cfg: Config) -> bool:
@@ -38,10 +41,9 @@ class GlobalNormClipper:
 
     @classmethod
     def install(cls, engine, topo: Topology, max_norm: float) -> "GlobalNormClipper":
-        """Route `engine.optimizer.step` through the clipper; returns it."""
+        """Clip before every step of `engine.optimizer` (a step pre-hook); returns the clipper."""
         clipper = cls(engine, topo, max_norm)
-        clipper._step = engine.optimizer.step
-        engine.optimizer.step = clipper.step
+        engine.optimizer.register_step_pre_hook(lambda optimizer, args, kwargs: clipper.clip())
         return clipper
 
     def _params(self):
@@ -54,7 +56,9 @@ class GlobalNormClipper:
                 if getattr(p, "model_parallel", False) or self.topo.tp_rank == 0:
                     yield p
 
-    def step(self, *args, **kwargs):
+    def clip(self) -> None:
+        """Measure the global gradient norm, then clip the gradients by it or, when it is not
+        finite, drop them (the step then changes nothing)."""
         # On the accelerator: NCCL reduces device tensors only, and grads live there.
         sq = torch.zeros(1, dtype=torch.float64, device=self.engine.device)
         for p in self._params():
@@ -72,14 +76,13 @@ class GlobalNormClipper:
             for group in self.engine.optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-            return None
+            return
         if self.max_norm > 0 and norm > self.max_norm:
             coef = self.max_norm / (norm + 1e-6)
             for group in self.engine.optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.mul_(coef)
-        return self._step(*args, **kwargs)
 
 
 def _sum_of_squares(g: torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:

@@ -3,15 +3,16 @@
 pp > 1: the layer list becomes a DeepSpeed `PipelineModule` over our topology's grid;
 `deepspeed.initialize` gets no mpu (the PipelineModule brings its own grid) and our topology is
 handed to `deepspeed.checkpointing.configure` only. pp = 1: a plain `GPTNeoX` module and our
-topology as the mpu, so ZeRO 2/3 work too.
+topology as the mpu, so ZeRO 2/3 work too. The DeepSpeed config dict is emitted here from our config
+(`deepspeed_config`): nobody maintains a second file.
 """
+import copy
 from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
 
 from megatron_neox.config import Config
-from megatron_neox.layout import Layout
 from megatron_neox.model.gpt_neox import GPTNeoX, layer_specs, lm_loss
 from megatron_neox.parallel.random import model_parallel_seed
 from megatron_neox.topology import Topology
@@ -19,9 +20,11 @@ from megatron_neox.training.clipping import GlobalNormClipper
 
 
 def check_precision_supported(cfg: Config) -> None:
-    from megatron_neox.hardware import check_precision_supported as check
+    """The precision and the attention kernel can train on this machine's accelerator."""
+    from megatron_neox.hardware import check_attention_kernel_trains, check_precision_supported as check
 
     check(cfg.precision)
+    check_attention_kernel_trains(cfg.model.attention_kernel)
 
 
 def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None
@@ -78,6 +81,74 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict[str, 
     return [g for g in groups if g["params"]]
 
 
+def deepspeed_config(cfg: Config) -> Dict[str, Any]:
+    """The DeepSpeed config dict of a resolved config (megatron_neox/resolve.py: the layout is
+    attached, the ZeRO stage and overlap_comm concrete), merged with the `deepspeed` passthrough section."""
+    lay, zero = cfg.resolved.layout, cfg.zero
+    o = cfg.optimizer
+    ds: Dict[str, Any] = {
+        "train_batch_size": lay.global_batch_size,
+        "train_micro_batch_size_per_gpu": lay.micro_batch_size,
+        "gradient_accumulation_steps": lay.grad_accum,
+        "optimizer": {
+            "type": "AdamW" if o.type == "adamw" else "Adam",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay},
+        },
+        "gradient_clipping": o.clip_grad,
+        "zero_optimization": {
+            "stage": zero.stage,
+            "reduce_bucket_size": cfg.zero.reduce_bucket_size,
+            "allgather_bucket_size": cfg.zero.allgather_bucket_size,
+            "overlap_comm": zero.overlap_comm,
+            "contiguous_gradients": cfg.zero.contiguous_gradients,
+        },
+        # We print our own progress lines; DeepSpeed's would interleave with them.
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero.offload_optimizer == "cpu":
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if cfg.precision == "fp16":
+        ls = cfg.loss_scale
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": ls.static_scale,
+            "initial_scale_power": ls.initial_scale_power,
+            "loss_scale_window": ls.window,
+            "hysteresis": ls.hysteresis,
+            "min_loss_scale": ls.min_scale,
+        }
+    elif cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+        if zero.stage >= 1:
+            # Accumulate gradients in fp32 (bf16 accumulation loses small updates; gpt-neox users
+            # reported pipeline + ZeRO-1 needs this key). DeepSpeed 0.19 rejects it without ZeRO.
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    ac = cfg.activation_checkpointing
+    if ac.interval:
+        ds["activation_checkpointing"] = {
+            # At tp = 1 there is nothing to shard across, but DeepSpeed would still clone every
+            # checkpointed layer input (a copy of the hidden state per layer per micro-batch).
+            "partition_activations": ac.partition_activations and lay.tp > 1,
+            "contiguous_memory_optimization": False,
+            "cpu_checkpointing": False,
+            "number_checkpoints": None,
+            "synchronize_checkpoint_boundary": False,
+            "profile": False,
+        }
+    return _deep_merge(ds, cfg.deepspeed)
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
 class BuiltEngine(NamedTuple):
     """What `build_engine` returns: the DeepSpeed engine, the module it wraps, and our gradient
     clipper when this configuration needs one (`GlobalNormClipper.needed`), else None."""
@@ -87,20 +158,19 @@ class BuiltEngine(NamedTuple):
     clipper: Optional[GlobalNormClipper]
 
 
-def build_engine(cfg: Config, topo: Topology, layout: Layout) -> BuiltEngine:
-    """The engine for this rank; the DeepSpeed config is emitted from `cfg` on `layout`."""
+def build_engine(cfg: Config, topo: Topology) -> BuiltEngine:
+    """The engine for this rank, from the config set-up resolved (training/launch.py `setup`)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from megatron_neox.training.precision import choose_adam, resolve_for_world
+    from megatron_neox.precision import choose_adam
 
     check_precision_supported(cfg)
-    cfg = resolve_for_world(cfg, layout.world_size)  # zero.stage / overlap_comm 'auto' -> numbers
     if cfg.activation_checkpointing.interval == "auto":  # the trainer resolves it first (start-up line)
         from megatron_neox.plan import resolve_checkpoint_interval
 
-        cfg, _ = resolve_checkpoint_interval(cfg, layout)
-    ds_config = cfg.deepspeed_config(layout)
+        cfg, _ = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+    ds_config = deepspeed_config(cfg)
     for key, value in choose_adam(get_accelerator().device_name())[0].items():
         ds_config["optimizer"]["params"].setdefault(key, value)
     checkpoint_fn = None

@@ -1,8 +1,8 @@
 """Process set-up shared by the entry points: threads, joining the world, the layout and grid.
 
-`setup(cfg)` is the one place a rank joins torch.distributed (however it was started), computes
-the run's `Layout` once and builds its `Topology` from it; the trainer, the tests and the
-benchmarks call it before building an engine.
+`setup(cfg)` is the one place a rank joins torch.distributed (however it was started), resolves
+the config once for the world (the `Layout` attached, every `auto` decided) and builds its
+`Topology` from it; the trainer, the tests and the benchmarks call it before building an engine.
 """
 import os
 from typing import Optional, Tuple
@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_neox.config import Config
-from megatron_neox.layout import Layout
+from megatron_neox.ranks import free_port
+from megatron_neox.resolve import resolve
 from megatron_neox.topology import Topology
 
 
@@ -57,7 +58,7 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     if "RANK" not in os.environ:  # a plain `python launch/train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     bind_local_device()  # before the process group: NCCL binds it to cuda:LOCAL_RANK
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
 
@@ -94,16 +95,10 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup(cfg: Config) -> Tuple[Layout, Topology]:
-    """Join the world (if not yet), validate the layout on it and build this rank's grid."""
+def setup(cfg: Config) -> Tuple[Config, Topology]:
+    """Join the world (if not yet), resolve the config on it (megatron_neox/resolve.py: every layout
+    error before any group is made, every 'auto' decided) and build this rank's grid. Returns the
+    resolved config, which every component is built from, and the grid."""
     init_distributed()
-    layout = cfg.layout(dist.get_world_size())  # every layout error before any group is made
-    return layout, Topology.from_layout(layout)
+    cfg = resolve(cfg, dist.get_world_size())
+    return cfg, Topology.from_layout(cfg.resolved.layout)

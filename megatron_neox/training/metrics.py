@@ -45,8 +45,7 @@ def flops_per_token(cfg: Config, recompute: Optional[bool] = None) -> Dict[str, 
     m = cfg.model
     counts = count_parameters(m, cfg.parallel.tp)
     d, L, s = m.hidden_size, m.num_layers, m.seq_length
-    norm_params = (1 if m.shared_norm else 2) * (2 * d if m.norm == "layernorm" else d)
-    p_layers = L * (counts["layer"] - norm_params)
+    p_layers = L * (counts["layer"] - counts["layer_norms"])
     p_head = m.padded_vocab(cfg.parallel.tp) * d  # tied or not, the head is a matmul
     model = 6 * (p_layers + p_head) + 12 * L * d * s
     if recompute is None:
@@ -104,6 +103,35 @@ class ComputeTimer:
         return total
 
 
+def drop_torn_tail(path: Path) -> Optional[str]:
+    """Cut a last line that has no newline (a record torn by a crash mid-write) so the records a
+    resumed run appends start on a line of their own; returns what was done, or None."""
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                return None
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return None
+            keep, pos = 0, size
+            while pos > 0:  # back to the last newline, a block at a time
+                start = max(0, pos - 65536)
+                f.seek(start)
+                cut = f.read(pos - start).rfind(b"\n")
+                if cut >= 0:
+                    keep = start + cut + 1
+                    break
+                pos = start
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    except FileNotFoundError:
+        return None
+    return (f"{path}: its last line was cut mid-record ({size - keep} bytes without a newline, from a run that "
+            "ended during a write); dropped it, new records follow the last complete one")
+
+
 class MetricsLogger:
     """One line on stdout and one JSON object in metrics.jsonl per log event (rank 0 only).
 
@@ -124,6 +152,9 @@ class MetricsLogger:
         log_dir = Path(cfg.log.dir) if cfg.log.dir else None
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
+            repaired = drop_torn_tail(log_dir / "metrics.jsonl")
+            if repaired:
+                log_info(f"warning: {repaired}")
             self.file = open(log_dir / "metrics.jsonl", "a", buffering=1)
             if cfg.log.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter

@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
+
+from megatron_neox.durable import write_json
 
 ENV_DIR = "MEGATRON_NEOX_SUPERVISOR_DIR"
 _FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -42,25 +44,59 @@ def _rank_dir() -> Optional[Path]:
     return Path(d) if d and os.path.isdir(d) else None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def announce_rank() -> None:
     """Tell a supervising `supervise` that this process is a rank whose stop handlers are installed."""
     d = _rank_dir()
     if d is not None:
-        _write_json(d / f"rank-{os.getpid()}.json", {"rank": os.environ.get("RANK")})
+        write_json(d / f"rank-{os.getpid()}.json", {"rank": os.environ.get("RANK")})
 
 
 def report_exit(code: int, stopped_by_signal: bool) -> None:
     """Record how this rank leaves (read by `supervise` when its launcher exits non-zero)."""
     d = _rank_dir()
     if d is not None:
-        _write_json(d / f"exit-{os.getpid()}.json", {"rank": os.environ.get("RANK"), "code": int(code),
+        write_json(d / f"exit-{os.getpid()}.json", {"rank": os.environ.get("RANK"), "code": int(code),
                                                       "stopped_by_signal": bool(stopped_by_signal)})
+
+
+def watch_launcher(on_gone: Callable[[str], None], poll_s: float = 1.0) -> bool:
+    """Call `on_gone(why)` (from a daemon thread) when the `deepspeed` runner above this rank dies.
+
+    On one node the runner dies of SIGTERM without passing it on (see above), leaving its per-node
+    launcher and the ranks to train on as orphans. A rank whose parent is DeepSpeed's per-node
+    launcher watches that launcher's parent: once it is reparented, the runner is gone and the
+    trainer treats it as a stop signal (finish the step, save, exit 0). Not needed, and not started,
+    under launch/run.py (it forwards signals) or any other launcher. Returns whether it watches."""
+    if _rank_dir() is not None:
+        return False
+    import threading
+
+    import psutil
+
+    try:
+        launcher = psutil.Process(os.getppid())
+        if "deepspeed.launcher.launch" not in " ".join(launcher.cmdline()):
+            return False
+        runner = launcher.ppid()
+    except psutil.Error:
+        return False
+    if runner <= 1:
+        return False
+
+    def poll():
+        while True:
+            time.sleep(poll_s)
+            try:
+                gone = launcher.ppid() != runner
+            except psutil.NoSuchProcess:
+                gone = True
+            if gone:
+                on_gone(f"the deepspeed runner (pid {runner}) that started this rank's launcher is gone "
+                        "(killed by a signal it does not pass on)")
+                return
+
+    threading.Thread(target=poll, name="launcher-watch", daemon=True).start()
+    return True
 
 
 # ---- the supervisor --------------------------------------------------------------------------
@@ -155,7 +191,25 @@ def _exit_status(rc: int, state_dir: Path, signalled: bool) -> int:
         return 0
     if signalled and not ranks:
         _log(f"stopped before any rank was ready (launcher exit {rc}); nothing was saved")
+    for pid in sorted(set(ranks) - set(exits)):  # announced, never reported: killed before it could
+        _log(f"rank {_rank_of(state_dir, pid)} (pid {pid}) died without reporting its exit{_how(rc)}")
     return rc
+
+
+def _rank_of(state_dir: Path, pid: int) -> str:
+    try:
+        return str(json.loads((state_dir / f"rank-{pid}.json").read_text()).get("rank"))
+    except (ValueError, OSError):
+        return "?"
+
+
+def _how(rc: int) -> str:
+    """DeepSpeed's per-node launcher exits with its failed rank's return code modulo 256: a rank
+    killed by signal N makes it exit 256 - N (SIGKILL: 247)."""
+    try:
+        return f": killed by {signal.Signals(256 - rc).name} (the launcher's exit {rc} = 256 - {256 - rc})"
+    except ValueError:
+        return f" (launcher exit {rc})"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,7 +1,10 @@
-"""Learning-rate schedule and GPT-3 batch-size ramp-up.
+"""Learning-rate schedule and GPT-3 batch-size ramp-up, applied through one `Schedule` object.
 
 Both are pure functions of (iteration, consumed tokens), which the checkpoint stores, so a resumed
-run continues exactly and nothing here needs its own saved state.
+run continues exactly and nothing here needs its own saved state. `Schedule.plan(state)` is what
+the next step runs at (a `StepPlan`: learning rate and global batch size); the step applies it to
+the engine (`StepPlan.apply`, called by training/step.py `train_step`), so nothing else writes the
+optimizer's learning rate or DeepSpeed's batch size.
 
 - Warm-up: linear from 0 to the peak over `warmup_iters` (default: warmup_fraction x decay steps).
 - Decay to `min_lr` (default 10% of the peak, GPT-3 section B) over `decay_iters` steps or
@@ -117,3 +120,38 @@ def total_iterations(cfg: Config, batches: BatchSchedule) -> Optional[int]:
         tokens += batches.global_batch(tokens) * seq
         steps += 1
     return steps
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step runs at."""
+
+    lr: float
+    global_batch_size: int
+
+    def apply(self, engine) -> None:
+        """Set the learning rate of every parameter group and, when the batch ramp-up changed it,
+        DeepSpeed's batch size (its gradient-accumulation boundary: global batch / (micro x dp))."""
+        for group in engine.optimizer.param_groups:
+            group["lr"] = self.lr
+        if engine.train_batch_size() != self.global_batch_size:
+            engine.set_train_batch_size(self.global_batch_size)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's learning-rate schedule, batch ramp-up and length, from a resolved config."""
+
+    lr: LRSchedule
+    batches: BatchSchedule
+    iters: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Schedule":
+        batches = BatchSchedule.from_config(cfg, cfg.resolved.layout)
+        iters = total_iterations(cfg, batches)
+        return cls(LRSchedule.from_config(cfg, iters), batches, iters)
+
+    def plan(self, iteration: int, tokens: int) -> StepPlan:
+        """The step that starts after `iteration` steps and `tokens` consumed tokens."""
+        return StepPlan(self.lr.lr(iteration, tokens), self.batches.global_batch(tokens))

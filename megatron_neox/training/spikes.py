@@ -9,7 +9,7 @@ the client state of every checkpoint, so a resumed run decides exactly as an uni
 """
 import math
 import statistics
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from megatron_neox.config import Config
 
@@ -40,9 +40,20 @@ class SpikePolicy:
     def allowed(self, state) -> bool:
         return len(state.rollbacks) < self.train.max_rollbacks
 
-    def record(self, step: int, loss: float, reason: str, restored) -> Dict[str, Any]:
-        """The rollback from `step` to the `restored` state; it skips the batches after its data position."""
+    def record(self, step: int, loss: float, reason: str, restored, done: Sequence[Dict[str, Any]] = ()
+               ) -> Dict[str, Any]:
+        """The rollback from `step` to the `restored` state; it skips the batches after its data
+        position. Batches already skipped there (data.skip_batches, the rollbacks `done` so far)
+        are passed over first: a second rollback to the same checkpoint skips onward from the data
+        the replay trained on, not the same range again (which would replay the same spike)."""
         start = restored.consumed_batches
+        ranges = self.fixed_skips + [list(r["skipped_batches"]) for r in done]
+        moved = True
+        while moved:
+            moved = False
+            for a, b in ranges:
+                if a <= start < b:
+                    start, moved = b, True
         return {"step": step, "loss": loss, "reason": reason, "restored_step": restored.iteration,
                 "skipped_batches": [start, start + self.train.spike_skip_batches]}
 

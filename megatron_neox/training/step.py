@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megatron_neox.topology import Topology
 from megatron_neox.training.clipping import GlobalNormClipper
+from megatron_neox.training.schedules import StepPlan
 
 MicroBatch = Dict[str, torch.Tensor]
 
@@ -82,18 +83,31 @@ def _loss_scale(engine) -> Optional[float]:
 
 
 def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
-               clipper: Optional[GlobalNormClipper] = None, timer=None) -> StepResult:
-    """Forward + backward over all micro-batches, then the optimizer step (or a skip).
+               clipper: Optional[GlobalNormClipper] = None, plan: Optional[StepPlan] = None,
+               timer=None) -> StepResult:
+    """One optimizer step, top to bottom:
 
-    `clipper` is the one `build_engine` returned (None when DeepSpeed clips): the grad norm and
-    the skip are then read from it. `timer` (metrics.ComputeTimer) times this rank's own work: the
-    forwards and backwards up to the data-parallel gradient reduction, where the ranks wait for
-    each other (the whole pipeline schedule when pp > 1)."""
+    1. `plan` (schedules.py; None keeps the engine's settings) sets the learning rate and the
+       global batch size of this step;
+    2. forward + backward over all micro-batches (the pipeline engine runs its schedule);
+    3. the gradients are clipped by their global norm: by `clipper` when `build_engine` returned
+       one (fp32 without ZeRO: it runs as the optimizer's step pre-hook, see clipping.py, and
+       drops non-finite gradients), else by DeepSpeed inside its optimizer;
+    4. the optimizer step (DeepSpeed's, at the gradient-accumulation boundary) or a skip;
+    5. the result: mean loss, the global gradient norm (the clipper's or DeepSpeed's), whether the
+       step was skipped, the fp16 loss scale.
+
+    `timer` (metrics.ComputeTimer) times this rank's own work: the forwards and backwards up to the
+    data-parallel gradient reduction, where the ranks wait for each other (the whole pipeline
+    schedule when pp > 1)."""
+    if plan is not None:
+        plan.apply(engine)
+    if engine.gradient_accumulation_steps() != len(micro_batches):
+        raise ValueError(f"{len(micro_batches)} micro-batches for an engine set to accumulate "
+                         f"{engine.gradient_accumulation_steps()}: pass the StepPlan of this batch size")
     timer = timer or _NoTimer()
     skipped_before = engine.skipped_steps
     clipper_skips = clipper.skipped if clipper is not None else 0
-    if engine.gradient_accumulation_steps() != len(micro_batches):
-        engine.set_train_batch_size(len(micro_batches) * engine.train_micro_batch_size_per_gpu() * topo.dp)
     timer.start()
     if topo.pp > 1:
         loss = engine.train_batch(data_iter=_pipe_items(micro_batches))
@@ -110,7 +124,7 @@ def train_step(engine, micro_batches: List[MicroBatch], topo: Topology,
             engine.step()
             total += loss.detach().float()
         loss_value = _dp_mean(total / len(micro_batches), topo)
-    if clipper is not None:
+    if clipper is not None:  # it ran inside the optimizer step above
         norm = clipper.last_norm
         skipped = clipper.skipped > clipper_skips
     else:

@@ -1,30 +1,36 @@
-"""The training loop: build -> resume -> for each step: batch, lr, train_step, log, validate, save.
+"""The training loop: set-up (the config resolved once) -> resume -> for each step: plan, batch,
+train_step, log, then every component's `after_step`.
 
-The loop only orders the steps; each component decides its own "when": the metrics logger
-(`should_log`, the throughput window and ETA), the validator (`should_validate`), the
-checkpointer (`after_step`: save interval, exit interval, preemption signals) and the spike
-policy (`train.on_spike`: a rollback to the last complete checkpoint, training/spikes.py).
+A step (`_Run.step`) reads top to bottom: the schedule's plan for the run's position (learning
+rate and global batch size, training/schedules.py), the loader's next global batch, `train_step`
+(which applies the plan, runs forward/backward, clips and steps, training/step.py), the state's
+advance (tokens, the loader's `state_dict`), the spike check, the log line. A loss spike
+(`train.on_spike`: rollback, training/spikes.py) rolls back to the last complete checkpoint inside
+the same step, and the loop goes on the same way. The loop only orders; each component decides its
+own "when" behind one convention, `after_step(state, last_step, trained) -> stop?`: the validator
+(`should_validate`), the lm-eval harness (`should_evaluate`) and the checkpointer (save interval,
+exit interval, preemption signals; after a rollback only the signals). The metrics logger decides
+inside the step (`should_log`).
 
 Everything a resumed run needs to continue exactly is in the checkpoint's client state
-(iteration, consumed samples and tokens, the data position) plus DeepSpeed's engine and
-optimizer state and every rank's RNG states; the LR and batch size are functions of those.
+(iteration, consumed tokens, the loader's state_dict, the spike policy's window) plus DeepSpeed's
+engine and optimizer state and every rank's RNG states; the LR and batch size are functions of those.
 """
 import math
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List
 
 from megatron_neox.config import Config
 from megatron_neox.errors import ConfigError, MegatronNeoxError
-from megatron_neox.evaluation.harness import TrainingHarness
-from megatron_neox.layout import Layout
+from megatron_neox.evaluation.harness import TrainingHarness, check_training_tasks
 from megatron_neox.outputs import check_run_dirs
 from megatron_neox.topology import Topology
 from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
 from megatron_neox.training.engine import build_engine
 from megatron_neox.training.launch import setup
 from megatron_neox.training.metrics import MetricsLogger, log_info, resolve_peak_tflops
-from megatron_neox.training.schedules import BatchSchedule, LRSchedule, total_iterations
+from megatron_neox.training.schedules import Schedule
 from megatron_neox.training.spikes import SpikePolicy
 from megatron_neox.training.step import StepResult, train_step
 from megatron_neox.training.validation import Validator
@@ -66,11 +72,33 @@ class SkipGuard:
         return False
 
 
-def _dataset_sizes(cfg: Config, iters: int, batches: BatchSchedule) -> tuple:
-    train = iters * batches.full
-    evals = (iters // cfg.eval.interval + 1) if cfg.eval.interval else 1
-    valid = evals * cfg.eval.iters * batches.full
-    test = cfg.eval.iters * batches.full
+def train_batches_needed(cfg: Config, iters: int) -> int:
+    """Global batches the train split must hold: the run's `iters` steps, the data.skip_batches
+    ranges passed over on the way, and room for every rollback's skip (train.max_rollbacks x
+    train.spike_skip_batches). Sized so, the loader never runs past the end and wraps into the
+    run's own first samples, and a longer run with the same skips trains on the same first batches
+    (the train split's first k samples do not depend on how many are asked for)."""
+    merged: List[List[int]] = []
+    for a, b in sorted(map(list, cfg.data.skip_batches)):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    end = iters
+    for a, b in merged:  # each range that starts before the run's last batch pushes that batch back
+        if a < end:
+            end += b - a
+    if cfg.train.on_spike == "rollback":
+        end += cfg.train.max_rollbacks * cfg.train.spike_skip_batches
+    return end
+
+
+def _dataset_sizes(cfg: Config, schedule: Schedule) -> tuple:
+    full = schedule.batches.full
+    train = train_batches_needed(cfg, schedule.iters) * full
+    evals = (schedule.iters // cfg.eval.interval + 1) if cfg.eval.interval else 1
+    valid = evals * cfg.eval.iters * full
+    test = cfg.eval.iters * full
     return train, valid, test
 
 
@@ -89,78 +117,91 @@ def _check_tokenizer(cfg: Config):
     return tok
 
 
+@dataclass
+class StepOutcome:
+    """One pass of the loop: a trained step, or a rollback to the last checkpoint (a spike)."""
+
+    result: StepResult
+    trained: bool
+
+
 class _Run:
-    """Everything one training run is built from, in the order it is built: the layout and data
-    first (their errors come before the model is built), then the engine, then the resume."""
+    """Everything one training run is built from, in the order it is built: the resolved config,
+    layout and data first (their errors come before the model is built), then the engine, then the
+    resume. The loop components (validator, harness, checkpointer) share one convention:
+    `after_step(state, last_step, trained) -> stop?`."""
 
     def __init__(self, cfg: Config, stop: StopSignal):
-        from megatron_neox.data.loader import BatchLoader, build_datasets, loader_options, size_warnings
+        from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
+                                               size_warnings)
+
         from megatron_neox.plan import resolve_checkpoint_interval
 
-        self.layout, self.topo = setup(cfg)
-        # activation_checkpointing.interval 'auto' -> a number from the memory estimate on this device
-        cfg, self.recompute = resolve_checkpoint_interval(cfg, self.layout)
-        self.cfg = cfg
+        cfg, topo = setup(cfg)  # resolved: every 'auto' decided, the layout attached
+        # activation_checkpointing.interval 'auto' -> a number from the planner's memory estimate on this device
+        cfg, self.recompute = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+        self.cfg, self.topo = cfg, topo
+        self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
-        eod = tok.eod_id if tok is not None else None
+        tasks = check_training_tasks(cfg)  # every lm-eval task built and checked before the model is
+        # The end-of-document id only where something uses it: a tokenizer without one is fine otherwise.
+        eod = tok.eod_id if tok is not None and (eod_flags(cfg.data) or cfg.eval.tasks) else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
-        self.batches = BatchSchedule.from_config(cfg, self.layout)
-        self.iters = total_iterations(cfg, self.batches)
-        self.schedule = LRSchedule.from_config(cfg, self.iters)
-        sizes = _dataset_sizes(cfg, self.iters, self.batches)
+        self.schedule = Schedule.from_config(cfg)
+        self.iters = self.schedule.iters
+        sizes = _dataset_sizes(cfg, self.schedule)
         train_ds, valid_ds, _ = build_datasets(cfg.data, seq_length=cfg.model.seq_length, seed=cfg.train.seed,
                                                num_samples=sizes,
                                                vocab_size=cfg.model.vocab_size if cfg.data.check_token_ids else None)
         if train_ds is None:
             raise ConfigError(f"data.split={cfg.data.split!r} leaves no documents for training")
-        if self.topo.rank == 0:
+        if topo.rank == 0:
             for w in size_warnings(cfg.data, train_ds, valid_ds, seq_length=cfg.model.seq_length,
-                                   train_tokens=sizes[0] * cfg.model.seq_length, eval_iters=cfg.eval.iters):
+                                   train_tokens=self.iters * self.schedule.batches.full * cfg.model.seq_length,
+                                   eval_iters=cfg.eval.iters) + \
+                    eod_warnings(cfg.data, train_ds, eod):
                 log_info(f"warning: {w}")
 
-        self.engine, _, self.clipper = build_engine(cfg, self.topo, self.layout)
-        self.checkpointer = Checkpointer(cfg, self.engine, self.topo, stop)
+        self.engine, _, self.clipper = build_engine(cfg, topo)
+        self.checkpointer = Checkpointer(cfg, self.engine, topo, stop)
         self.state = self.checkpointer.resume()
         self.spikes = SpikePolicy(cfg)
-        self.loader = BatchLoader(train_ds, micro_batch_size=self.layout.micro_batch_size, dp_rank=self.topo.dp_rank,
-                                  dp_size=self.topo.dp, consumed_samples=self.state.consumed_samples,
-                                  **batch_options, consumed_batches=self.state.consumed_batches,
-                                  skip_ranges=self.spikes.skip_ranges(self.state))
-        rank0 = self.topo.rank == 0
-        self.metrics = MetricsLogger(cfg, self.topo.world_size, enabled=rank0,
-                                     peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0, rank=self.topo.rank)
-        self.validator = Validator(cfg, self.engine, self.topo, valid_ds, micro_batch_size=self.layout.micro_batch_size,
-                                   global_batch_size=self.batches.full, eod_token_id=eod, metrics=self.metrics)
+        self.loader = BatchLoader(train_ds, micro_batch_size=layout.micro_batch_size, dp_rank=topo.dp_rank,
+                                  dp_size=topo.dp, **batch_options, skip_ranges=self.spikes.skip_ranges(self.state))
+        self.loader.load_state_dict(self.state.data_position())
+        rank0 = topo.rank == 0
+        self.metrics = MetricsLogger(cfg, topo.world_size, enabled=rank0,
+                                     peak_tflops=resolve_peak_tflops(cfg) if rank0 else 0.0, rank=topo.rank)
+        self.validator = Validator(cfg, self.engine, topo, valid_ds, micro_batch_size=layout.micro_batch_size,
+                                   global_batch_size=self.schedule.batches.full, eod_token_id=eod,
+                                   metrics=self.metrics)
         # eval.tasks: lm-evaluation-harness on the sharded engine
-        self.harness = TrainingHarness(cfg, self.engine, self.topo, tok, metrics=self.metrics)
+        self.harness = TrainingHarness(cfg, self.engine, topo, tok, metrics=self.metrics, tasks=tasks)
+        self.components = (self.validator, self.harness, self.checkpointer)  # in the order they act
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
-            log_info(_start_line(cfg, self.topo, self.layout, self.iters, self.state, self.recompute))
+            log_info(_start_line(cfg, topo, self.iters, self.state, self.recompute))
 
-    def step(self) -> Tuple[StepResult, Optional[str]]:
-        """One optimizer step at the batch size and learning rate of the run's position; returns
-        its result and, when its loss is a spike (train.on_spike), why (the step is then not logged)."""
+    def step(self) -> StepOutcome:
+        """One optimizer step at the learning rate and batch size the schedule gives the run's
+        position, then its bookkeeping; a loss spike (train.on_spike) rolls back instead."""
         state = self.state
-        gbs = self.batches.global_batch(state.consumed_tokens)
-        lr = self.schedule.lr(state.iteration, state.consumed_tokens)
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        plan = self.schedule.plan(state.iteration, state.consumed_tokens)
         start = time.perf_counter()
-        batch = self.loader.next_global_batch(gbs)
+        batch = self.loader.next_global_batch(plan.global_batch_size)
         data_wait = time.perf_counter() - start
-        r = train_step(self.engine, batch, self.topo, self.clipper, timer=self.metrics.compute_timer)
-        tokens = gbs * self.cfg.model.seq_length
-        state.iteration += 1
-        state.consumed_samples, state.consumed_batches = self.loader.consumed_samples, self.loader.consumed_batches
-        state.consumed_tokens += tokens
+        r = train_step(self.engine, batch, self.topo, self.clipper, plan, timer=self.metrics.compute_timer)
+        tokens = plan.global_batch_size * self.cfg.model.seq_length
+        state.advance(tokens, self.loader.state_dict())
         spike = self.spikes.check(r.loss, state)
         if spike is not None:
-            return r, spike
+            self.rollback(r.loss, spike)
+            return StepOutcome(r, trained=False)
         self.metrics.record_step(r.loss, tokens, counted=self.guard.check(r, state), data_wait=data_wait)
         if self.metrics.should_log(state.iteration):
-            self.metrics.log_step(state.to_dict(), lr=lr, grad_norm=r.grad_norm, loss_scale=r.loss_scale,
-                                  global_batch_size=gbs)
-        return r, None
+            self.metrics.log_step(state.to_dict(), lr=plan.lr, grad_norm=r.grad_norm, loss_scale=r.loss_scale,
+                                  global_batch_size=plan.global_batch_size)
+        return StepOutcome(r, trained=True)
 
     def rollback(self, loss: float, reason: str) -> None:
         """Back to the last complete checkpoint, skipping the batches after its data position."""
@@ -174,25 +215,26 @@ class _Run:
             raise TrainingAborted(f"step {step}: loss {loss:.4g} is a spike ({reason}) but {ckpt_dir} holds no "
                                   "checkpoint to roll back to yet; lower checkpoint.save_interval")
         state.load(saved)
-        record = self.spikes.record(step, loss, reason, state)
+        record = self.spikes.record(step, loss, reason, state, done)
         state.rollbacks = done + [record]
-        self.loader.consumed_samples, self.loader.consumed_batches = state.consumed_samples, state.consumed_batches
+        self.loader.load_state_dict(state.data_position())
         self.loader.skip_ranges = [tuple(r) for r in self.spikes.skip_ranges(state)]
         self.metrics.log({"step": step, "rollback_to": state.iteration, "spike_loss": loss, "spike_reason": reason,
                           "skipped_batches": record["skipped_batches"], "rollbacks": len(state.rollbacks)})
         self.metrics.start(state.iteration, self.iters)
 
 
-def _start_line(cfg: Config, topo: Topology, layout: Layout, iters: int, state: TrainState, recompute) -> str:
+def _start_line(cfg: Config, topo: Topology, iters: int, state: TrainState, recompute) -> str:
     from megatron_neox.model.gpt_neox import count_parameters
-    from megatron_neox.training.precision import describe_setup
+    from megatron_neox.resolve import describe_setup
 
     params = count_parameters(cfg.model, topo.tp)["total"]
-    k = recompute.interval
-    ckpt = f"recompute every {k} layer(s)" if k else "no recompute"
+    layout = cfg.resolved.layout
     return (f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "
             f"micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {topo.dp} = global "
-            f"{layout.global_batch_size} | {cfg.precision} | {describe_setup(cfg, layout.dp)} | {ckpt} ({recompute.why}) | "
+            f"{layout.global_batch_size} | {cfg.precision} | {describe_setup(cfg)} | "
+            f"{f'recompute every {recompute.interval} layer(s)' if recompute.interval else 'no recompute'} "
+            f"({recompute.why}) | "
             f"{iters} steps from step {state.iteration}")
 
 
@@ -200,14 +242,17 @@ def train(cfg: Config) -> RunResult:
     """Train (or resume) the run `cfg` describes on the ranks of this world."""
     # First thing: a preemption signal during set-up is honoured after the first step.
     stop = StopSignal()
+    lock = None
     try:
-        check_run_dirs(cfg)  # before anything is built
+        lock = check_run_dirs(cfg)  # before anything is built; one run per checkpoint.dir
         run = _Run(cfg, stop)
         try:
             return _loop(run)
         finally:
             run.metrics.close()
     finally:
+        if lock is not None:
+            lock.release()
         stop.restore()
 
 
@@ -220,18 +265,13 @@ def _loop(run: _Run) -> RunResult:
         return result
     run.metrics.start(state.iteration, iters)
     while state.iteration < iters:
-        r, spike = run.step()
-        result.losses.append(r.loss)
-        if spike is not None:
-            run.rollback(r.loss, spike)
-            continue
-        if run.validator.should_validate(state.iteration):
-            run.validator.validate(state.iteration)
-        run.harness.maybe_evaluate(state.iteration, iters)
-        if run.checkpointer.after_step(state, iters):
+        outcome = run.step()
+        result.losses.append(outcome.result.loss)
+        # Every component, in order; a stop (a signal, train.exit_interval) comes after it has saved.
+        stops = [c.after_step(state, iters, outcome.trained) for c in run.components]
+        if any(stops):
             result.stopped_by_signal = run.checkpointer.stopped_by_signal
             return result
-    if not run.validator.should_validate(state.iteration):
-        run.validator.validate(state.iteration)
+    run.validator.at_end(state)
     run.checkpointer.save(state)
     return result

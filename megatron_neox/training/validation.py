@@ -23,6 +23,17 @@ class Validator:
         every = self.cfg.eval.interval
         return bool(every) and step % every == 0
 
+    def after_step(self, state, last_step: int, trained: bool = True) -> bool:
+        """The trainer's component convention: validate when due after a trained step; never stops the run."""
+        if trained and self.should_validate(state.iteration):
+            self.validate(state.iteration)
+        return False
+
+    def at_end(self, state) -> None:
+        """The last evaluation of a run, unless `after_step` has just made it."""
+        if not self.should_validate(state.iteration):
+            self.validate(state.iteration)
+
     def validate(self, step: int) -> Optional[float]:
         """Mean loss over the evaluation batches (logged); None when there is no valid split."""
         if self.valid_ds is None:

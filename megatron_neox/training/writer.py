@@ -3,8 +3,8 @@
 `DurableWriter` is the checkpoint engine DeepSpeed writes every checkpoint file through
 (`engine.checkpoint_engine`: model, layer, ZeRO optimizer files) and our own files go through
 too. Each file is written to a temporary name, fsynced, renamed into place, and its directory is
-fsynced, so a file under its final name is whole and on disk. With `background=True` the training
-thread only copies the state to host memory (a snapshot: training may change the tensors right
+fsynced (megatron_neox/durable.py), so a file under its final name is whole and on disk. With
+`background=True` the training thread only copies the state to host memory (a snapshot: training may change the tensors right
 after) and a writer thread does the serialisation and the I/O; `pending()` and `wait()` tell when
 this rank's files are durable. A checkpoint is declared complete elsewhere (checkpoint.finalize_tag),
 only after every rank's writer has finished.
@@ -19,34 +19,48 @@ import copy
 import os
 import queue
 import threading
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
+from megatron_neox.durable import atomic_write
 from megatron_neox.errors import CheckpointError
 
 
-def fsync_dir(path: os.PathLike) -> None:
-    """Make a rename or a new file in directory `path` durable (POSIX: the entry lives in the dir)."""
-    fd = os.open(path, os.O_RDONLY)
+def save_durable(obj: Any, path: os.PathLike) -> None:
+    """`torch.save(obj)` to `path`, durable (megatron_neox/durable.py). A failed write is a
+    CheckpointError naming the file and why (`write_failure`); the temporary is removed."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with atomic_write(path, durable=True) as f:
+            torch.save(obj, f)
+    except (OSError, RuntimeError) as e:
+        raise write_failure(path, e) from None
 
 
-def write_durable(path: os.PathLike, write) -> None:
-    """`write(file)` into a temporary name beside `path`, fsync, rename to `path`, fsync the dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def write_failure(path: os.PathLike, e: BaseException) -> CheckpointError:
+    """What went wrong writing `path`, said plainly. torch's zip writer reports a full disk as
+    `[enforce fail at inline_container.cc] ... file write failed` or `unexpected pos N vs M`
+    (no errno), so the directory is probed with a small write of our own: its OSError names the
+    cause (no space left, not writable, read-only)."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else None
+    if reason is None:
+        probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".write-probe-{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            reason = err.strerror or str(err)
+        finally:
+            try:
+                os.remove(probe)
+            except OSError:
+                pass
+    reason = reason or f"{type(e).__name__}: {e}"
+    return CheckpointError(f"{path}: writing the checkpoint file failed: {reason}; `latest` still names the last "
+                           "complete checkpoint (free space or fix the permissions, then resume)")
 
 
 def host_copy(obj: Any) -> Any:
@@ -87,7 +101,7 @@ class DurableWriter(TorchCheckpointEngine):
     def save(self, state_dict, path: str) -> None:
         self.check()
         if not self.background:
-            write_durable(path, lambda f: torch.save(state_dict, f))
+            save_durable(state_dict, path)
             return
         snapshot = host_copy(state_dict)
         if torch.cuda.is_available():
@@ -99,8 +113,10 @@ class DurableWriter(TorchCheckpointEngine):
             snapshot, path = self._queue.get()
             try:
                 if self._error is None:
-                    write_durable(path, lambda f: torch.save(snapshot, f))
-            except BaseException as e:  # reported on the training thread by check()/wait()
+                    save_durable(snapshot, path)
+            except CheckpointError as e:  # reported on the training thread by check()/wait()
+                self._error = e
+            except BaseException as e:
                 self._error = CheckpointError(f"{path}: writing the checkpoint file failed: {e}")
             finally:
                 del snapshot

@@ -1,5 +1,6 @@
 """Precision and ZeRO rules: which combinations train correctly, which stage `auto` picks, which
-Adam runs.
+Adam runs. Beside the config, below it: the config's validator runs `precision_problems` (a `cfg`
+here is a `megatron_neox.config.Config`), and the engine and the planner read the same decisions.
 
 What DeepSpeed 0.19.8 does (read in runtime/engine.py, reproduced on CPU with the fp16 check patched):
 
@@ -20,19 +21,27 @@ What DeepSpeed 0.19.8 does (read in runtime/engine.py, reproduced on CPU with th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List
-
-if TYPE_CHECKING:  # config imports this module inside a validator
-    from megatron_neox.config import Config
+from typing import Any, Dict, List, Tuple
 
 AUTO = "auto"
 
 
-def precision_problems(cfg: "Config") -> List[str]:
+def zero_problems(stage, pp: int) -> List[str]:
+    """A ZeRO stage (or 'auto') that cannot run with `pp` pipeline stages."""
+    if stage == AUTO:
+        return []  # auto_zero_stage picks 0 or 1, both fine at any pp
+    if stage not in (0, 1, 2, 3):
+        return [f"zero.stage must be 0, 1, 2 or 3, got {stage!r}"]
+    if stage >= 2 and pp > 1:
+        return [f"zero.stage={stage} cannot be used with parallel.pp={pp}: DeepSpeed's pipeline engine supports "
+                "ZeRO stages 0 and 1 only; use zero.stage 1 or pp 1"]
+    return []
+
+
+def precision_problems(cfg) -> List[str]:
     """Combinations of precision, ZeRO and parallelism that cannot train correctly, each with the fix."""
-    problems = []
     stage, prec = cfg.zero.stage, cfg.precision
+    problems = zero_problems(stage, cfg.parallel.pp)
     if prec != "fp32" and stage == 0:
         why = ("DeepSpeed's optimizer without ZeRO never multiplies the loss by the loss scale but still "
                "divides the gradients by it (updates ~scale times too small, the scale grows without bound)"
@@ -55,43 +64,40 @@ def precision_problems(cfg: "Config") -> List[str]:
     return problems
 
 
-@dataclass(frozen=True)
-class ZeroChoice:
-    stage: int
-    overlap_comm: bool
-    why: str  # for the start-up line, e.g. "auto: one data-parallel rank, fp32"
+def auto_zero_stage(cfg, dp: int) -> Tuple[int, str]:
+    """The ZeRO stage `zero.stage='auto'` runs on `dp` data-parallel ranks, and why (for the
+    start-up line). The one place the stage is chosen; megatron_neox/resolve.py asks it once."""
+    if cfg.precision != "fp32":
+        return 1, f"auto: {cfg.precision} needs the ZeRO optimizer's fp32 master weights"
+    if cfg.zero.offload_optimizer != "none":
+        return 1, "auto: optimizer offload"
+    if dp == 1 and loads_universal(cfg):
+        return 1, "auto: checkpoint.load is universal, whose optimizer state only ZeRO loads"
+    if dp == 1:
+        return 0, "auto: one data-parallel rank, nothing to shard"
+    return 1, f"auto: {dp} data-parallel ranks"
 
 
-def choose_zero(cfg: "Config", dp: int) -> ZeroChoice:
-    """The ZeRO stage and overlap_comm this run uses on `dp` data-parallel ranks."""
-    z = cfg.zero
-    if z.stage == AUTO:
-        if cfg.precision != "fp32":
-            stage, why = 1, f"auto: {cfg.precision} needs the ZeRO optimizer's fp32 master weights"
-        elif z.offload_optimizer != "none":
-            stage, why = 1, "auto: optimizer offload"
-        elif dp == 1:
-            stage, why = 0, "auto: one data-parallel rank, nothing to shard"
-        else:
-            stage, why = 1, f"auto: {dp} data-parallel ranks"
-    else:
-        stage, why = int(z.stage), "set"
-    overlap = z.overlap_comm
-    if overlap is None:  # auto: where DeepSpeed allows it and there is a reduction to overlap
-        overlap = stage >= 1 and cfg.parallel.pp == 1 and dp > 1
-    return ZeroChoice(stage, bool(overlap), why)
+def loads_universal(cfg) -> bool:
+    """checkpoint.load names a universal checkpoint (tools/reshard.py). DeepSpeed 0.19.8 loads its
+    optimizer state through the ZeRO optimizer only: at ZeRO-0 the load fails inside DeepSpeed
+    (`'NoneType' object has no attribute 'copy'`). A missing or damaged one is left to the loader,
+    which names it."""
+    from megatron_neox.checkpoint_files import read_meta, resolve_tag_dir
+    from megatron_neox.errors import CheckpointError
+
+    if not cfg.checkpoint.load:
+        return False
+    try:
+        return bool(read_meta(resolve_tag_dir(cfg.checkpoint.load)).get("universal"))
+    except (CheckpointError, OSError):
+        return False
 
 
-def resolve_for_world(cfg: "Config", world_size: int) -> "Config":
-    """`cfg` with zero.stage and zero.overlap_comm made concrete for `world_size` ranks.
-
-    Code that reads cfg.zero after this sees numbers, and a checkpoint records what really ran.
-    """
-    choice = choose_zero(cfg, cfg.layout(world_size).dp)
-    if cfg.zero.stage == choice.stage and cfg.zero.overlap_comm == choice.overlap_comm:
-        return cfg
-    zero = cfg.zero.model_copy(update={"stage": choice.stage, "overlap_comm": choice.overlap_comm})
-    return cfg.model_copy(update={"zero": zero})
+def auto_overlap_comm(stage: int, pp: int, dp: int) -> Tuple[bool, str]:
+    """`zero.overlap_comm=null`: on where DeepSpeed allows it and there is a reduction to overlap."""
+    on = stage >= 1 and pp == 1 and dp > 1
+    return on, "auto: " + ("ZeRO >= 1, no pipeline, dp > 1" if on else "nothing to overlap or not allowed here")
 
 
 def choose_adam(device_type: str) -> tuple[Dict[str, Any], str]:
@@ -106,14 +112,6 @@ def choose_adam(device_type: str) -> tuple[Dict[str, Any], str]:
     if device_type == "cuda" and fused_adam_prebuilt():
         return {}, "DeepSpeed FusedAdam (prebuilt)"
     return {"torch_adam": True, "fused": True}, "torch fused AdamW"
-
-
-def describe_setup(cfg: "Config", dp: int) -> str:
-    """For the start-up line: the ZeRO stage (and why, when `auto` chose it) and the Adam that runs."""
-    from deepspeed.accelerator import get_accelerator
-
-    zero = choose_zero(cfg, dp)
-    return f"ZeRO-{zero.stage} ({zero.why}) | {choose_adam(get_accelerator().device_name())[1]}"
 
 
 def fused_adam_prebuilt() -> bool:

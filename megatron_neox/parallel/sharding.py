@@ -4,8 +4,8 @@ Keys are the layer-indexed names shared by `GPTNeoX` and the `PipelineModule` (s
 model/gpt_neox.py): `IDX.NAME`. `TABLE` lists every parameter family by NAME. Everything that
 needs the rule derives from it:
 
-- checkpoint conversion (`shard_state_dict` / `merge_state_dicts`, via the one split/merge pair
-  `parallel.utils.shard_rows` / `merge_shards`);
+- checkpoint conversion (`shard_state_dict` / `merge_state_dicts`, used by convert/checkpoint_io.py,
+  via the one split/merge pair `parallel.utils.shard_rows` / `merge_shards`);
 - the universal-checkpoint info DeepSpeed's `ds_to_universal` needs to merge and re-split a run's
   checkpoint (`universal_patterns`, used by training/checkpoint.py);
 - the parallel layers mark their own parameters (`partition_dim`, `partition_stride`); a test
@@ -14,6 +14,9 @@ needs the rule derives from it:
 Column-parallel weights/biases split rows (dim 0), row-parallel weights split columns (dim 1) and
 keep their bias whole (it is added once, after the reduce), the vocab-parallel embedding and head
 split rows. A fused [gate | up] MLP input (SwiGLU) has stride 2: each half is split on its own.
+
+`cfg` arguments are a `ModelConfig` (only `cfg.activation` is read); the table lives beside the
+parallel layers, below the config, so it does not import it.
 """
 import re
 from dataclasses import dataclass
@@ -21,7 +24,6 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from megatron_neox.config import ModelConfig
 from megatron_neox.parallel.utils import merge_shards, shard_rows
 
 
@@ -58,10 +60,10 @@ def rule_of(name: str) -> Rule:
     for rule in TABLE:
         if re.fullmatch(rule.pattern, name):
             return rule
-    raise KeyError(f"{name}: no sharding rule in convert/sharding.py TABLE")
+    raise KeyError(f"{name}: no sharding rule in parallel/sharding.py TABLE")
 
 
-def partition_of(name: str, cfg: ModelConfig) -> Optional[Tuple[int, int]]:
+def partition_of(name: str, cfg) -> Optional[Tuple[int, int]]:
     """(dim, stride) of a sharded parameter (name without layer index), None if replicated."""
     rule = rule_of(name)
     if rule.dim is None:
@@ -69,7 +71,7 @@ def partition_of(name: str, cfg: ModelConfig) -> Optional[Tuple[int, int]]:
     return rule.dim, 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1
 
 
-def shard_state_dict(full: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, rank: int) -> Dict[str, torch.Tensor]:
+def shard_state_dict(full: Dict[str, torch.Tensor], cfg, tp: int, rank: int) -> Dict[str, torch.Tensor]:
     """TP rank `rank`'s part of a full (tp=1) state dict."""
     out = {}
     for key, t in full.items():
@@ -78,7 +80,7 @@ def shard_state_dict(full: Dict[str, torch.Tensor], cfg: ModelConfig, tp: int, r
     return out
 
 
-def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg) -> Dict[str, torch.Tensor]:
     """Inverse of shard_state_dict: one dict per TP rank, in rank order."""
     out = {}
     for key in shards[0]:
@@ -90,7 +92,7 @@ def merge_state_dicts(shards: List[Dict[str, torch.Tensor]], cfg: ModelConfig) -
     return out
 
 
-def universal_patterns(cfg: ModelConfig, keys: Iterable[str]) -> Dict[str, List[str]]:
+def universal_patterns(cfg, keys: Iterable[str]) -> Dict[str, List[str]]:
     """The table as DeepSpeed universal-checkpoint regexes over engine parameter names (which may
     carry a layer index or a tied-module prefix), listing only families that `keys` (the model's
     layer-indexed names) has: ds_to_universal insists that every pattern matches something."""
