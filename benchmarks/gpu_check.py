@@ -344,8 +344,8 @@ def check_syncs(size: str) -> dict:
 
     precision = "bf16" if not torch.cuda.is_available() or _bf16_ok() else "fp16"
     cfg = make_config(PARITY_MODEL[size], precision, "auto", 2, 4)
-    layout, topo = setup(cfg)
-    engine, _, clipper = build_engine(cfg, topo, layout)
+    cfg, topo = setup(cfg)
+    engine, _, clipper = build_engine(cfg, topo)
     model, device = engine.module, engine.device
     watch, out = SyncWatch(), {"precision": precision}
     for phase in ("model_first", "model_steady"):
