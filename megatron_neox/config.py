@@ -388,8 +388,11 @@ class ZeroConfig(Section):
 
 
 class ActivationCheckpointConfig(Section):
-    interval: int = Field(0, ge=0)
-    """Recompute every block of this many transformer layers in backward (0 = off)."""
+    interval: Union[Literal["auto"], Annotated[int, Field(ge=0)]] = 0
+    """Recompute every block of this many transformer layers in backward (0 = off). 'auto': from the
+    planner's memory estimate of this layout on this device (megatron_neox/plan.py
+    `choose_checkpoint_interval`): off when the run fits with a margin, else the interval with the
+    smallest estimated peak; the start-up line says which and why, `tools/plan.py` shows it ahead."""
     partition_activations: bool = False
     """Shard the saved checkpoint inputs across the TP group (DeepSpeed); a no-op at tp = 1."""
 

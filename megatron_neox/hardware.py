@@ -123,3 +123,14 @@ def check_precision_supported(precision: str) -> None:
                               "(with zero.stage >= 1) or fp32")
         if not acc.is_bf16_supported():
             raise ConfigError(f"precision='bf16' is not supported on the {acc.device_name()} accelerator; use fp32")
+
+
+def device_memory_bytes() -> float:
+    """Memory one rank may plan with: the current GPU's total memory, or on CPU the host's physical
+    memory shared by the ranks of this node (LOCAL_WORLD_SIZE/LOCAL_SIZE, as the launchers set them)."""
+    import os
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    local = next((int(os.environ[k]) for k in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE") if os.environ.get(k, "").isdigit()), 1)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local)

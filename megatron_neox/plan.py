@@ -340,6 +340,9 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     full = sum(per_layer) + head + pipe_out
 
     interval = cfg.activation_checkpointing.interval if checkpoint_interval is None else checkpoint_interval
+    if interval == "auto":
+        raise ValueError("estimate_memory needs a number: resolve_checkpoint_interval(cfg, ...) first, "
+                         "or pass checkpoint_interval")
     n = interval or 1
     block_input = N * e / (t if cfg.activation_checkpointing.partition_activations else 1)
     blocks = [per_layer[i:i + n] for i in range(0, len(per_layer), n)]
@@ -365,6 +368,72 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
     return out
 
 
+# ---- activation checkpointing: 'auto' -------------------------------------------------------------
+
+# What the estimate leaves out (the CUDA context, cuBLAS/cuDNN workspaces, the caching allocator's
+# fragmentation) is kept free: 10% of the device. Against torch's peak allocated memory on an H200
+# (DESIGN.md, Pythia-1B micro 8 bf16) the estimate is 4-7% high: 44.7 GiB estimated vs 42.8 measured
+# without recompute, 27.7 vs 25.8 with it every layer.
+RECOMPUTE_MARGIN = 0.10
+# Cards `tools/plan.py` reports the 'auto' choice for (GiB torch can address: an 80 GB A100/H100
+# reports ~79-80 GiB; a 141 GB H200 ~139 GiB, docs of the H200 machine this project measures on).
+REFERENCE_CARDS: Tuple[Tuple[str, float], ...] = (("80 GB card", 79.0), ("141 GB card", 139.0))
+
+
+@dataclass(frozen=True)
+class CheckpointChoice:
+    interval: int  # 0 = no recompute
+    why: str  # for the start-up line
+
+
+def _peak_total(cfg: Config, layout: Layout, parts: Sequence[int], interval: int) -> float:
+    return max(estimate_memory(cfg, layout, s, parts, checkpoint_interval=interval)["total"]
+               for s in range(layout.pp))
+
+
+def choose_checkpoint_interval(cfg: Config, layout: Layout, device_bytes: float) -> CheckpointChoice:
+    """What activation_checkpointing.interval runs: the config's number, or for 'auto' the planner's
+    decision on a device of `device_bytes`.
+
+    No recompute when the busiest stage's estimate fits in (1 - RECOMPUTE_MARGIN) of the device.
+    Otherwise every interval recomputes each layer's forward once (the cost is the same), so the
+    interval with the smallest estimated peak is taken (kept block inputs vs one block's working
+    set; usually 1). Every rank computes the same answer from the same estimate.
+    """
+    ac = cfg.activation_checkpointing
+    if ac.interval != "auto":
+        return CheckpointChoice(int(ac.interval), "set")
+    cfg = resolve(cfg, layout.world_size)
+    m = cfg.model
+    parts = partition(cfg) if layout.pp > 1 else [0, m.num_layers + 3]
+    budget = (1 - RECOMPUTE_MARGIN) * device_bytes
+    card = f"{(1 - RECOMPUTE_MARGIN):.0%} of {device_bytes / GiB:.1f} GiB"
+    without = _peak_total(cfg, layout, parts, 0)
+    if without <= budget:
+        return CheckpointChoice(0, f"auto: {without / GiB:.1f} GiB estimated without recompute fits {card}")
+    most = max(sum(1 for i in range(parts[s], parts[s + 1]) if 1 <= i <= m.num_layers) for s in range(layout.pp))
+    peaks = {k: _peak_total(cfg, layout, parts, k) for k in range(1, max(1, most) + 1)}
+    k = min(peaks, key=lambda i: (peaks[i], i))
+    verdict = "" if peaks[k] <= budget else " -- still more than that: see tools/plan.py for a layout that fits"
+    return CheckpointChoice(k, f"auto: {without / GiB:.1f} GiB estimated without recompute exceeds {card}; "
+                               f"recompute every {k} layer(s): {peaks[k] / GiB:.1f} GiB{verdict}")
+
+
+def resolve_checkpoint_interval(cfg: Config, layout: Layout, device_bytes: Optional[float] = None
+                                ) -> Tuple[Config, CheckpointChoice]:
+    """`cfg` with activation_checkpointing.interval made a number for this device (its memory by
+    default, `hardware.device_memory_bytes`), and the choice with its reason."""
+    if cfg.activation_checkpointing.interval != "auto":
+        return cfg, CheckpointChoice(int(cfg.activation_checkpointing.interval), "set")
+    if device_bytes is None:
+        from megatron_neox.hardware import device_memory_bytes
+
+        device_bytes = device_memory_bytes()
+    choice = choose_checkpoint_interval(cfg, layout, device_bytes)
+    ac = cfg.activation_checkpointing.model_copy(update={"interval": choice.interval})
+    return cfg.model_copy(update={"activation_checkpointing": ac}), choice
+
+
 # ---- the plan -----------------------------------------------------------------------------------
 
 
@@ -376,6 +445,7 @@ class Plan:
     parameters: Dict[str, int]
     stages: List[StagePlan]
     gpu_memory_bytes: float
+    recompute: Optional[CheckpointChoice] = None  # activation_checkpointing.interval and why
 
     @property
     def peak(self) -> Optional[StagePlan]:
@@ -397,6 +467,7 @@ def make_plan(cfg: Config, world_size: Optional[int] = None, gpu_memory_gb: floa
     except ConfigError as e:
         return Plan(cfg, None, str(e), params, [], gpu_bytes)
     cfg = resolve(cfg, world)  # zero.stage / overlap_comm 'auto' -> what this world runs
+    cfg, recompute = resolve_checkpoint_interval(cfg, layout, gpu_bytes)  # interval 'auto' on this card
     parts = partition(cfg) if p.pp > 1 else [0, cfg.model.num_layers + 3]
     stages = []
     for s in range(p.pp):
@@ -407,7 +478,7 @@ def make_plan(cfg: Config, world_size: Optional[int] = None, gpu_memory_gb: floa
     if peak.memory["total"] > gpu_bytes:
         problem = (f"stage {peak.stage} needs {peak.memory['total'] / GiB:.1f} GiB per GPU, more than "
                    f"--gpu-memory-gb {gpu_memory_gb:g}")
-    return Plan(cfg, layout, problem, params, stages, gpu_bytes)
+    return Plan(cfg, layout, problem, params, stages, gpu_bytes, recompute)
 
 
 def _with_parallel(cfg: Config, pp: int, tp: int) -> Config:
@@ -493,6 +564,8 @@ def format_plan(plan: Plan) -> str:
     ckpt = f"checkpointing every {ac.interval} layer(s)" if ac.interval else "no activation checkpointing"
     if ac.interval and ac.partition_activations:
         ckpt += ", partitioned over tp"
+    if plan.recompute is not None and plan.recompute.why != "set":
+        ckpt += f" ({plan.recompute.why})"
     offload = ", optimizer offloaded to CPU" if cfg.zero.offload_optimizer == "cpu" else ""
     lines.append(f"memory per rank (GiB; {cfg.precision}, ZeRO-{cfg.zero.stage} over dp={plan.layout.dp}{offload}, "
                  f"{ckpt}):")
@@ -510,6 +583,24 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"peak: stage {peak.stage}, {_gib(peak.memory['total'])} of {_gib(plan.gpu_memory_bytes)} GiB: "
                  f"{verdict}")
     return "\n".join(lines)
+
+
+def format_auto_recompute(cfg: Config, world_size: Optional[int] = None,
+                           cards: Sequence[Tuple[str, float]] = REFERENCE_CARDS) -> Optional[str]:
+    """What activation_checkpointing.interval 'auto' would choose for this layout on each reference
+    card (for the shipped configs' comments), or None when the layout is invalid."""
+    world = world_size if world_size is not None else cfg.parallel.pp * cfg.parallel.tp
+    try:
+        layout = cfg.layout(world)
+    except ConfigError:
+        return None
+    auto = cfg.model_copy(update={"activation_checkpointing": cfg.activation_checkpointing.model_copy(
+        update={"interval": "auto"})})
+    parts = []
+    for name, gib in cards:
+        c = choose_checkpoint_interval(auto, layout, gib * GiB)
+        parts.append(f"{name} ({gib:g} GiB): " + (f"every {c.interval} layer(s)" if c.interval else "none"))
+    return "activation_checkpointing.interval 'auto' would recompute: " + "; ".join(parts)
 
 
 def format_candidates(plans: List[Plan], gpus: int, gpu_memory_gb: float, limit: int = 12) -> str:

@@ -6,6 +6,7 @@ tensors autograd actually saves in small CPU models, so the itemised formula can
 the code it describes. Two launches of the real tool (about 5 s each: torch + DeepSpeed import).
 """
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -371,3 +372,82 @@ def test_loss_saves_one_fp32_softmax_for_half_precision_logits():
     assert loss_part == 2 * 128 * V * 4 + 9 * 2 * 128
     # (+ 8 bytes a token of fp32 per-token losses and mask the formula leaves out: 0.2% here)
     assert sum(seen.values()) == pytest.approx(loss_part, rel=0.005)
+
+
+# ---- activation_checkpointing.interval 'auto' --------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def _auto(name, *sets):
+    from megatron_neox.plan import choose_checkpoint_interval
+
+    cfg = load_config(name, ["activation_checkpointing.interval=auto", *sets])
+    lay = cfg.layout(cfg.parallel.pp * cfg.parallel.tp)
+    return cfg, lay, lambda gib: choose_checkpoint_interval(cfg, lay, gib * GIB)
+
+
+def test_auto_recompute_is_off_when_the_estimate_fits_with_a_margin_and_else_takes_the_smallest_peak():
+    from megatron_neox.plan import RECOMPUTE_MARGIN
+
+    cfg, lay, choose = _auto("pythia-1B", "train.micro_batch_size=32")
+    none = estimate_memory(cfg, lay, checkpoint_interval=0)["total"] / GIB  # 120.4 GiB
+    assert choose(none / (1 - RECOMPUTE_MARGIN) + 0.01).interval == 0
+    tight = choose(none / (1 - RECOMPUTE_MARGIN) - 0.01)
+    assert tight.interval >= 1 and "exceeds" in tight.why
+    peaks = {k: estimate_memory(cfg, lay, checkpoint_interval=k)["total"] for k in range(1, 17)}
+    assert peaks[tight.interval] == min(peaks.values())
+    # Pythia-1B at micro 32: the fp32 loss softmax outweighs a block of up to 6 recomputed layers,
+    # so fewer kept block inputs are free (every interval recomputes each layer once).
+    assert tight.interval == 6 and peaks[6] < peaks[1]
+    assert "still more" in choose(10).why
+
+
+def test_explicit_interval_is_kept_and_plan_tool_prints_the_auto_choice_per_card():
+    _, _, choose = _auto("pythia-1B", "activation_checkpointing.interval=2")
+    assert choose(1).interval == 2 and choose(1).why == "set"
+    r = _plan_tool("--config", "pythia-1B.json", "--set", "train.micro_batch_size=32")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert ("activation_checkpointing.interval 'auto' would recompute: 80 GB card (79 GiB): every 6 layer(s); "
+            "141 GB card (139 GiB): none") in r.stdout
+
+
+def _train_with_auto_recompute(rank, world_size, tmp):
+    """Two short runs with interval 'auto': on a device of 1 byte and of 1 TiB; their start-up lines
+    and losses."""
+    import megatron_neox.hardware as hardware
+    import megatron_neox.training.trainer as trainer
+    from _train import config_dict, train_losses
+
+    lines, out = [], {}
+    trainer.log_info = lines.append
+    for name, device_bytes in (("small", 1.0), ("large", float(1 << 40))):
+        hardware.device_memory_bytes = lambda: device_bytes
+        cfg = config_dict(tmp, checkpoint__dir=f"{tmp}/{name}", train__iters=2,
+                          activation_checkpointing__interval="auto")
+        losses, _ = train_losses(cfg)
+        out[name] = (losses, next(line for line in lines if line.startswith("megatron_neox: ")))
+        lines.clear()
+    return out
+
+
+def test_trainer_start_line_says_what_auto_recompute_chose_and_why(tmp_path):
+    from _train import run_on_random_data
+
+    r = run_on_random_data(_train_with_auto_recompute, 1, str(tmp_path), timeout=300)
+    (small, small_line), (large, large_line) = r["small"], r["large"]
+    assert "| recompute every " in small_line and "estimated without recompute exceeds 90% of 0.0 GiB" in small_line
+    assert "| no recompute (auto: " in large_line and "fits 90% of 1024.0 GiB" in large_line
+    assert small == large  # recomputation repeats the same forward: the same losses
+
+
+def test_shipped_config_comments_say_what_auto_recompute_chooses():
+    """Each recipe keeps its published checkpointing; its comment quotes the planner's 'auto' choice
+    (regenerate the sentence with plan.format_auto_recompute when the estimate changes)."""
+    from megatron_neox.plan import format_auto_recompute
+
+    for path in sorted((REPO / "deepspeed_configs").glob("*.json")):
+        if path.name == "demo.json":
+            continue
+        comment = json.loads(path.read_text())["comment"]
+        assert comment.endswith(f" tools/plan.py (pp*tp GPUs, dp=1): {format_auto_recompute(load_config(path))}."), path

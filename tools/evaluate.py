@@ -21,6 +21,9 @@ papers' suites, see README). Prints lm-eval's table; --output writes lm-eval's r
 Perplexity (runs when --split/--data/--iters is given, or when neither --tasks nor --facts is):
 --iters global batches of the split (train, valid or test), mean over tokens.
 
+--tasks and --facts need lm-evaluation-harness, an optional extra (`pip install -e .[eval]`);
+without it they exit with status 2 and say so, while perplexity runs.
+
 Knowledge probe (--facts): accuracy per attribute, and the knowledge stored in bits and bits
 per parameter (Physics of Language Models 3.3; megatron_neox/evaluation/knowledge.py).
 """
@@ -63,13 +66,18 @@ def main(argv=None) -> int:
 
     from megatron_neox.data.corpus import check_facts_file
     from megatron_neox.errors import ConfigError
+    from megatron_neox.evaluation import require_lm_eval
     from megatron_neox.evaluation.backends import MergedModel
-    from megatron_neox.evaluation.lm import NeoXLM
     from megatron_neox.generate import check_tokenizer_fits, load_model, tokenizer_path
     from megatron_neox.tokenizer import load_tokenizer
 
     report = {}
     try:
+        # lm-eval is an optional extra: only the harness (--tasks) and the probe, which scores through
+        # the harness adapter (--facts), need it; perplexity runs without it.
+        for flag, value in (("--tasks", args.tasks), ("--facts", args.facts)):
+            if value:
+                require_lm_eval(flag)
         if args.output:
             _check_output_file(Path(args.output))
         tasks = None
@@ -94,7 +102,9 @@ def main(argv=None) -> int:
             raise ConfigError("--tasks and --facts need a tokenizer: pass --tokenizer (the checkpoint's run config "
                               "names none that exists here)")
         lm = None
-        if tok is not None:
+        if args.tasks or args.facts:
+            from megatron_neox.evaluation.lm import NeoXLM
+
             lm = NeoXLM(MergedModel(loaded.model, tok.vocab_size, args.device), tok,
                         max_length=loaded.model_config.seq_length, batch_size=args.batch_size)
 
@@ -160,7 +170,10 @@ def _check_output_file(path: Path) -> None:
 
 def _write_json(path: Path, out, report: dict, args) -> None:
     """lm-eval's result dict (as its CLI writes it) + ours, via a temporary file and a rename."""
-    from lm_eval.utils import handle_non_serializable
+    if out is not None:  # lm-eval ran: its own encoder for its numpy/torch values
+        from lm_eval.utils import handle_non_serializable
+    else:
+        handle_non_serializable = str
 
     doc = dict(out or {"results": {}})
     doc.pop("samples", None)

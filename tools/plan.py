@@ -47,6 +47,9 @@ def main(argv=None) -> int:
         result = planner.make_plan(cfg, args.gpus, args.gpu_memory_gb)
         print(f"config: {args.config}")
         print(planner.format_plan(result))
+        auto = planner.format_auto_recompute(cfg, args.gpus)
+        if auto:
+            print(auto)
         layout_overridden = any(o.split("=", 1)[0].strip() in ("parallel.pp", "parallel.tp") for o in args.overrides)
         if args.gpus is not None and not layout_overridden:
             print(planner.format_candidates(planner.candidate_layouts(cfg, args.gpus, args.gpu_memory_gb),

@@ -168,6 +168,10 @@ def build_engine(cfg: Config, topo: Topology, objective=None) -> BuiltEngine:
     from megatron_neox.precision import choose_adam
 
     check_precision_supported(cfg)
+    if cfg.activation_checkpointing.interval == "auto":  # the trainer resolves it first (start-up line)
+        from megatron_neox.plan import resolve_checkpoint_interval
+
+        cfg, _ = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
     ds_config = deepspeed_config(cfg)
     for key, value in choose_adam(get_accelerator().device_name())[0].items():
         ds_config["optimizer"]["params"].setdefault(key, value)

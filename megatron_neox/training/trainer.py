@@ -138,7 +138,11 @@ class _Run:
         from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
                                                size_warnings)
 
+        from megatron_neox.plan import resolve_checkpoint_interval
+
         cfg, topo = setup(cfg)  # resolved: every 'auto' decided, the layout attached
+        # activation_checkpointing.interval 'auto' -> a number from the planner's memory estimate on this device
+        cfg, self.recompute = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
         self.cfg, self.topo = cfg, topo
         self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
@@ -190,7 +194,7 @@ class _Run:
         self.components = (self.validator, self.harness, self.checkpointer)  # in the order they act
         self.guard = SkipGuard(cfg.train.max_skipped_steps)
         if rank0:
-            log_info(_start_line(cfg, topo, self.iters, self.state))
+            log_info(_start_line(cfg, topo, self.iters, self.state, self.recompute))
 
     def _set_reference(self, train_ds, valid_ds) -> None:
         """DPO: the start model's log-probabilities of every pair, computed before step 1 or read back
@@ -255,7 +259,7 @@ class _Run:
         self.metrics.start(state.iteration, self.iters)
 
 
-def _start_line(cfg: Config, topo: Topology, iters: int, state: TrainState) -> str:
+def _start_line(cfg: Config, topo: Topology, iters: int, state: TrainState, recompute) -> str:
     from megatron_neox.model.gpt_neox import count_parameters
     from megatron_neox.resolve import describe_setup
 
@@ -264,6 +268,8 @@ def _start_line(cfg: Config, topo: Topology, iters: int, state: TrainState) -> s
     return (f"megatron_neox: {params:,} parameters | pp={topo.pp} tp={topo.tp} dp={topo.dp} | "
             f"micro {layout.micro_batch_size} x accum {layout.grad_accum} x dp {topo.dp} = global "
             f"{layout.global_batch_size} | {cfg.precision} | {describe_setup(cfg)} | "
+            f"{f'recompute every {recompute.interval} layer(s)' if recompute.interval else 'no recompute'} "
+            f"({recompute.why}) | "
             f"{iters} steps from step {state.iteration}")
 
 
