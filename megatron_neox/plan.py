@@ -46,8 +46,9 @@ e = bytes per element (2 for fp16/bf16, 4 for fp32):
                token; our RMSNorm keeps x/rms(x) and, in half precision, an fp32 copy of x.
                Divided by t with sequence parallelism.
     attention  fused QKV output 3N/t (SDPA keeps views of it) and the SDPA output N/t, plus a
-               fp32 log-sum-exp (a*s*b/t). Rotary adds the rotated q and k (2N/t), cos/sin
-               (2*s*b*r) and a copy of the SDPA output for the dense layer (N/t). Local (banded)
+               fp32 log-sum-exp (a*s*b/t); the dense layer reads the SDPA output in place (no
+               copy). Rotary adds the rotated q and k (2N/t) and the half-width cos/sin (s*b*r:
+               model/rotary.py keeps r/2 angles a position). Local (banded)
                layers keep their [s, s] mask. ALiBi's per-head mask sends SDPA down PyTorch's math
                path: fp32 q, k, v and softmax probabilities, 12N/t + 4*a*s*s*b/t bytes (on CUDA the
                memory-efficient kernel would keep the [a, s, s] mask instead).
@@ -64,10 +65,10 @@ bf16 within 0.2%). Full recomputation (activation checkpointing every n layers) 
 block's input (N, or N/t with partition_activations) plus one block's working set during its
 backward. Under 1F1B pipeline stage k holds min(pp - k, grad_accum) micro-batches in flight
 (DeepSpeed `TrainSchedule.num_pipe_buffers`); a non-last stage also keeps each in-flight output.
-The last stage adds the final norm and the loss: the cross entropy's fp32 softmax s*b*V/t * 4
-bytes plus, at its peak, the e-byte logits and in half precision the fp32 copy the cross entropy
-makes of them (`logits.to(float32)` is alive while `shifted` is allocated; `lm_loss` passes the
-logits as they are). With checkpointing, the stage holding the head peaks at its kept block inputs
+The last stage adds the final norm and the loss: the cross entropy (parallel/cross_entropy.py)
+keeps the e-byte logits s*b*V/t * e and 17 bytes a token (fp32 max and sum of exponentials, the
+int64 local target and a bool), and at its peak the logits' e-byte gradient plus its fp32 chunk
+temporaries (at most 2^25 logits each; never an fp32 copy of all the logits). With checkpointing, the stage holding the head peaks at its kept block inputs
 plus the larger of the loss (forward) and one recomputed block with its output gradient
 (backward): the loss's tensors are freed before the first block is recomputed.
 """
@@ -81,6 +82,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from megatron_neox.config import Config, ModelConfig, config_from_dict
 from megatron_neox.layout import Layout
+from megatron_neox.parallel.cross_entropy import _CHUNK_ELEMENTS
 from megatron_neox.parallel.sharding import kv_heads_sharded
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
@@ -216,9 +218,9 @@ def layer_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precis
     attn += N * e / t  # SDPA output
     if model.position_embedding == "rotary":
         r = model.rotary_ndims
-        # Rotated q and k are new tensors; cos and sin per position; the SDPA output then comes
-        # back head-major, so the dense layer's [b, s, h] input is another copy.
-        attn += 2 * N * e / t + 2 * tokens * r * e + N * e / t
+        # Rotated q and k are new tensors; r/2 cos and r/2 sin angles per position. The dense
+        # layer reads the SDPA output as a view (no copy).
+        attn += 2 * N * e / t + tokens * r * e
     # The additive mask (model/attention.py: [1, heads/t, s, s] with ALiBi, [1, 1, s, s] for a banded
     # layer) is built once per forward and shared by every layer of the rank; each layer's SDPA
     # saves a reference to it, counted here per layer (an overestimate by the layers that share it).
@@ -239,18 +241,20 @@ def head_activation_bytes(model: ModelConfig, micro_batch: int, tp: int, precisi
                           padded_vocab: int, peak: bool = True) -> float:
     """Final norm and loss of the last stage for one micro-batch.
 
-    Autograd keeps the final norm's input and output and the cross entropy's fp32 softmax
-    (s*b*V/t * 4 bytes; `parallel/cross_entropy.py` computes `shifted` in place into it). With
-    `peak` the transient logits are added: the e-byte logits and, in half precision, the fp32 copy
-    `logits.to(float32)` the cross entropy subtracts from (fp32 logits are not copied; `lm_loss`
-    no longer upcasts). The backward peaks at the same 4 + 4 (+ e in half precision) bytes per
-    logit: the softmax, the fp32 gradient and its cast to the logits' dtype.
+    Autograd keeps the final norm's input and output, the e-byte logits (s*b*V/t * e; the cross
+    entropy saves them instead of a softmax) and 17 bytes a token of loss statistics (fp32 max and
+    sum of exponentials, int64 target, bool), counted with the target ids and mask. With `peak`
+    the backward's transients are added: the logits' e-byte gradient and two fp32 chunk
+    temporaries of at most `_CHUNK_ELEMENTS` logits (parallel/cross_entropy.py).
     """
     e = 4 if precision == "fp32" else 2
     tokens = model.seq_length * micro_batch
     final_norm = _norm_bytes(model, tokens, e, input_counted=False) + tokens * model.hidden_size * e
-    per_logit = 4 + ((e + (4 if e < 4 else 0)) if peak else 0)
-    return final_norm + tokens * padded_vocab / tp * per_logit + 9 * tokens  # + target ids and mask
+    logits = tokens * padded_vocab / tp
+    saved = logits * e + 17 * tokens
+    if not peak:
+        return final_norm + saved
+    return final_norm + saved + logits * e + 2 * 4 * min(_CHUNK_ELEMENTS, logits)
 
 
 def in_flight_microbatches(pp: int, stage: int, grad_accum: int) -> int:

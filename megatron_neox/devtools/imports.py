@@ -36,8 +36,8 @@ LAYERS: Tuple[Tuple[str, ...], ...] = (
     ("convert",),                            # HF import/export, merged state dicts, universal checkpoints
     ("generate",),                           # sampling from a merged checkpoint
     ("evaluation",),                         # lm-eval adapter, perplexity, knowledge probe
+    ("plan",),                               # what a layout costs (memory, recompute choice) before launching
     ("training",),                           # engine, step, loop, checkpoints, schedules, metrics
-    ("plan",),                               # what a layout costs before launching
     ("devtools",),                           # this checker
 )
 
