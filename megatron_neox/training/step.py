@@ -64,8 +64,14 @@ def _forward(engine, mb: MicroBatch, objective=None) -> torch.Tensor:
 
 
 def _to_device(mb: MicroBatch, device) -> MicroBatch:
-    # The pipeline engine moves its inputs itself; the plain engine's forward does not.
-    return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+    """The pipeline engine moves its inputs itself; the plain engine's forward does not.
+
+    To a CUDA device the batch goes through page-locked host memory first: a non_blocking copy
+    from pageable memory may synchronise the host (CUDA runtime docs, "API synchronization
+    behavior"), one from pinned memory is queued and the host moves on to the next micro-batch."""
+    pin = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory() if pin and v.device.type == "cpu" else v).to(device, non_blocking=True)
+            for k, v in mb.items()}
 
 
 def _dp_mean(value: torch.Tensor, topo: Topology) -> float:
