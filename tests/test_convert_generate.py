@@ -46,8 +46,8 @@ def _world(rank, world_size, scratch_cfg, hf_config_file, hf_overrides):
     seen = {}
     build, step = trainer.build_engine, trainer.train_step
 
-    def capture_build(cfg, topo):
-        built = build(cfg, topo)
+    def capture_build(cfg, topo, *rest):
+        built = build(cfg, topo, *rest)
         seen.update(engine=built.engine, topo=topo)
         return built
 

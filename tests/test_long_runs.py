@@ -113,7 +113,9 @@ def test_slowest_rank_and_its_time_are_logged(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3]
     for r in records:  # 2 micro-batches per rank per step, 30 ms each (the first may start before the timer)
         assert r["slowest_rank"] == 1, r
-        assert r["slowest_rank_s"] >= r["fastest_rank_s"] + 0.03 and r["fastest_rank_s"] > 0, r
+        assert r["fastest_rank_s"] > 0, r
+        if r["step"] > 1:  # step 1 also holds each rank's one-time warm-up, which varies by tens of ms
+            assert r["slowest_rank_s"] >= r["fastest_rank_s"] + 0.03, r
         assert 0 <= r["data_wait_s"] < r["slowest_rank_s"], r
 
 

@@ -255,7 +255,7 @@ def test_convert_from_hf_names_a_damaged_model(world, tmp_path, damage):
     shutil.copytree(world / "hf", hf)
     if damage == "config-not-json":
         (hf / "config.json").write_text('{"model_type": "gpt_neox", "hidden_size": ')
-        needle = f"{hf / 'config.json'}: not a usable GPTNeoX config"
+        needle = f"{hf / 'config.json'}: not a usable Hugging Face config"
     elif damage == "config-bad-value":
         cfg = json.loads((hf / "config.json").read_text())
         (hf / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
