@@ -116,6 +116,55 @@ def test_export_loads_in_hf_with_our_logits(tmp_path, family):
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
 
 
+@pytest.mark.parametrize("style", ["llama2", "llama3", "gpt2"])
+def test_export_names_the_tokenizers_own_bos_and_eos(tmp_path, style):
+    """A Llama export's BOS is the token the tokenizer puts before a text (what our preprocessing puts
+    before each document), not the end-of-document token; GPT-2-style tokenizers use EOD for both.
+    HF's tokenizer loaded from the export encodes a text as ours does with that BOS in front."""
+    from _tokenizers import gpt2_style_tokenizer, hard_texts, llama2_style_tokenizer, llama3_style_tokenizer
+    from megatron_neox.convert.hf import SpecialTokens
+    from megatron_neox.tokenizer import load_tokenizer
+
+    make = {"llama2": llama2_style_tokenizer, "llama3": llama3_style_tokenizer, "gpt2": gpt2_style_tokenizer}
+    path = make[style](hard_texts() * 4, 400, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(path, verify=False)
+    special = SpecialTokens.of(tok)
+    expected = {"llama2": ("<s>", "</s>"), "llama3": ("<|begin_of_text|>", "<|end_of_text|>"),
+                "gpt2": ("<|endoftext|>", "<|endoftext|>")}[style]
+    assert (special.bos, special.eos) == expected
+    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_gqa").config))
+    padded = cfg.padded_vocab(1)
+    out = save_hf(tmp_path / "hf", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                  tokenizer_path=path, special=special)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.token_to_id(expected[0]), tok.eod_id)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.bos_token, hf_tok.eos_token) == expected
+    text = "Hello world, again."
+    assert hf_tok(text).input_ids == tok.bos_ids + tok.encode(text)
+
+
+def test_export_carries_the_runs_chat_template(tmp_path):
+    """The tokenizer_config.json beside the run's tokenizer (its chat template and end-of-turn EOS)
+    goes into the export: HF's apply_chat_template renders what our chat preprocessing rendered."""
+    from _chat import chat_tokenizer
+    from megatron_neox.convert.hf import SpecialTokens
+    from megatron_neox.data.chat import ChatTemplate
+    from megatron_neox.tokenizer import load_tokenizer
+
+    path = chat_tokenizer(tmp_path / "tok", chatml=True)
+    tok = load_tokenizer(path, verify=False)
+    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_mha").config))
+    padded = cfg.padded_vocab(1)
+    out = save_hf(tmp_path / "hf", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                  tokenizer_path=path, special=SpecialTokens.of(tok))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    ours = ChatTemplate.for_tokenizer(str(path), tok.eod_token).render(messages)
+    assert hf_tok.apply_chat_template(messages, tokenize=False) == ours and "<|im_start|>" in ours
+    assert hf_tok.eos_token == "<|im_end|>"
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_gqa_shards_split_or_replicate_the_kv_heads(tp):
     """2 KV heads: split one per rank at tp=2, every rank holds both at tp=4; merge inverts either."""

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_neox.convert.checkpoint_io import load_full_state_dict
-    from megatron_neox.convert.hf import save_hf
+    from megatron_neox.convert.hf import SpecialTokens, save_hf
     from megatron_neox.generate import check_tokenizer_fits, tokenizer_path
     from megatron_neox.outputs import check_output_dir
     from megatron_neox.tokenizer import load_tokenizer
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
         tok = load_tokenizer(tok_file, verify=False) if tok_file else None
         if tok is not None:
             check_tokenizer_fits(tok, padded)
-        eod = tok.eod_id if tok is not None else None  # by token: never assume id 0
+        special = SpecialTokens.of(tok) if tok is not None else None  # by token: never assume id 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
-        out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,
+        out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, special=special,
                       dtype=DTYPES[args.dtype])
-        _write_generation_config(out, eod, vocab, padded)
+        _write_generation_config(out, special, vocab, padded)
     except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
@@ -67,11 +67,13 @@ def main(argv=None) -> int:
     return 0
 
 
-def _write_generation_config(out: Path, eod: int | None, vocab: int, padded: int) -> None:
+def _write_generation_config(out: Path, special, vocab: int, padded: int) -> None:
+    """generation_config.json: `special` is convert/hf.py SpecialTokens (None: no tokenizer, no ids)."""
     from transformers import GenerationConfig
 
+    bos, eos = (special.bos_id, special.eos_id) if special is not None else (None, None)
     # The padded rows are not tokens: our generate masks them, and so will HF's.
-    GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
+    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
                      suppress_tokens=list(range(vocab, padded)) or None).save_pretrained(out)
 
 
