@@ -4,6 +4,7 @@ here (nothing is downloaded). The multi-rank checks (GQA under TP, continued pre
 are in tests/test_model_families_parallel.py.
 """
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,50 @@ def test_tp_splits_or_replicates_kv_heads_or_is_refused(tp, ok):
     else:
         with pytest.raises(ConfigError, match=rf"model.num_kv_heads=4 and parallel.tp={tp}"):
             config_from_dict(cfg)
+
+
+def test_llama_export_evaluates_like_lm_evals_hf_backend(tmp_path, monkeypatch):
+    """A Llama-family model with a Llama-2-style tokenizer (BOS `<s>` from its template): our lm-eval
+    backend and lm-eval's own HF backend on the export give the same log-likelihoods, rolling
+    perplexities and generations on the local tasks, so evaluation counts the BOS as HF does."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from _tokenizers import hard_texts, llama2_style_tokenizer
+    from _train import REPO
+    from megatron_neox.convert.hf import SpecialTokens
+    from megatron_neox.evaluation.backends import MergedModel
+    from megatron_neox.evaluation.harness import run_tasks
+    from megatron_neox.evaluation.lm import NeoXLM
+    from megatron_neox.tokenizer import load_tokenizer
+
+    monkeypatch.chdir(REPO)  # the task YAMLs name their data relative to the repository
+    tasks, include = ["mnx_choice", "mnx_rolling", "mnx_generate"], str(Path(REPO) / "tests" / "eval_tasks")
+    path = llama2_style_tokenizer(hard_texts() * 4, 400, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(path, verify=False)
+    assert tok.bos_ids == [1]
+    torch.manual_seed(0)
+    hf_cfg = hf_config("llama_mha")
+    hf_cfg.vocab_size = tok.vocab_size
+    cfg = ModelConfig(**model_config_from_hf(hf_cfg))
+    padded = cfg.padded_vocab(1)
+    ours = GPTNeoX(cfg, padded, seed=3).eval()
+    out = save_hf(tmp_path / "hf", ours.state_dict(), cfg, padded, tokenizer_path=path, special=SpecialTokens.of(tok))
+    lm = NeoXLM(MergedModel(ours, tok.vocab_size), tok, max_length=64, batch_size=4, show_progress=False)
+    mine = run_tasks(lm, tasks, include_path=include, bootstrap_iters=0, log_samples=True, limit=4)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", device="cpu",
+                                     batch_size=4, tasks=tasks, task_manager=TaskManager(include_path=include),
+                                     bootstrap_iters=0, log_samples=True, limit=4)
+    for task in tasks:
+        a = sorted(mine["samples"][task], key=lambda s: s["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b):
+            assert [r[0] for r in x["arguments"]] == [r[0] for r in y["arguments"]]
+            if task == "mnx_generate":
+                assert x["resps"] == y["resps"]
+                continue
+            for rx, ry in zip(x["resps"], y["resps"]):
+                vx, vy = rx[0] if isinstance(rx, list) else rx, ry[0] if isinstance(ry, list) else ry
+                vx, vy = (vx[0], vy[0]) if isinstance(vx, (list, tuple)) else (vx, vy)
+                assert vx == pytest.approx(vy, rel=1e-4), (task, x["doc_id"])

@@ -56,8 +56,7 @@ def main(argv=None) -> int:
         special = SpecialTokens.of(tok) if tok is not None else None  # by token: never assume id 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
         out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, special=special,
-                      dtype=DTYPES[args.dtype])
-        _write_generation_config(out, special, vocab, padded)
+                      dtype=DTYPES[args.dtype], vocab=vocab)
     except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
@@ -65,16 +64,6 @@ def main(argv=None) -> int:
     print(f"wrote {out}: {n:,} parameters ({args.dtype}), vocab {vocab} padded to {padded}"
           + (f", tokenizer {tok_file}" if tok_file else ", no tokenizer"))
     return 0
-
-
-def _write_generation_config(out: Path, special, vocab: int, padded: int) -> None:
-    """generation_config.json: `special` is convert/hf.py SpecialTokens (None: no tokenizer, no ids)."""
-    from transformers import GenerationConfig
-
-    bos, eos = (special.bos_id, special.eos_id) if special is not None else (None, None)
-    # The padded rows are not tokens: our generate masks them, and so will HF's.
-    GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
-                     suppress_tokens=list(range(vocab, padded)) or None).save_pretrained(out)
 
 
 if __name__ == "__main__":

@@ -161,9 +161,11 @@ class SpecialTokens:
 
 def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int,
             tokenizer_path: Optional[os.PathLike] = None, special: Optional[SpecialTokens] = None,
-            dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained` loads;
-    `special` (SpecialTokens.of the tokenizer; None: no ids are named) goes with `tokenizer_path`.
+            dtype: torch.dtype = torch.float32, vocab: Optional[int] = None) -> Path:
+    """Write config.json + model.safetensors + generation_config.json (+ tokenizer.json) that
+    `from_pretrained` loads; `special` (SpecialTokens.of the tokenizer; None: no ids are named) goes
+    with `tokenizer_path`. `vocab` (the tokenizer's size; default the model's `vocab_size`): ids from
+    there to `padded_vocab` are padding rows, which HF's generate is told never to pick, as ours does.
 
     Written into a temporary directory beside `out_dir` and renamed into place, so an
     interrupted export never leaves a directory that looks complete. The caller decides whether
@@ -180,6 +182,7 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
         hf_cfg.dtype = str(dtype).replace("torch.", "")
         hf_cfg.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _generation_config(special, cfg.vocab_size if vocab is None else vocab, padded_vocab).save_pretrained(tmp)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
             (tmp / "tokenizer_config.json").write_text(json.dumps(
@@ -190,6 +193,14 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _generation_config(special: Optional[SpecialTokens], vocab: int, padded: int):
+    from transformers import GenerationConfig
+
+    bos, eos = (special.bos_id, special.eos_id) if special is not None else (None, None)
+    return GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+                            suppress_tokens=list(range(vocab, padded)) or None)
 
 
 def _tokenizer_config(tokenizer_path: os.PathLike, special: Optional[SpecialTokens]) -> Dict[str, Any]:
