@@ -303,7 +303,8 @@ def _loop(run: _Run) -> RunResult:
         outcome = run.step()
         result.losses.append(outcome.result.loss)
         # Every component, in order; a stop (a signal, train.exit_interval) comes after it has saved.
-        stops = [c.after_step(state, iters, outcome.trained) for c in run.components]
+        with run.metrics.paused():  # validation, lm-eval and saves are not training time
+            stops = [c.after_step(state, iters, outcome.trained) for c in run.components]
         if any(stops):
             result.stopped_by_signal = run.checkpointer.stopped_by_signal
             return result
