@@ -5,9 +5,13 @@ One 4-rank world (module fixture, one launch) runs:
   shorter than the sequence) at dp=4 (the reference: dp layouts equal one rank, tests/test_layouts.py),
   pp=2 x tp=2 (one KV head per rank), tp=4 (KV heads replicated), and tp=4 with sequence parallelism;
   and GPT-J's layer (interleaved rotary, output bias) at dp=4 and pp=2 x tp=2;
-- continued pretraining: a random HF LlamaForCausalLM -> tools/convert_from_hf.py (pp=2, tp=2) -> two
-  training steps -> tools/convert_to_hf.py, whose export must give our logits, and whose first loss must
-  be the HF model's on that batch.
+- continued pretraining: a random HF LlamaForCausalLM -> tools/convert_from_hf.py (pp=2, tp=2) -> four
+  training steps (saved at 2 and 4) -> tools/convert_to_hf.py, whose export must give our logits, and
+  whose first loss must be the HF model's on that batch;
+- resharding that Llama (tools/reshard.py, DeepSpeed universal checkpoints): its step 2 (KV heads split
+  at pp=2 tp=2) resumed at tp=4 (KV replicated) for one step and saved, that step 3 resumed at tp=2 x dp=2
+  (KV split again): each resumed engine holds exactly the saved weights, and its losses and final
+  weights are those of the run never stopped (steps 1-4 at pp=2 tp=2).
 """
 import json
 import math
@@ -38,6 +42,11 @@ SCENARIOS = {
     "llama_pp2_tp2": (2, 2, LLAMA),
     "gptj_ref": (1, 1, GPTJ),
     "gptj_pp2_tp2": (2, 2, GPTJ),
+}
+# Resumes of the continued-pretraining run through tools/reshard.py: name -> (checkpoint dir, tag, layout).
+RESHARDS = {
+    "kv_split_to_replicated": ("run", "global_step2", ["parallel.pp=1", "parallel.tp=4"]),
+    "kv_replicated_to_split": ("kv_split_to_replicated", "global_step3", ["parallel.pp=1", "parallel.tp=2"]),
 }
 
 
@@ -72,24 +81,67 @@ def _run(pp, tp, overrides):
                            "kv_same": all(torch.equal(kv, x) for x in everyone)}
 
 
-def _world(rank, world_size, hf_config_file, overrides):
+def _merged_weights(engine, topo, model_cfg):
+    """The model a pp=1 engine holds, as one state dict (the tensor-parallel shards gathered and
+    merged), and the TP-replicated tensors that differ between the ranks (the merge reads rank 0's)."""
+    import torch.distributed as dist
+
+    from megatron_neox.parallel.sharding import merge_state_dicts, partition_of, split_key
+
+    local = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    shards = [None] * topo.tp
+    dist.all_gather_object(shards, local, group=topo.tp_group)
+    differ = [k for k in local if partition_of(split_key(k)[1], model_cfg, topo.tp) is None
+              and not all(torch.equal(s[k], shards[0][k]) for s in shards)]
+    return merge_state_dicts(shards, model_cfg), differ
+
+
+def _reshard(tmp, ckpt, tag, out):
+    """tools/reshard.py on rank 0, the others waiting for it."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        assert load_tool("reshard").main(["--checkpoint", str(tmp / ckpt), "--tag", tag, "--out", str(tmp / out),
+                                          "--workers", "1"]) == 0
+    dist.barrier()
+
+
+def _world(rank, world_size, tmp, overrides):
     from megatron_neox.config import load_config
     from megatron_neox.training import trainer
 
     out = {name: _run(*spec) for name, spec in SCENARIOS.items()}
-    seen = []
+    seen, weights = [], []
     step = trainer.train_step
 
-    def capture_step(engine, micro, *rest, **options):
+    def capture_step(engine, micro, topo, *rest, **options):
         seen.append(micro)
-        return step(engine, micro, *rest, **options)
+        if topo.pp == 1 and not weights:  # what a resumed run loaded, before its first step
+            weights.append(_merged_weights(engine, topo, cfg.model))
+        return step(engine, micro, topo, *rest, **options)
 
+    def train(*more):
+        nonlocal cfg
+        seen.clear()
+        weights.clear()
+        cfg = load_config(str(tmp / "from_hf.json"), overrides + list(more))
+        return trainer.train(cfg).losses
+
+    cfg = None
     trainer.train_step = capture_step
     try:
-        out["continued"] = trainer.train(load_config(hf_config_file, overrides)).losses
+        # Continued pretraining at pp=2 tp=2 (KV heads split), saved at steps 2 and 4: the uninterrupted run.
+        out["continued"] = train()
+        out["first_batch"] = seen[0]
+        # GQA resharding: step 2 (KV split over tp=2) -> universal -> tp=4 (KV replicated), one step, saved;
+        # step 3 -> universal -> tp=2 x dp=2 (KV split again), one step.
+        for name, (src, tag, layout) in RESHARDS.items():
+            _reshard(tmp, src, tag, f"universal_{name}")
+            losses = train(f"checkpoint.load={tmp / f'universal_{name}'}", f"checkpoint.dir={tmp / name}",
+                           f"log.dir={tmp / name}_log", "train.exit_interval=1", *layout)
+            out[name] = {"losses": losses, "loaded": weights[0] if rank == 0 else None}
     finally:
         trainer.train_step = step
-    out["first_batch"] = seen[0]
     return out
 
 
@@ -116,11 +168,12 @@ def world(tmp_path_factory):
     assert convert_from_hf.main(["--hf-dir", str(tmp / "hf_in"), "--out", str(tmp / "from_hf"), "--pp", "2",
                                  "--tp", "2", "--config-out", str(tmp / "from_hf.json")]) == 0
     overrides = [
-        f"data.prefixes={json.dumps([str(tmp / 'data' / 'rand')])}", "data.split=90,10,0", "train.iters=2",
+        f"data.prefixes={json.dumps([str(tmp / 'data' / 'rand')])}", "data.split=90,10,0", "train.iters=4",
         "train.micro_batch_size=2", "train.global_batch_size=8", "optimizer.lr=0.001", "lr_schedule.warmup_iters=1",
         f"checkpoint.dir={tmp / 'run'}", f"log.dir={tmp / 'run_log'}", "eval.iters=1",
+        "checkpoint.save_interval=2", "zero.stage=1",  # reshard reads the ZeRO optimizer files
     ]
-    r = run_distributed(_world, 4, str(tmp / "from_hf.json"), overrides, timeout=600)[0]
+    r = run_distributed(_world, 4, tmp, overrides, timeout=600)[0]
     yield {"tmp": tmp, "hf": hf, "r": r}
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -178,3 +231,35 @@ def test_continued_pretraining_starts_from_hf_and_exports_back(world):
         theirs, mine = exported(tokens).logits, ours(tokens)
         torch.testing.assert_close(theirs, mine, rtol=0, atol=1e-5)
         assert not torch.allclose(theirs, world["hf"](tokens).logits, atol=1e-4), "training must have moved it"
+
+
+@pytest.mark.parametrize("name", list(RESHARDS))
+def test_gqa_reshard_loads_the_saved_weights_and_continues_the_uninterrupted_losses(world, name):
+    """A Llama-style model (4 query heads, 2 KV heads) resumed through tools/reshard.py with its KV
+    projection split (tp=2) on one side and replicated (tp=4) on the other: the resumed engine holds
+    exactly the saved weights, and its step is the uninterrupted pp=2 tp=2 run's."""
+    from megatron_neox.convert.checkpoint_io import load_full_state_dict
+
+    r, tmp = world["r"], world["tmp"]
+    src, tag, _ = RESHARDS[name]
+    loaded, differ = r[name]["loaded"]
+    saved = load_full_state_dict(tmp / src / tag).state_dict
+    assert differ == [], f"TP-replicated tensors loaded differently on the ranks: {differ}"
+    assert loaded.keys() == saved.keys()
+    wrong = [k for k in saved if not torch.equal(loaded[k], saved[k])]
+    assert wrong == [], f"{name}: resumed weights differ from {src}/{tag}'s: {wrong}"
+    step = int(tag.removeprefix("global_step"))
+    got, want = r[name]["losses"], r["continued"][step:step + 1]
+    assert got == pytest.approx(want, rel=1e-5), f"{name}: step {step + 1} loss {got} != uninterrupted {want}"
+
+
+def test_gqa_run_resharded_twice_ends_with_the_uninterrupted_weights(world):
+    """Adam's moments travel too: step 4 after split -> replicated -> split equals step 4 of the run never stopped."""
+    from megatron_neox.convert.checkpoint_io import load_full_state_dict
+
+    tmp = world["tmp"]
+    ours = load_full_state_dict(tmp / "kv_replicated_to_split" / "global_step4").state_dict
+    straight = load_full_state_dict(tmp / "run" / "global_step4").state_dict
+    assert ours.keys() == straight.keys()
+    for k in straight:
+        torch.testing.assert_close(ours[k], straight[k], rtol=0, atol=1e-6, msg=lambda m: f"{k}: {m}")

@@ -20,7 +20,11 @@ Grouped-query attention (model.num_kv_heads < num_attention_heads) has a query p
 [kv head][k|v][head_dim]) instead of the fused QKV. The KV rows are split like any column-parallel
 weight when num_kv_heads % tp == 0 (a contiguous block holds whole KV heads, the ones its query heads
 use); when tp > num_kv_heads every rank holds all of them (replicated, their gradients summed over the
-TP group, see model/transformer.py), so the rule depends on tp.
+TP group, see model/transformer.py), so the rule depends on tp. A universal checkpoint (tools/reshard.py)
+holds the KV projection whole either way: `ds_to_universal` concatenates the split rows, or takes one
+copy of the replicated ones (asserting the ranks agree); DeepSpeed 0.19.8's loader then copies whole a
+tensor whose universal shape equals the rank's (replicated) and gives rank r chunk r on dim 0 otherwise
+(whole KV heads, as a split run holds them). tests/test_model_families_parallel.py reshards both ways.
 
 `cfg` arguments are a `ModelConfig` (only `cfg.activation` and `cfg.kv_heads` are read); the table lives beside the
 parallel layers, below the config, so it does not import it.
