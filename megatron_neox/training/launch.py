@@ -99,6 +99,8 @@ def setup(cfg: Config) -> Tuple[Config, Topology]:
     """Join the world (if not yet), resolve the config on it (megatron_neox/resolve.py: every layout
     error before any group is made, every 'auto' decided) and build this rank's grid. Returns the
     resolved config, which every component is built from, and the grid."""
+    from megatron_neox.plan import decide_checkpoint_interval
+
     init_distributed()
-    cfg = resolve(cfg, dist.get_world_size())
+    cfg = resolve(cfg, dist.get_world_size(), extra=(decide_checkpoint_interval,))
     return cfg, Topology.from_layout(cfg.resolved.layout)

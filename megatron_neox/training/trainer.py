@@ -138,11 +138,12 @@ class _Run:
         from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
                                                size_warnings)
 
-        from megatron_neox.plan import resolve_checkpoint_interval
+        from megatron_neox.plan import recompute_of
 
-        cfg, topo = setup(cfg)  # resolved: every 'auto' decided, the layout attached
-        # activation_checkpointing.interval 'auto' -> a number from the planner's memory estimate on this device
-        cfg, self.recompute = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+        # Resolved: every 'auto' decided (the recompute interval from the planner's memory estimate on
+        # this device), the layout attached.
+        cfg, topo = setup(cfg)
+        self.recompute = recompute_of(cfg)
         self.cfg, self.topo = cfg, topo
         self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
