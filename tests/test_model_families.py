@@ -164,6 +164,19 @@ def test_export_carries_the_runs_chat_template(tmp_path):
     ours = ChatTemplate.for_tokenizer(str(path), tok.eod_token).render(messages)
     assert hf_tok.apply_chat_template(messages, tokenize=False) == ours and "<|im_start|>" in ours
     assert hf_tok.eos_token == "<|im_end|>"
+    # Chats rendered with the built-in template (no tokenizer_config.json): a chat model's export
+    # carries it, a pretrained model's does not.
+    plain = chat_tokenizer(tmp_path / "plain")
+    (tmp_path / "plain" / "tokenizer_config.json").unlink()
+    tok = load_tokenizer(plain, verify=False)
+    for chat in (True, False):
+        out = save_hf(tmp_path / f"hf_{chat}", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                      tokenizer_path=plain, special=SpecialTokens.of(tok), chat=chat)
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        assert ("chat_template" in config) == chat
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_True")
+    ours = ChatTemplate.for_tokenizer(str(plain), tok.eod_token).render(messages, add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
 
 
 @pytest.mark.parametrize("tp", [2, 4])
