@@ -256,6 +256,18 @@ def test_presets_name_tasks_of_the_installed_lm_eval():
     assert expand_tasks(["piqa", "neox20b"])[0] == "piqa" and "mmlu" in expand_tasks(["neox20b"])
 
 
+def test_local_tasks_are_indexed_without_lm_evals_own():
+    """Tasks all in the include path index that directory alone (lm-eval's ~5 s index of its own tasks
+    is skipped on every rank); a built-in task, a preset or no names get the whole index."""
+    from megatron_neox.evaluation.harness import task_manager
+
+    own = task_manager(INCLUDE, TASKS)
+    assert sorted(own.all_tasks) == sorted(TASKS) and own is task_manager(INCLUDE, TASKS[:1])
+    whole = task_manager(INCLUDE)
+    assert "piqa" in whole.all_tasks and set(TASKS) <= set(whole.all_tasks)
+    assert task_manager(INCLUDE, ["mnx_choice", "piqa"]) is whole and task_manager(INCLUDE, ["neox20b"]) is whole
+
+
 def test_unknown_task_is_a_clear_error(setup, capsys):
     args = ["--checkpoint", str(setup["ckpts"]["pp1"]), "--tasks", "mnx_choise", "--include-path", INCLUDE]
     assert evaluate_tool.main(args) == 2

@@ -25,12 +25,26 @@ from megatron_neox.errors import ConfigError
 from megatron_neox.evaluation.presets import expand_tasks
 
 
+def task_manager(include_path: Optional[str] = None, names: Sequence[str] = ()):
+    """lm-eval's task index for `names` (each index built once per process).
+
+    Indexing lm-eval's own task YAMLs takes ~5 s of CPU, paid by every rank of a training run with
+    eval.tasks. When every name (presets expanded) is a plain task of `include_path`, that
+    directory alone is indexed; else (a built-in task, a group, an unknown name, no names) all of
+    lm-eval's too, with `include_path` taking precedence as lm-eval does."""
+    tasks = expand_tasks(names)
+    if include_path is not None and tasks:
+        own = _task_index(include_path, include_defaults=False)
+        if set(tasks) <= set(own.all_subtasks):
+            return own
+    return _task_index(include_path, include_defaults=True)
+
+
 @functools.lru_cache(maxsize=8)
-def task_manager(include_path: Optional[str] = None):
-    """lm-eval's task index (built once per include path and process: indexing takes seconds)."""
+def _task_index(include_path: Optional[str], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def check_include_path(include_path: Optional[str], flag: str = "--include-path") -> None:
@@ -133,7 +147,7 @@ def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: Optional[int] = None, in
     None on processes whose LOCAL_RANK is not 0 (lm-eval reports on a node's first process only)."""
     import lm_eval
 
-    manager = manager or task_manager(include_path)
+    manager = manager or task_manager(include_path, tasks)
     names = check_tasks(tasks, manager)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                   bootstrap_iters=bootstrap_iters, task_manager=manager, log_samples=log_samples)
@@ -179,8 +193,8 @@ def check_training_tasks(cfg) -> List[str]:
     if not cfg.eval.tasks:
         return []
     check_include_path(cfg.eval.include_path, "eval.include_path")  # before lm-eval indexes it
-    return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path), num_fewshot=cfg.eval.num_fewshot,
-                            limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
+    return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path, cfg.eval.tasks),
+                            num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
                             flags=("eval.include_path", "eval.num_fewshot", "eval.tasks_limit"))
 
 
@@ -197,7 +211,7 @@ class TrainingHarness:
         from megatron_neox.evaluation.backends import EngineModel
         from megatron_neox.evaluation.lm import NeoXLM
 
-        self.manager = task_manager(cfg.eval.include_path)
+        self.manager = task_manager(cfg.eval.include_path, cfg.eval.tasks)
         self.tasks = tasks if tasks is not None else check_training_tasks(cfg)
         backend = EngineModel(engine, topo, tokenizer.vocab_size, cfg.parallel.sequence_parallel)
         self.lm = NeoXLM(backend, tokenizer, max_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size,
