@@ -196,21 +196,18 @@ def test_evaluate_refuses_bad_tasks_and_outputs_before_loading_the_model(bad_tas
     assert "no_checkpoint" not in err
 
 
-# ---- 8, 11, 12, 18: refused or said at start-up -----------------------------------------------------
+# ---- 11, 12, 18: refused at start-up -----------------------------------------------------
 
 
-def test_eod_flags_on_data_without_eod_warn_and_flex_is_refused_for_cpu_training(run_dir):
-    """Item 8: the EOD flags on data preprocessed without --append-eod are said, with the numbers;
-    item 11: FlexAttention, which has no CPU backward, is refused before the first step."""
-    from test_robustness import _write_index
-
-    rng = np.random.default_rng(0)
-    prefix = _write_index(run_dir / "no_eod" / "data", [rng.integers(2, 96, 40) for _ in range(200)])
-    cfg = _config(run_dir, "no_eod", data__reset_attention_mask=True, data__eod_mask_loss=True)
-    r = _run(TRAIN, "--config", cfg, "--set", f"data.prefixes=[\"{prefix}\"]", "model.attention_kernel=flex")
+def test_flex_attention_on_cpu_is_refused_before_anything_is_written_or_built(run_dir):
+    """Item 11: FlexAttention has no CPU backward; with the EOD flags that make it mask documents
+    (data.reset_attention_mask) it is refused at set-up, with the resolved config: no checkpoint or
+    log directory made, no data index cached."""
+    root = run_dir / "flex"
+    cfg = _config(run_dir, "flex", data__reset_attention_mask=True, data__cache_dir=str(root / "cache"))
+    r = _run(TRAIN, "--config", cfg, "--set", "model.attention_kernel=flex")
     _clear_error(r, "model.attention_kernel='flex' cannot train on the CPU")
-    assert ("data.eod_mask_loss, data.reset_attention_mask: the first 16 training samples (272 tokens)" in r.stdout
-            and "hold no end-of-document token (id 0), so these flags change nothing" in r.stdout), r.stdout[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["config.json"]
 
 
 def test_config_errors_found_when_the_config_is_read(tmp_path, capsys):
@@ -275,7 +272,10 @@ def test_sigterm_to_the_plain_deepspeed_runner_makes_its_rank_save_and_exit(run_
     cfg = _config(run_dir, "runner", train__iters=300)
     root = run_dir / "runner"
     out = root / "deepspeed.out"
-    proc = _start([DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), TRAIN, "--config", str(cfg)],
+    # The runner through this interpreter (as `deepspeed` does via its shebang): its ranks then import
+    # DeepSpeed from the same path as every other launch here. Through a venv reached by two paths (a
+    # worktree's symlinked .venv), torch would rebuild DeepSpeed's shm extension at each change of path.
+    proc = _start([PYTHON, DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), TRAIN, "--config", str(cfg)],
                   _env(), out)
     try:
         _wait_for_step(root / "log", 2, [proc], out, timeout=300)
@@ -405,3 +405,88 @@ def test_a_full_disk_during_a_save_is_named_and_latest_kept(trained, tmp_path):
         assert (mnt / "ckpt" / "latest").read_text().strip() == "global_step1"
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+# ---- 10: the checkpoint directory made unwritable mid-run --------------------------------------------
+
+
+@pytest.fixture
+def immutable():
+    """`chattr +i PATH` (even root cannot add, replace or remove an immutable file's entries: EPERM),
+    undone at the end; skips where the file system has no immutable flag."""
+    done = []
+
+    def make(path: Path) -> None:
+        r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"chattr +i does not work here: {r.stderr.strip()}")
+        done.append(path)
+
+    yield make
+    for path in done:
+        subprocess.run(["chattr", "-i", str(path)])
+
+
+def _start_ranks(cfg: Path, out: Path, world: int) -> list:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **_one_rank_env()}
+    with open(out, "ab") as f:
+        return [subprocess.Popen([PYTHON, TRAIN, "--config", str(cfg)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                      "LOCAL_WORLD_SIZE": str(world)})
+                for r in range(world)]
+
+
+def _when_latest_is(ckpt: Path, tag: str, procs, out: Path, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ((ckpt / "latest").is_file() and (ckpt / "latest").read_text().strip() == tag):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), out.read_text()[-3000:]
+        time.sleep(0.01)
+
+
+def _exit_codes(procs, out: Path, timeout: float = 120) -> list:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank still runs {timeout} s after the failed save (waiting for the others?):\n"
+                    f"{out.read_text()[-3000:]}")
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_an_immutable_checkpoint_dir_mid_run_is_named_exit_2_latest_kept(run_dir, immutable):
+    """Item 10, one rank, synchronous saves: checkpoint.dir made immutable after the save at step 50;
+    the save at step 100 cannot create its directory: exit 2 naming it and "not writable", no
+    traceback, `latest` still at step 50."""
+    cfg = _config(run_dir, "immutable", train__iters=150, checkpoint__save_interval=50)
+    ckpt, out = run_dir / "immutable" / "ckpt", run_dir / "immutable" / "out.txt"
+    procs = _start_ranks(cfg, out, world=1)
+    _when_latest_is(ckpt, "global_step50", procs, out)
+    immutable(ckpt)
+    assert _exit_codes(procs, out) == [2], out.read_text()[-3000:]
+    text = out.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert (f"error: {ckpt / 'global_step100'}: creating the checkpoint directory failed: not writable (Operation "
+            "not permitted); `latest` still names the last complete checkpoint") in text, text[-3000:]
+    assert (ckpt / "latest").read_text().strip() == "global_step50" and not (ckpt / "global_step100").exists()
+
+
+def test_a_failure_only_rank_0_meets_in_an_async_save_ends_every_rank_with_exit_2(run_dir, immutable):
+    """Item 10, two ranks, checkpoint.async_save: `latest` made immutable after the save at step 50,
+    so only rank 0 (which alone writes it) fails, declaring step 100 complete while rank 1 trains on.
+    Both ranks exit 2 at once, naming the file; rank 1 is not left waiting in a collective."""
+    cfg = _config(run_dir, "immutable2", train__iters=150, checkpoint__save_interval=50,
+                  checkpoint__async_save=True)
+    ckpt, out = run_dir / "immutable2" / "ckpt", run_dir / "immutable2" / "out.txt"
+    procs = _start_ranks(cfg, out, world=2)
+    _when_latest_is(ckpt, "global_step50", procs, out)
+    immutable(ckpt / "latest")
+    assert _exit_codes(procs, out) == [2, 2], out.read_text()[-3000:]
+    text = out.read_text()
+    failure = (f"{ckpt / 'latest'}: writing the checkpoint file failed: not writable (Operation not permitted); "
+               "`latest` still names the last complete checkpoint")
+    assert "Traceback" not in text, text[-3000:]
+    assert f"error: {failure}" in text and f"error: the checkpoint save failed on rank 0: {failure}" in text, text[-3000:]
+    assert (ckpt / "latest").read_text().strip() == "global_step50"

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_neox.checkpoint_files import (CLIENT_KEY, COMPLETE, complete_tags, read_latest, read_meta, tag_of,
+from megatron_neox.checkpoint_files import (CLIENT_KEY, COMPLETE, LATEST, complete_tags, read_latest, read_meta, tag_of,
                                             verify_contents, verify_files, verify_manifest, write_latest, write_meta)
 from megatron_neox.config import Config
 from megatron_neox.durable import fsync_dir
 from megatron_neox.errors import CheckpointError, CheckpointMismatch
 from megatron_neox.topology import Topology
-from megatron_neox.training.writer import DurableWriter
+from megatron_neox.training.writer import DurableWriter, naming_failures, write_failure
 
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
@@ -119,10 +119,13 @@ def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state
     tag = tag_of(iteration)
     padded = cfg.model.padded_vocab(topo.tp)
     if _rank0():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        stale = ckpt_dir / tag
-        if stale.exists():  # an earlier crashed save of the same step: start it afresh
-            shutil.rmtree(stale)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            stale = ckpt_dir / tag
+            if stale.exists():  # an earlier crashed save of the same step: start it afresh
+                shutil.rmtree(stale)
+        except OSError as e:  # reported with every rank's writer state (the others are at the barrier)
+            engine.checkpoint_engine.fail(write_failure(ckpt_dir / tag, e, "preparing the checkpoint directory"))
     _barrier()
     # The resolved config (every 'auto' decided: megatron_neox/resolve.py) is what ran.
     state = {**state, "config": cfg.to_dict()}
@@ -140,15 +143,18 @@ def finalize_tag(pending: PendingSave, keep_last: Optional[int]) -> Path:
     """Declare a checkpoint complete; rank 0 only, once every rank's files are durable: complete.json,
     then `latest` (each durable before the next), then checkpoints beyond `keep_last` are removed."""
     ckpt_dir, tag = pending.ckpt_dir, pending.tag
-    fsync_dir(ckpt_dir / tag)
-    write_meta(ckpt_dir / tag, pending.meta)
-    write_latest(ckpt_dir, tag)
+    with naming_failures(ckpt_dir / tag / COMPLETE):
+        fsync_dir(ckpt_dir / tag)
+        write_meta(ckpt_dir / tag, pending.meta)
+    with naming_failures(ckpt_dir / LATEST):
+        write_latest(ckpt_dir, tag)
     if keep_last:
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             # The marker goes first: a crash mid-removal leaves a partial checkpoint, never one
             # that claims to be complete.
-            (ckpt_dir / old / COMPLETE).unlink()
-            fsync_dir(ckpt_dir / old)
+            with naming_failures(ckpt_dir / old / COMPLETE, "removing an old checkpoint (keep_last)"):
+                (ckpt_dir / old / COMPLETE).unlink()
+                fsync_dir(ckpt_dir / old)
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     return ckpt_dir / tag
 

@@ -128,19 +128,18 @@ class StepOutcome:
 
 
 class _Run:
-    """Everything one training run is built from, in the order it is built: the resolved config,
-    layout and data first (their errors come before the model is built), then the engine, then the
-    resume. The loop components (validator, harness, checkpointer) share one convention:
+    """Everything one training run is built from, in the order it is built, from the config and grid
+    `setup` gave: the tokenizer, lm-eval tasks and data first (their errors come before the model is
+    built), then the engine, then the resume. The loop components (validator, harness, checkpointer) share one convention:
     `after_step(state, last_step, trained) -> stop?`."""
 
-    def __init__(self, cfg: Config, stop: StopSignal):
+    def __init__(self, cfg: Config, topo: Topology, stop: StopSignal):
         from megatron_neox.data.finetune import FinetuneLoader, build_finetune_datasets
         from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
                                                size_warnings)
 
         from megatron_neox.plan import resolve_checkpoint_interval
 
-        cfg, topo = setup(cfg)  # resolved: every 'auto' decided, the layout attached
         # activation_checkpointing.interval 'auto' -> a number from the planner's memory estimate on this device
         cfg, self.recompute = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
         self.cfg, self.topo = cfg, topo
@@ -279,8 +278,11 @@ def train(cfg: Config) -> RunResult:
     stop = StopSignal()
     lock = None
     try:
-        lock = check_run_dirs(cfg)  # before anything is built; one run per checkpoint.dir
-        run = _Run(cfg, stop)
+        # Resolved (every 'auto' decided, the layout attached) and checked against this machine
+        # before anything is written or built.
+        cfg, topo = setup(cfg)
+        lock = check_run_dirs(cfg)  # one run per checkpoint.dir
+        run = _Run(cfg, topo, stop)
         try:
             return _loop(run)
         finally:
