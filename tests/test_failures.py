@@ -64,12 +64,17 @@ def _config(tmp: Path, name: str, **overrides) -> Path:
 # ---- 1, 9, 15, 16, 18: lm-eval tasks are checked whole before any work ---------------------------
 
 
-def test_training_checks_eval_tasks_few_shot_at_start_up(run_dir):
-    """Item 1: more few-shot examples than the task has is exit 2 before the model is built."""
-    cfg = _config(run_dir, "fewshot", eval__tasks=["mnx_choice"], eval__include_path=str(TASKS),
+def test_training_checks_eval_tasks_at_start_up_naming_every_problem(run_dir):
+    """Item 1: more few-shot examples than a task has, and a hub task whose data set is not cached
+    (no network: HF_DATASETS_OFFLINE=1), are both named (one launch, not one per problem), exit 2
+    before the model is built."""
+    cfg = _config(run_dir, "fewshot", eval__tasks=["mnx_choice", "lambada_openai"], eval__include_path=str(TASKS),
                   eval__num_fewshot=1000)
     r = _run(TRAIN, "--config", cfg)
-    _clear_error(r, "mnx_choice", "eval.num_fewshot=1000", "holds 24 documents")
+    _clear_error(r, "'mnx_choice'", "eval.num_fewshot=1000", "holds 24 documents",
+                 "lm-eval task 'lambada_openai' (", "lambada_openai.yaml) needs its data set from the network (the "
+                 "Hugging Face Hub), and it is not in the local cache", "offline mode is on (HF_DATASETS_OFFLINE=1",
+                 "or evaluate a local task (a YAML with dataset_path: json, its directory as eval.include_path)")
     assert not (run_dir / "fewshot" / "ckpt" / "latest").exists()
 
 
@@ -95,6 +100,32 @@ def test_a_failing_eval_task_during_training_costs_no_checkpoint(trained):
     assert (trained["ckpt"] / "latest").read_text().strip() == "global_step2"
     lines = (trained["root"] / "log" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if "eval_tasks_error" in line] == [1, 2]
+
+
+def _losses(log_dir: Path) -> dict:
+    return {x["step"]: x["loss"] for x in map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in x}
+
+
+def test_readme_universal_resume_recipe_on_one_fp32_rank_with_zero_auto(trained, tmp_path):
+    """Item 14, the README's recipe as a user runs it: tools/reshard.py to a universal checkpoint
+    (of step 1), then launch/train.py with checkpoint.load=<it> on one fp32 rank at zero.stage auto
+    (which picks ZeRO-1: DeepSpeed loads universal optimizer state into ZeRO only). Step 2 trains to
+    the uninterrupted run's loss (the tolerance of the universal resumes in test_training.py)."""
+    import math
+
+    from _train import load_tool
+
+    universal = tmp_path / "universal"
+    assert load_tool("reshard").main(["--checkpoint", str(trained["ckpt"]), "--out", str(universal),
+                                      "--tag", "global_step1"]) == 0
+    r = _run(TRAIN, "--config", trained["cfg"], "--set", "zero.stage=auto", f"checkpoint.load={universal}",
+             f"checkpoint.dir={tmp_path / 'ckpt'}", f"log.dir={tmp_path / 'log'}", "eval.tasks=[]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ZeRO-1 (auto: " in r.stdout and "universal" in r.stdout.split("ZeRO-1 (auto: ")[1].split(")")[0]
+    resumed, straight = _losses(tmp_path / "log"), _losses(trained["root"] / "log")
+    assert list(resumed) == [2]
+    assert math.isclose(resumed[2], straight[2], rel_tol=1e-5), (resumed, straight)
 
 
 def test_reshard_refuses_to_write_into_another_runs_checkpoint_dir(trained, tmp_path):
@@ -369,6 +400,32 @@ def test_rollback_room_is_reserved_and_repeated_rollbacks_skip_onward(tmp_path):
     first = policy.record(9, 5.0, "spike", restored, [])
     second = policy.record(9, 5.0, "spike", restored, [first])
     assert first["skipped_batches"] == [8, 11] and second["skipped_batches"] == [11, 14]
+
+
+def test_repeated_rollbacks_to_one_checkpoint_skip_onward_and_eod_flags_without_eod_warn(run_dir):
+    """Item 6 through launch/train.py (the issue's command scaled down, spikes injected so that two
+    of them roll back to one checkpoint): the second rollback to step 6 skips the batches after the
+    first one's, the replayed step 7 trains on other data each time, and the run ends. Item 8 in
+    the same launch: the EOD flags on data preprocessed without --append-eod are said, with numbers."""
+    from test_robustness import _write_index
+
+    rng = np.random.default_rng(0)
+    prefix = _write_index(run_dir / "no_eod" / "data", [rng.integers(2, 96, 40) for _ in range(200)])
+    cfg = _config(run_dir, "rollbacks", train__iters=10, checkpoint__save_interval=3, train__on_spike="rollback",
+                  train__spike_skip_batches=2, train__max_rollbacks=2, train__inject_spike_at=[7, 8],
+                  data__reset_attention_mask=True, data__eod_mask_loss=True)
+    r = _run(TRAIN, "--config", cfg, "--set", f"data.prefixes=[\"{prefix}\"]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "rollbacks" / "log" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [(x["step"], x["rollback_to"], x["skipped_batches"]) for x in records if "rollback_to" in x]
+    assert rollbacks == [(7, 6, [6, 8]), (8, 6, [8, 10])]
+    trained = [(x["step"], x["loss"]) for x in records if "loss" in x]
+    assert [step for step, _ in trained] == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10]
+    assert trained[6][1] != trained[7][1]  # step 7 after each rollback: batch 8, then batch 10
+    assert (run_dir / "rollbacks" / "ckpt" / "latest").read_text().strip() == "global_step10"
+    # (10 steps + 2 rollbacks x 2 skipped batches) x 8 samples of 17 tokens
+    assert ("data.eod_mask_loss, data.reset_attention_mask: the first 112 training samples (1,904 tokens)" in r.stdout
+            and "hold no end-of-document token (id 0), so these flags change nothing" in r.stdout), r.stdout[-3000:]
 
 
 # ---- 7, 10: resuming under another data setup; a full disk during a save ------------------------------
