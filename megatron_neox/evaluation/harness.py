@@ -245,9 +245,12 @@ class TrainingHarness:
             # What start-up could check it did; what is left (a task's own code, its data going away)
             # must not cost the run its next checkpoint: every rank runs the same requests and fails
             # alike, so each logs the failure and training goes on.
-            print(f"warning: eval.tasks at step {step} failed, training goes on: {type(e).__name__}: {e}", flush=True)
+            record = {"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"}
             if self.metrics is not None:
-                self.metrics.log({"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"})
+                self.metrics.log(record)  # rank 0 prints it (training/metrics.py) and keeps it in metrics.jsonl
+            else:
+                print(f"warning: eval.tasks at step {step} failed, training goes on: {record['eval_tasks_error']}",
+                      flush=True)
             return {}
         finally:
             quiet.setLevel(level)
