@@ -130,8 +130,8 @@ class StepOutcome:
 class _Run:
     """Everything one training run is built from, in the order it is built, from the config and grid
     `setup` gave: the tokenizer, lm-eval tasks and data first (their errors come before the model is
-    built), then the engine, then the resume. The loop components (validator, harness, checkpointer) share one convention:
-    `after_step(state, last_step, trained) -> stop?`."""
+    built), then the engine, then the resume. The loop components (validator, harness,
+    checkpointer) share one convention: `after_step(state, last_step, trained) -> stop?`."""
 
     def __init__(self, cfg: Config, topo: Topology, stop: StopSignal):
         from megatron_neox.data.finetune import FinetuneLoader, build_finetune_datasets
