@@ -433,11 +433,14 @@ def test_repeated_rollbacks_to_one_checkpoint_skip_onward_and_eod_flags_without_
 
 def test_resume_with_a_changed_data_setup_is_refused_naming_key_and_values(trained):
     """Item 7: the saved data position counts samples of the checkpoint's order; another seed or
-    sequence length would read other data from it. Refused (exit 2) with each key and both values."""
+    sequence length would read other data from it. Refused (exit 2) with each key and both values,
+    at start-up: no sample index is built for the new seed and length."""
+    cached = sorted((trained["root"].parent / "data").rglob("*.npy"))
     r = _run(TRAIN, "--config", trained["cfg"], "--set", "train.iters=4", "train.seed=42", "model.seq_length=8",
              "eval.tasks=[]")
     _clear_error(r, "resuming with another data setup", "model.seq_length: checkpoint 16, now 8",
                  "train.seed: checkpoint 1234, now 42", "checkpoint.allow_data_change=true")
+    assert sorted((trained["root"].parent / "data").rglob("*.npy")) == cached
 
 
 def _tree_bytes(path: Path) -> int:

@@ -136,6 +136,21 @@ def _agree(error: Optional[Exception]) -> None:
     raise error
 
 
+def resume_dir(cfg: Config) -> Optional[str]:
+    """Where a run resumes from: its own checkpoint.dir once it holds a checkpoint (auto-resume),
+    else checkpoint.load (a new run seeded from it), else nowhere."""
+    own = cfg.checkpoint.dir and has_checkpoint(cfg.checkpoint.dir)
+    return cfg.checkpoint.dir if own else cfg.checkpoint.load
+
+
+def check_resume(cfg: Config, topo: Topology) -> None:
+    """At start-up, before the data and the model are built: the checkpoint the run will resume
+    from belongs to it (training/checkpoint.py `check_resumable`)."""
+    load_dir = resume_dir(cfg)
+    if load_dir:
+        checkpoint.check_resumable(cfg, topo, load_dir)
+
+
 class Checkpointer:
     """Saves `engine`'s checkpoints into `checkpoint.dir` when they are due (nothing when unset)."""
 
@@ -149,9 +164,7 @@ class Checkpointer:
 
     def resume(self) -> TrainState:
         """The state to start from: the run's own newest checkpoint, else checkpoint.load, else step 0."""
-        ck = self.cfg.checkpoint
-        own = self.dir and has_checkpoint(self.dir)
-        load_dir = self.dir if own else ck.load
+        load_dir = resume_dir(self.cfg)
         if not load_dir:
             return TrainState()
         return TrainState.from_saved(checkpoint.load(self.engine, self.cfg, self.topo, load_dir, required=True))

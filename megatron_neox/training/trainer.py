@@ -27,7 +27,7 @@ from megatron_neox.errors import ConfigError, MegatronNeoxError
 from megatron_neox.evaluation.harness import TrainingHarness, check_training_tasks
 from megatron_neox.outputs import check_run_dirs
 from megatron_neox.topology import Topology
-from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
+from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState, check_resume
 from megatron_neox.training.engine import build_engine
 from megatron_neox.training.launch import setup
 from megatron_neox.training.metrics import MetricsLogger, log_info, resolve_peak_tflops
@@ -146,6 +146,7 @@ class _Run:
         self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
         tasks = check_training_tasks(cfg)  # every lm-eval task built and checked before the model is
+        check_resume(cfg, topo)  # a checkpoint of another model, layout or data setup: refused now
         # The end-of-document id only where something uses it: a tokenizer without one is fine otherwise.
         eod = tok.eod_id if tok is not None and (eod_flags(cfg.data) or cfg.eval.tasks) else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
