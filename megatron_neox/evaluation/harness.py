@@ -244,7 +244,7 @@ class TrainingHarness:
         except Exception as e:  # noqa: BLE001 -- see below
             # What start-up could check it did; what is left (a task's own code, its data going away)
             # must not cost the run its next checkpoint: every rank runs the same requests and fails
-            # alike, so each logs the failure and training goes on.
+            # alike, so each goes on training (rank 0 logs the failure).
             record = {"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"}
             if self.metrics is not None:
                 self.metrics.log(record)  # rank 0 prints it (training/metrics.py) and keeps it in metrics.jsonl
