@@ -517,31 +517,31 @@ def _exit_codes(procs, out: Path, timeout: float = 120) -> list:
 
 
 def test_an_immutable_checkpoint_dir_mid_run_is_named_exit_2_latest_kept(run_dir, immutable):
-    """Item 10, one rank, synchronous saves: checkpoint.dir made immutable after the save at step 50;
-    the save at step 100 cannot create its directory: exit 2 naming it and "not writable", no
-    traceback, `latest` still at step 50."""
-    cfg = _config(run_dir, "immutable", train__iters=150, checkpoint__save_interval=50)
+    """Item 10, one rank, synchronous saves: checkpoint.dir made immutable after the save at step 30;
+    the save at step 60 cannot create its directory: exit 2 naming it and "not writable", no
+    traceback, `latest` still at step 30."""
+    cfg = _config(run_dir, "immutable", train__iters=90, checkpoint__save_interval=30)
     ckpt, out = run_dir / "immutable" / "ckpt", run_dir / "immutable" / "out.txt"
     procs = _start_ranks(cfg, out, world=1)
-    _when_latest_is(ckpt, "global_step50", procs, out)
+    _when_latest_is(ckpt, "global_step30", procs, out)
     immutable(ckpt)
     assert _exit_codes(procs, out) == [2], out.read_text()[-3000:]
     text = out.read_text()
     assert "Traceback" not in text, text[-3000:]
-    assert (f"error: {ckpt / 'global_step100'}: creating the checkpoint directory failed: not writable (Operation "
+    assert (f"error: {ckpt / 'global_step60'}: creating the checkpoint directory failed: not writable (Operation "
             "not permitted); `latest` still names the last complete checkpoint") in text, text[-3000:]
-    assert (ckpt / "latest").read_text().strip() == "global_step50" and not (ckpt / "global_step100").exists()
+    assert (ckpt / "latest").read_text().strip() == "global_step30" and not (ckpt / "global_step60").exists()
 
 
 def test_a_failure_only_rank_0_meets_in_an_async_save_ends_every_rank_with_exit_2(run_dir, immutable):
-    """Item 10, two ranks, checkpoint.async_save: `latest` made immutable after the save at step 50,
-    so only rank 0 (which alone writes it) fails, declaring step 100 complete while rank 1 trains on.
+    """Item 10, two ranks, checkpoint.async_save: `latest` made immutable after the save at step 30,
+    so only rank 0 (which alone writes it) fails, declaring step 60 complete while rank 1 trains on.
     Both ranks exit 2 at once, naming the file; rank 1 is not left waiting in a collective."""
-    cfg = _config(run_dir, "immutable2", train__iters=150, checkpoint__save_interval=50,
+    cfg = _config(run_dir, "immutable2", train__iters=90, checkpoint__save_interval=30,
                   checkpoint__async_save=True)
     ckpt, out = run_dir / "immutable2" / "ckpt", run_dir / "immutable2" / "out.txt"
     procs = _start_ranks(cfg, out, world=2)
-    _when_latest_is(ckpt, "global_step50", procs, out)
+    _when_latest_is(ckpt, "global_step30", procs, out)
     immutable(ckpt / "latest")
     assert _exit_codes(procs, out) == [2, 2], out.read_text()[-3000:]
     text = out.read_text()
@@ -550,4 +550,4 @@ def test_a_failure_only_rank_0_meets_in_an_async_save_ends_every_rank_with_exit_
     assert "Traceback" not in text, text[-3000:]
     assert f"error: {failure}" in text, text[-3000:]  # rank 0
     assert f"error: the checkpoint save failed on rank 0: {failure}" in text, text[-3000:]  # rank 1
-    assert (ckpt / "latest").read_text().strip() == "global_step50"
+    assert (ckpt / "latest").read_text().strip() == "global_step30"
