@@ -4,6 +4,8 @@ here (nothing is downloaded). The multi-rank checks (GQA under TP, continued pre
 are in tests/test_model_families_parallel.py.
 """
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,6 +118,68 @@ def test_export_loads_in_hf_with_our_logits(tmp_path, family):
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
 
 
+@pytest.mark.parametrize("style", ["llama2", "llama3", "gpt2"])
+def test_export_names_the_tokenizers_own_bos_and_eos(tmp_path, style):
+    """A Llama export's BOS is the token the tokenizer puts before a text (what our preprocessing puts
+    before each document), not the end-of-document token; GPT-2-style tokenizers use EOD for both.
+    HF's tokenizer loaded from the export encodes a text as ours does with that BOS in front."""
+    from _tokenizers import gpt2_style_tokenizer, hard_texts, llama2_style_tokenizer, llama3_style_tokenizer
+    from megatron_neox.convert.hf import SpecialTokens
+    from megatron_neox.tokenizer import load_tokenizer
+
+    make = {"llama2": llama2_style_tokenizer, "llama3": llama3_style_tokenizer, "gpt2": gpt2_style_tokenizer}
+    path = make[style](hard_texts() * 4, 400, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(path, verify=False)
+    special = SpecialTokens.of(tok)
+    expected = {"llama2": ("<s>", "</s>"), "llama3": ("<|begin_of_text|>", "<|end_of_text|>"),
+                "gpt2": ("<|endoftext|>", "<|endoftext|>")}[style]
+    assert (special.bos, special.eos) == expected
+    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_gqa").config))
+    padded = cfg.padded_vocab(1)
+    out = save_hf(tmp_path / "hf", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                  tokenizer_path=path, special=special)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.token_to_id(expected[0]), tok.eod_id)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.bos_token, hf_tok.eos_token) == expected
+    text = "Hello world, again."
+    assert hf_tok(text).input_ids == tok.bos_ids + tok.encode(text)
+
+
+def test_export_carries_the_runs_chat_template(tmp_path):
+    """The tokenizer_config.json beside the run's tokenizer (its chat template and end-of-turn EOS)
+    goes into the export: HF's apply_chat_template renders what our chat preprocessing rendered."""
+    from _chat import chat_tokenizer
+    from megatron_neox.convert.hf import SpecialTokens
+    from megatron_neox.data.chat import ChatTemplate
+    from megatron_neox.tokenizer import load_tokenizer
+
+    path = chat_tokenizer(tmp_path / "tok", chatml=True)
+    tok = load_tokenizer(path, verify=False)
+    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_mha").config))
+    padded = cfg.padded_vocab(1)
+    out = save_hf(tmp_path / "hf", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                  tokenizer_path=path, special=SpecialTokens.of(tok))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
+    ours = ChatTemplate.for_tokenizer(str(path), tok.eod_token).render(messages)
+    assert hf_tok.apply_chat_template(messages, tokenize=False) == ours and "<|im_start|>" in ours
+    assert hf_tok.eos_token == "<|im_end|>"
+    # Chats rendered with the built-in template (no tokenizer_config.json): a chat model's export
+    # carries it, a pretrained model's does not.
+    plain = chat_tokenizer(tmp_path / "plain")
+    (tmp_path / "plain" / "tokenizer_config.json").unlink()
+    tok = load_tokenizer(plain, verify=False)
+    for chat in (True, False):
+        out = save_hf(tmp_path / f"hf_{chat}", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                      tokenizer_path=plain, special=SpecialTokens.of(tok), chat=chat)
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        assert ("chat_template" in config) == chat
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_True")
+    ours = ChatTemplate.for_tokenizer(str(plain), tok.eod_token).render(messages, add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_gqa_shards_split_or_replicate_the_kv_heads(tp):
     """2 KV heads: split one per rank at tp=2, every rank holds both at tp=4; merge inverts either."""
@@ -196,3 +260,67 @@ def test_tp_splits_or_replicates_kv_heads_or_is_refused(tp, ok):
     else:
         with pytest.raises(ConfigError, match=rf"model.num_kv_heads=4 and parallel.tp={tp}"):
             config_from_dict(cfg)
+
+
+def test_llama_export_evaluates_like_lm_evals_hf_backend(tmp_path, monkeypatch):
+    """A Llama-family model with a Llama-2-style tokenizer (BOS `<s>` from its template): our lm-eval
+    backend and lm-eval's own HF backend on the export give the same log-likelihoods, rolling
+    perplexities and generations on the local tasks, so evaluation counts the BOS as HF does."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from _tokenizers import hard_texts, llama2_style_tokenizer
+    from _train import REPO
+    from megatron_neox.convert.hf import SpecialTokens
+    from megatron_neox.evaluation.backends import MergedModel
+    from megatron_neox.evaluation.harness import run_tasks
+    from megatron_neox.evaluation.lm import NeoXLM
+    from megatron_neox.tokenizer import load_tokenizer
+
+    monkeypatch.chdir(REPO)  # the task YAMLs name their data relative to the repository
+    tasks, include = ["mnx_choice", "mnx_rolling", "mnx_generate"], str(Path(REPO) / "tests" / "eval_tasks")
+    path = llama2_style_tokenizer(hard_texts() * 4, 400, tmp_path / "tokenizer.json")
+    tok = load_tokenizer(path, verify=False)
+    assert tok.bos_ids == [1]
+    torch.manual_seed(0)
+    hf_cfg = hf_config("llama_mha")
+    hf_cfg.vocab_size = tok.vocab_size
+    cfg = ModelConfig(**model_config_from_hf(hf_cfg))
+    padded = cfg.padded_vocab(1)
+    ours = GPTNeoX(cfg, padded, seed=3).eval()
+    out = save_hf(tmp_path / "hf", ours.state_dict(), cfg, padded, tokenizer_path=path, special=SpecialTokens.of(tok))
+    lm = NeoXLM(MergedModel(ours, tok.vocab_size), tok, max_length=64, batch_size=4, show_progress=False)
+    mine = run_tasks(lm, tasks, include_path=include, bootstrap_iters=0, log_samples=True, limit=4)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", device="cpu",
+                                     batch_size=4, tasks=tasks, task_manager=TaskManager(include_path=include),
+                                     bootstrap_iters=0, log_samples=True, limit=4)
+    for task in tasks:
+        a = sorted(mine["samples"][task], key=lambda s: s["doc_id"])
+        b = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
+        assert len(a) == len(b) == 4
+        for x, y in zip(a, b):
+            assert [r[0] for r in x["arguments"]] == [r[0] for r in y["arguments"]]
+            if task == "mnx_generate":
+                assert x["resps"] == y["resps"]
+                continue
+            for rx, ry in zip(x["resps"], y["resps"]):
+                vx, vy = rx[0] if isinstance(rx, list) else rx, ry[0] if isinstance(ry, list) else ry
+                vx, vy = (vx[0], vy[0]) if isinstance(vx, (list, tuple)) else (vx, vy)
+                assert vx == pytest.approx(vy, rel=1e-4), (task, x["doc_id"])
+
+
+def test_generate_text_starts_a_llama_prompt_with_bos(tmp_path, monkeypatch):
+    """tools/generate.py's prompt starts as our documents and HF's `tokenizer(prompt)` do: with the
+    tokenizer's BOS (Llama-2 style `<s>`); a GPT-2-style tokenizer has none."""
+    import megatron_neox.generate as gen
+    from _tokenizers import gpt2_style_tokenizer, hard_texts, llama2_style_tokenizer
+    from megatron_neox.tokenizer import load_tokenizer
+
+    seen = []
+    monkeypatch.setattr(gen, "generate_ids", lambda model, ids, **kw: seen.append(list(ids)) or [])
+    for make, bos in ((llama2_style_tokenizer, [1]), (gpt2_style_tokenizer, [])):
+        tok = load_tokenizer(make(hard_texts() * 4, 400, tmp_path / f"{make.__name__}.json"), verify=False)
+        gen.generate_text(SimpleNamespace(model=None), tok, "Hello world")
+        assert seen.pop() == bos + tok.encode("Hello world")
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / f"{make.__name__}.json"))
+        assert hf("Hello world").input_ids == bos + tok.encode("Hello world")

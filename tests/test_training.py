@@ -208,3 +208,29 @@ def test_metrics_jsonl_has_every_documented_key(world1):
     assert first["tokens"] == 8 * 16 * first["step"] and first["tokens_per_sec"] > 0 and first["mfu"] > 0
     for r in evals:
         assert math.isclose(r["eval_ppl"], math.exp(r["eval_loss"]), rel_tol=1e-6)
+
+
+def test_throughput_leaves_out_validation_and_saves(tmp_path, monkeypatch):
+    """Time in `MetricsLogger.paused()` (the loop wraps validation, lm-eval and checkpoint saves in
+    it) is not in the window's tokens_per_sec; eta_s still counts it."""
+    from megatron_neox.config import config_from_dict
+    from megatron_neox.training import metrics as metrics_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(metrics_mod.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(metrics_mod.MetricsLogger, "_rank_times", lambda self: {})
+    cfg = config_from_dict(config_dict(str(tmp_path)))
+    m = metrics_mod.MetricsLogger(cfg, world_size=1, enabled=True, peak_tflops=1.0)
+    m.start(0, 4)
+    for step in (1, 2):
+        clock[0] += 1.0  # a step of training
+        m.record_step(4.0, tokens=1000, counted=True)
+        with m.paused():
+            clock[0] += 3.0  # an evaluation or a save
+    clock[0] += 1.0
+    m.record_step(4.0, tokens=1000, counted=True)
+    m.log_step({"iteration": 3, "consumed_samples": 0, "consumed_tokens": 3000, "skipped_steps": 0},
+               lr=1e-3, grad_norm=1.0, loss_scale=None, global_batch_size=8)
+    record = json.loads((tmp_path / "log" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens_per_sec"] == pytest.approx(1000.0)  # 3000 tokens in 3 s of training, not 9 s
+    assert record["eta_s"] == pytest.approx(3.0)  # 9 s for 3 steps: 1 step left

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from megatron_neox.convert.checkpoint_io import load_full_state_dict
-    from megatron_neox.convert.hf import save_hf
+    from megatron_neox.convert.hf import SpecialTokens, save_hf
     from megatron_neox.generate import check_tokenizer_fits, tokenizer_path
     from megatron_neox.outputs import check_output_dir
     from megatron_neox.tokenizer import load_tokenizer
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
         tok = load_tokenizer(tok_file, verify=False) if tok_file else None
         if tok is not None:
             check_tokenizer_fits(tok, padded)
-        eod = tok.eod_id if tok is not None else None  # by token: never assume id 0
+        special = SpecialTokens.of(tok) if tok is not None else None  # by token: never assume id 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
-        out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, eod_id=eod,
-                      dtype=DTYPES[args.dtype])
-        _write_generation_config(out, eod, vocab, padded)
+        out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, special=special,
+                      dtype=DTYPES[args.dtype], vocab=vocab,
+                      chat=ck.run is not None and ck.run.train.objective != "lm")
     except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
@@ -65,14 +65,6 @@ def main(argv=None) -> int:
     print(f"wrote {out}: {n:,} parameters ({args.dtype}), vocab {vocab} padded to {padded}"
           + (f", tokenizer {tok_file}" if tok_file else ", no tokenizer"))
     return 0
-
-
-def _write_generation_config(out: Path, eod: int | None, vocab: int, padded: int) -> None:
-    from transformers import GenerationConfig
-
-    # The padded rows are not tokens: our generate masks them, and so will HF's.
-    GenerationConfig(bos_token_id=eod, eos_token_id=eod, pad_token_id=eod,
-                     suppress_tokens=list(range(vocab, padded)) or None).save_pretrained(out)
 
 
 if __name__ == "__main__":

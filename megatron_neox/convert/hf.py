@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -136,10 +137,37 @@ def to_hf_state_dict(sd: Dict[str, torch.Tensor], cfg: ModelConfig) -> Dict[str,
     return {k: v.detach().to(torch.float32).contiguous().clone() for k, v in out.items()}
 
 
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special tokens an export names (config.json, generation_config.json, tokenizer_config.json):
+    BOS is the token the tokenizer's own post-processor puts before a text (Llama-2's `<s>`, Llama-3's
+    `<|begin_of_text|>`; what our preprocessing puts before each document), else the end-of-document
+    token, which GPT-2 and GPT-NeoX use for both; EOS is the end-of-document token."""
+    bos: str
+    bos_id: int
+    eos: str
+    eos_id: int
+    unk: str
+
+    @classmethod
+    def of(cls, tokenizer) -> "SpecialTokens":
+        """From a `megatron_neox.tokenizer.Tokenizer`."""
+        eos, eos_id = tokenizer.eod_token, tokenizer.eod_id
+        bos_id = tokenizer.bos_ids[0] if tokenizer.bos_ids else eos_id
+        # A byte-level BPE never needs an unknown token; a SentencePiece-style file names its own.
+        unk = "<unk>" if tokenizer.token_to_id("<unk>") is not None else eos
+        return cls(bos=tokenizer.id_to_token(bos_id), bos_id=bos_id, eos=eos, eos_id=eos_id, unk=unk)
+
+
 def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int,
-            tokenizer_path: Optional[os.PathLike] = None, eod_id: Optional[int] = None,
-            dtype: torch.dtype = torch.float32) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer.json) that `from_pretrained` loads.
+            tokenizer_path: Optional[os.PathLike] = None, special: Optional[SpecialTokens] = None,
+            dtype: torch.dtype = torch.float32, vocab: Optional[int] = None, chat: bool = False) -> Path:
+    """Write config.json + model.safetensors + generation_config.json (+ tokenizer.json) that
+    `from_pretrained` loads; `special` (SpecialTokens.of the tokenizer; None: no ids are named) goes
+    with `tokenizer_path`. `vocab` (the tokenizer's size; default the model's `vocab_size`): ids from
+    there to `padded_vocab` are padding rows, which HF's generate is told never to pick, as ours does.
+    `chat` (a model fine-tuned on chats): the export carries the chat template it was trained with,
+    the built-in one included.
 
     Written into a temporary directory beside `out_dir` and renamed into place, so an
     interrupted export never leaves a directory that looks complete. The caller decides whether
@@ -148,7 +176,7 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    hf_cfg = to_hf_config(cfg, padded_vocab, eod_id)
+    hf_cfg = to_hf_config(cfg, padded_vocab, *((special.bos_id, special.eos_id) if special else ()))
     tensors = {k: v.to(dtype) for k, v in to_hf_state_dict(sd, cfg).items()}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -156,18 +184,41 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
         hf_cfg.dtype = str(dtype).replace("torch.", "")
         hf_cfg.save_pretrained(tmp)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _generation_config(special, cfg.vocab_size if vocab is None else vocab, padded_vocab).save_pretrained(tmp)
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-            (tmp / "tokenizer_config.json").write_text(json.dumps({
-                "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            }, indent=2))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                _tokenizer_config(tokenizer_path, special, chat), indent=2))
         chmod_like_umask(tmp)  # mkdtemp and safetensors create owner-only files
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _generation_config(special: Optional[SpecialTokens], vocab: int, padded: int):
+    from transformers import GenerationConfig
+
+    bos, eos = (special.bos_id, special.eos_id) if special is not None else (None, None)
+    return GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+                            suppress_tokens=list(range(vocab, padded)) or None)
+
+
+def _tokenizer_config(tokenizer_path: os.PathLike, special: Optional[SpecialTokens], chat: bool) -> Dict[str, Any]:
+    """tokenizer_config.json of an export: the special tokens, and what a tokenizer_config.json beside
+    the run's tokenizer.json declares (its chat template and its own special tokens, e.g. a chat
+    model's end-of-turn EOS), so HF's apply_chat_template renders what fine-tuning trained on; for a
+    `chat` model without one, the built-in template its chats were rendered with."""
+    from megatron_neox.data.chat import ChatTemplate
+
+    config: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    if special is not None:
+        config.update(bos_token=special.bos, eos_token=special.eos, unk_token=special.unk)
+    template = ChatTemplate.for_tokenizer(str(tokenizer_path), special.eos if special else "")
+    if template.source != "built-in" or chat:
+        config.update({k: v for k, v in template.special.items() if v}, chat_template=template.text)
+    return config
 
 
 def chmod_like_umask(root: Path) -> None:

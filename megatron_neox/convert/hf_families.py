@@ -244,7 +244,7 @@ def export_problems(cfg: ModelConfig, family: Family) -> List[str]:
     return p
 
 
-def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: Optional[int] = None):
+def to_hf_config(cfg: ModelConfig, padded_vocab: int, bos_id: Optional[int] = None, eos_id: Optional[int] = None):
     """The transformers config of our model's family (vocab = our padded vocab)."""
     import transformers
 
@@ -253,10 +253,10 @@ def to_hf_config(cfg: ModelConfig, padded_vocab: int, eod_id: Optional[int] = No
     if problems:
         raise ConfigError(f"this model cannot be expressed as a Hugging Face {family.architecture}: "
                           + "; ".join(problems))
-    # The tokenizer's <|endoftext|> id (0 for GPT-NeoX-20B's, 50256 for GPT-2's); None (unknown) for an
-    # export without a tokenizer rather than a guess.
+    # The tokenizer's ids (convert/hf.py SpecialTokens: <|endoftext|> is 0 in GPT-NeoX-20B's, 50256 in
+    # GPT-2's; Llama's BOS differs from its EOS); None (unknown) for an export without a tokenizer.
     common = dict(vocab_size=padded_vocab, tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
-                  bos_token_id=eod_id, eos_token_id=eod_id, architectures=[family.architecture])
+                  bos_token_id=bos_id, eos_token_id=eos_id, architectures=[family.architecture])
     if family is GPT_NEOX:
         return transformers.GPTNeoXConfig(
             hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,

@@ -89,11 +89,12 @@ def knowledge_probe(lm, facts_path: Path, people: int, doc_start: Optional[List[
     """attribute -> AttributeResult over the first `people` people; `lm` is a `NeoXLM`.
 
     `doc_start`: the ids a training document starts with, put before each prompt (default: the
-    EOD that ends the document before; add a domain token when the data has them)."""
+    EOD that ends the document before and the tokenizer's BOS, as preprocessing writes documents;
+    add a domain token when the data has them)."""
     records = read_facts(Path(facts_path), people)
     counts = value_counts()
     tok = lm.tokenizer
-    start = [tok.eod_id] if doc_start is None else doc_start
+    start = [tok.eod_id] + tok.bos_ids if doc_start is None else doc_start
     results = {}
     for attr, head in probe_prefixes().items():
         prompts = [list(start) + tok.encode(head.format(s=rec["name"])) for rec in records]

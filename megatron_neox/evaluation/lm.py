@@ -62,9 +62,22 @@ class NeoXLM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(self.tokenizer.path)
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context is conditioned on: the tokenizer's BOS (Llama's `<s>`), else its
+        end-of-text token, as lm-eval's HF backend chooses from the exported tokenizer_config.json."""
+        bos = self.tokenizer.bos_ids
+        return bos[0] if bos else self.eot_token_id
+
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
-        # Our tokenizers add no special tokens; the end-of-text prefix comes from TemplateLM.
-        return self.tokenizer.encode(string)
+        """Ids as HF's tokenizer gives them to lm-eval's HF backend: the BOS the tokenizer's own
+        template puts first (Llama families; none for GPT-2/GPT-NeoX), unless `add_special_tokens`
+        is False or the text already starts with it."""
+        ids = self.tokenizer.encode(string)
+        bos = self.tokenizer.bos_ids
+        if not bos or add_special_tokens is False:
+            return ids
+        return ids if string.startswith("".join(map(self.tokenizer.id_to_token, bos))) else bos + ids
 
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, NamedTuple, Optional
 import torch
 
 from megatron_neox.config import Config
+from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import GPTNeoX, layer_specs, lm_loss
 from megatron_neox.parallel.random import model_parallel_seed
 from megatron_neox.topology import Topology
@@ -161,10 +162,9 @@ def build_engine(cfg: Config, topo: Topology, objective=None) -> BuiltEngine:
     from megatron_neox.precision import choose_adam
 
     check_trains_here(cfg)  # setup() has refused it already; again for callers that skip setup
-    if cfg.activation_checkpointing.interval == "auto":  # the trainer resolves it first (start-up line)
-        from megatron_neox.plan import resolve_checkpoint_interval
-
-        cfg, _ = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+    if cfg.activation_checkpointing.interval == "auto":
+        raise ConfigError("activation_checkpointing.interval 'auto' is decided in set-up: build the engine from the "
+                          "config training/launch.py `setup` returns")
     ds_config = deepspeed_config(cfg)
     for key, value in choose_adam(get_accelerator().device_name())[0].items():
         ds_config["optimizer"]["params"].setdefault(key, value)

@@ -111,7 +111,9 @@ def setup(cfg: Config) -> Tuple[Config, Topology]:
     error before any group is made, every 'auto' decided), refuse what this machine cannot train
     (before any data or model work) and build this rank's grid. Returns the resolved config, which
     every component is built from, and the grid."""
+    from megatron_neox.plan import decide_checkpoint_interval
+
     init_distributed()
-    cfg = resolve(cfg, dist.get_world_size())
+    cfg = resolve(cfg, dist.get_world_size(), extra=(decide_checkpoint_interval,))
     check_trains_here(cfg)
     return cfg, Topology.from_layout(cfg.resolved.layout)

@@ -25,6 +25,7 @@ wait for each other, so a straggler shows as the slowest rank rather than making
 With a pipeline (pp > 1) DeepSpeed runs the whole schedule in one call: its time includes the
 waits between stages.
 """
+import contextlib
 import json
 import math
 import os
@@ -175,8 +176,19 @@ class MetricsLogger:
 
     def _reset_window(self) -> None:
         self._window_start, self._window_tokens, self._window_losses = time.perf_counter(), 0, []
-        self._window_steps, self._window_data_wait = 0, 0.0
+        self._window_steps, self._window_data_wait, self._window_paused = 0, 0.0, 0.0
         self.compute_timer.collect()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time that is not training (validation, lm-eval, checkpoint saves): left out of the window's
+        tokens_per_sec and mfu, as Megatron-LM stops its interval timer around evaluation and saving;
+        eta_s still counts it."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._window_paused += time.perf_counter() - start
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.log.interval == 0 or step == self.total_steps
@@ -205,7 +217,7 @@ class MetricsLogger:
             "consumed_samples": state["consumed_samples"], "tokens": state["consumed_tokens"],
             "loss": sum(window) / len(window) if window else float("nan"), "lr": lr,
             "grad_norm": grad_norm, "loss_scale": loss_scale, "skipped_steps": state["skipped_steps"],
-            "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, now - self._window_start),
+            "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, now - self._window_start - self._window_paused),
             "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step), **ranks, **(extra or {}),
         })
         self._reset_window()

@@ -138,10 +138,9 @@ class _Run:
         from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
                                                size_warnings)
 
-        from megatron_neox.plan import resolve_checkpoint_interval
+        from megatron_neox.plan import recompute_of
 
-        # activation_checkpointing.interval 'auto' -> a number from the planner's memory estimate on this device
-        cfg, self.recompute = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+        self.recompute = recompute_of(cfg)
         self.cfg, self.topo = cfg, topo
         self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
@@ -279,8 +278,9 @@ def train(cfg: Config) -> RunResult:
     stop = StopSignal()
     lock = None
     try:
-        # Resolved (every 'auto' decided, the layout attached) and checked against this machine
-        # before anything is written or built.
+        # Resolved (every 'auto' decided, the recompute interval from the planner's memory estimate
+        # on this device; the layout attached) and checked against this machine before anything is
+        # written or built.
         cfg, topo = setup(cfg)
         lock = check_run_dirs(cfg)  # one run per checkpoint.dir
         run = _Run(cfg, topo, stop)
@@ -306,7 +306,8 @@ def _loop(run: _Run) -> RunResult:
         outcome = run.step()
         result.losses.append(outcome.result.loss)
         # Every component, in order; a stop (a signal, train.exit_interval) comes after it has saved.
-        stops = [c.after_step(state, iters, outcome.trained) for c in run.components]
+        with run.metrics.paused():  # validation, lm-eval and saves are not training time
+            stops = [c.after_step(state, iters, outcome.trained) for c in run.components]
         if any(stops):
             result.stopped_by_signal = run.checkpointer.stopped_by_signal
             return result
