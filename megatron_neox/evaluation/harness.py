@@ -121,23 +121,39 @@ def check_task_setup(names: Sequence[str], manager, *, num_fewshot: Optional[int
     if limit is not None and not limit > 0:
         raise ConfigError(f"{limit_flag}={limit}: expected > 0 (examples per task, or a fraction below 1)")
     tasks = check_tasks(names, manager, include_path, include_flag)
-    built = {}
+    built, problems = {}, []
     for name in tasks:
         entry = manager.task_index.get(name)
         yaml = f" ({entry.yaml_path})" if entry is not None and entry.yaml_path else ""
         try:
             built.update(manager.load([name])["tasks"])
+        except ConnectionError as e:  # `datasets` and the Hub's offline errors are ConnectionErrors
+            problems.append(f"lm-eval task {name!r}{yaml} needs its data set from the network (the Hugging Face Hub), "
+                            f"and it is not in the local cache: {e}; {_offline_hint(include_flag)}")
         except Exception as e:  # noqa: BLE001 -- lm-eval raises what its task code and `datasets` raise
-            raise ConfigError(f"lm-eval task {name!r}{yaml} cannot be built: {type(e).__name__}: {e}") from None
+            problems.append(f"lm-eval task {name!r}{yaml} cannot be built: {type(e).__name__}: {e}")
     for name, task in built.items():
         n, same_split = _fewshot_asked(task, num_fewshot)
         docs = task.fewshot_docs() if n else None
         if docs is not None and len(docs) < n + same_split:
-            raise ConfigError(
+            problems.append(
                 f"lm-eval task {name!r}: {n} few-shot examples per document ({fewshot_flag}={num_fewshot}, the "
                 f"task's own {task.get_config('num_fewshot')}) but its few-shot split holds {len(docs)} documents"
                 f"{' (one of them the evaluated document itself)' if same_split else ''}; ask for fewer")
+    if problems:  # every one at once: a user fixing them one launch at a time waits for each
+        raise ConfigError("\n".join(problems))
     return tasks
+
+
+def _offline_hint(include_flag: str) -> str:
+    """What to do about a hub data set that cannot be fetched: the offline switches that are on, if any."""
+    import os
+
+    on = [f"{k}={os.environ[k]}" for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+          if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
+    where = (f"offline mode is on ({', '.join(on)}): download it where there is network and copy the cache (HF_HOME)"
+             if on else "check the network, or download it where there is network and copy the cache (HF_HOME)")
+    return f"{where}; or evaluate a local task (a YAML with dataset_path: json, its directory as {include_flag})"
 
 
 def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: Optional[int] = None, include_path: Optional[str] = None,
@@ -242,10 +258,13 @@ class TrainingHarness:
         except Exception as e:  # noqa: BLE001 -- see below
             # What start-up could check it did; what is left (a task's own code, its data going away)
             # must not cost the run its next checkpoint: every rank runs the same requests and fails
-            # alike, so each logs the failure and training goes on.
-            print(f"warning: eval.tasks at step {step} failed, training goes on: {type(e).__name__}: {e}", flush=True)
+            # alike, so each goes on training (rank 0 logs the failure).
+            record = {"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"}
             if self.metrics is not None:
-                self.metrics.log({"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"})
+                self.metrics.log(record)  # rank 0 prints it (training/metrics.py) and keeps it in metrics.jsonl
+            else:
+                print(f"warning: eval.tasks at step {step} failed, training goes on: {record['eval_tasks_error']}",
+                      flush=True)
             return {}
         finally:
             quiet.setLevel(level)
