@@ -209,7 +209,7 @@ def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses(tmp_p
     class FakeLM:
         def __init__(self, logprob):
             self.logprob = logprob
-            self.tokenizer = type("T", (), {"eod_id": 0, "encode": staticmethod(lambda s: [1, 2])})()
+            self.tokenizer = type("T", (), {"eod_id": 0, "bos_ids": [], "encode": staticmethod(lambda s: [1, 2])})()
 
         def score_pairs(self, prompts, targets):
             return [(self.logprob, self.logprob == 0.0)] * len(prompts)
@@ -231,7 +231,7 @@ def test_knowledge_probe_prompts_start_as_training_documents_do(tmp_path):
     seen = []
 
     class RecordingLM:
-        tokenizer = type("T", (), {"eod_id": 0, "encode": staticmethod(lambda s: [7])})()
+        tokenizer = type("T", (), {"eod_id": 0, "bos_ids": [], "encode": staticmethod(lambda s: [7])})()
 
         def score_pairs(self, prompts, targets):
             seen.extend(prompts)
