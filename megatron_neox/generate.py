@@ -155,9 +155,12 @@ def generate_ids(model: GPTNeoX, prompt_ids: Sequence[int], *, max_new_tokens: i
 
 
 def generate_text(loaded: LoadedModel, tokenizer, prompt: str, **kwargs) -> str:
-    """The prompt's continuation as text (stopping at, and leaving out, the end-of-document token)."""
+    """The prompt's continuation as text (stopping at, and leaving out, the end-of-document token).
+    The prompt starts as a training document does: with the tokenizer's BOS where its template has one
+    (Llama families; HF's `tokenizer(prompt)` puts it there too)."""
     eod = tokenizer.eod_id
-    ids = generate_ids(loaded.model, tokenizer.encode(prompt), vocab_size=tokenizer.vocab_size, eod_id=eod, **kwargs)
+    ids = generate_ids(loaded.model, tokenizer.bos_ids + tokenizer.encode(prompt), vocab_size=tokenizer.vocab_size,
+                       eod_id=eod, **kwargs)
     if ids and ids[-1] == eod:
         ids = ids[:-1]
     return tokenizer.decode(ids)

@@ -86,7 +86,7 @@ from megatron_neox.parallel.cross_entropy import _CHUNK_ELEMENTS
 from megatron_neox.parallel.sharding import kv_heads_sharded
 from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import count_parameters, layer_specs
-from megatron_neox.resolve import resolve
+from megatron_neox.resolve import Decision, resolve
 
 GiB = 1 << 30
 # Tensor parallelism all-reduces inside every layer: keep it within one node (NVLink), 8 GPUs.
@@ -345,7 +345,7 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
 
     interval = cfg.activation_checkpointing.interval if checkpoint_interval is None else checkpoint_interval
     if interval == "auto":
-        raise ValueError("estimate_memory needs a number: resolve_checkpoint_interval(cfg, ...) first, "
+        raise ValueError("estimate_memory needs a number: resolve(cfg, world, extra=(decide_checkpoint_interval,)) first, "
                          "or pass checkpoint_interval")
     n = interval or 1
     block_input = N * e / (t if cfg.activation_checkpointing.partition_activations else 1)
@@ -423,19 +423,24 @@ def choose_checkpoint_interval(cfg: Config, layout: Layout, device_bytes: float)
                                f"recompute every {k} layer(s): {peaks[k] / GiB:.1f} GiB{verdict}")
 
 
-def resolve_checkpoint_interval(cfg: Config, layout: Layout, device_bytes: Optional[float] = None
-                                ) -> Tuple[Config, CheckpointChoice]:
-    """`cfg` with activation_checkpointing.interval made a number for this device (its memory by
-    default, `hardware.device_memory_bytes`), and the choice with its reason."""
+def decide_checkpoint_interval(cfg: Config, layout: Layout, device_bytes: Optional[float] = None
+                               ) -> List[Decision]:
+    """resolve's decision for activation_checkpointing.interval 'auto' (an `extra` decision: it needs
+    the planner) on a device of `device_bytes` (default this one's, `hardware.device_memory_bytes`)."""
     if cfg.activation_checkpointing.interval != "auto":
-        return cfg, CheckpointChoice(int(cfg.activation_checkpointing.interval), "set")
+        return []
     if device_bytes is None:
         from megatron_neox.hardware import device_memory_bytes
 
         device_bytes = device_memory_bytes()
     choice = choose_checkpoint_interval(cfg, layout, device_bytes)
-    ac = cfg.activation_checkpointing.model_copy(update={"interval": choice.interval})
-    return cfg.model_copy(update={"activation_checkpointing": ac}), choice
+    return [Decision("activation_checkpointing.interval", choice.interval, choice.why)]
+
+
+def recompute_of(cfg: Config) -> CheckpointChoice:
+    """The interval a resolved config runs, and why ("set", or the planner's reason for 'auto')."""
+    return CheckpointChoice(int(cfg.activation_checkpointing.interval),
+                            cfg.resolved.why("activation_checkpointing.interval"))
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -470,8 +475,9 @@ def make_plan(cfg: Config, world_size: Optional[int] = None, gpu_memory_gb: floa
         layout = cfg.layout(world)
     except ConfigError as e:
         return Plan(cfg, None, str(e), params, [], gpu_bytes)
-    cfg = resolve(cfg, world)  # zero.stage / overlap_comm 'auto' -> what this world runs
-    cfg, recompute = resolve_checkpoint_interval(cfg, layout, gpu_bytes)  # interval 'auto' on this card
+    # every 'auto' -> what this world runs; the recompute interval on this card
+    cfg = resolve(cfg, world, extra=(lambda c, lay: decide_checkpoint_interval(c, lay, gpu_bytes),))
+    recompute = recompute_of(cfg)
     parts = partition(cfg) if p.pp > 1 else [0, cfg.model.num_layers + 3]
     stages = []
     for s in range(p.pp):

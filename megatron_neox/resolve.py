@@ -8,12 +8,15 @@ file said `auto`/null, and `cfg.resolved` holding the `Layout` and each decision
 Adding an `auto` decision is one function: `def decide_x(cfg, layout) -> List[Decision]` (return []
 when the key is not `auto`), appended to `DECISIONS`. Decisions run in order and each sees the
 config with the earlier ones applied (overlap_comm depends on the chosen ZeRO stage); the result is
-validated again as a whole, so a decision cannot produce a combination the validator refuses.
+validated again as a whole, so a decision cannot produce a combination the validator refuses. A
+decision that needs a layer above this one comes in through `extra`, after `DECISIONS`: the
+planner's `activation_checkpointing.interval` (plan.py `decide_checkpoint_interval`, from its memory
+estimate of the layout), which training set-up and the planner pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from megatron_neox.config import Config, config_from_dict
 from megatron_neox.errors import ConfigError
@@ -78,8 +81,8 @@ def decide_compile(cfg: Config, layout: Layout) -> List[Decision]:
     return [Decision("model.compile", on, why)]
 
 
-DECISIONS: Tuple[Callable[[Config, Layout], List[Decision]], ...] = (decide_zero_stage, decide_overlap_comm,
-                                                                     decide_compile)
+Decide = Callable[[Config, Layout], List[Decision]]
+DECISIONS: Tuple[Decide, ...] = (decide_zero_stage, decide_overlap_comm, decide_compile)
 
 
 def with_values(cfg: Config, values: Dict[str, Any]) -> Config:
@@ -94,16 +97,17 @@ def with_values(cfg: Config, values: Dict[str, Any]) -> Config:
     return config_from_dict(data, source="resolved config")
 
 
-def resolve(cfg: Config, world_size: int) -> Config:
-    """`cfg` for `world_size` ranks with every `auto` decided and the layout attached (`cfg.resolved`).
-    A config already resolved for this world comes back as it is; ConfigError if the layout does not fit."""
+def resolve(cfg: Config, world_size: int, extra: Sequence[Decide] = ()) -> Config:
+    """`cfg` for `world_size` ranks with every `auto` decided (DECISIONS, then `extra`) and the layout
+    attached (`cfg.resolved`). A config already resolved for this world comes back as it is;
+    ConfigError if the layout does not fit."""
     if cfg.is_resolved:
         if cfg.resolved.world_size != world_size:
             raise ConfigError(f"config resolved for {cfg.resolved.world_size} ranks, used on {world_size}")
         return cfg
     layout = cfg.layout(world_size)
     taken: List[Decision] = []
-    for decide in DECISIONS:
+    for decide in (*DECISIONS, *extra):
         found = decide(cfg, layout)
         if found:
             cfg = with_values(cfg, {d.key: d.value for d in found})

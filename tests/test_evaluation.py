@@ -209,7 +209,7 @@ def test_knowledge_bits_formula_on_a_model_that_knows_and_one_that_guesses(tmp_p
     class FakeLM:
         def __init__(self, logprob):
             self.logprob = logprob
-            self.tokenizer = type("T", (), {"eod_id": 0, "encode": staticmethod(lambda s: [1, 2])})()
+            self.tokenizer = type("T", (), {"eod_id": 0, "bos_ids": [], "encode": staticmethod(lambda s: [1, 2])})()
 
         def score_pairs(self, prompts, targets):
             return [(self.logprob, self.logprob == 0.0)] * len(prompts)
@@ -231,7 +231,7 @@ def test_knowledge_probe_prompts_start_as_training_documents_do(tmp_path):
     seen = []
 
     class RecordingLM:
-        tokenizer = type("T", (), {"eod_id": 0, "encode": staticmethod(lambda s: [7])})()
+        tokenizer = type("T", (), {"eod_id": 0, "bos_ids": [], "encode": staticmethod(lambda s: [7])})()
 
         def score_pairs(self, prompts, targets):
             seen.extend(prompts)
@@ -254,6 +254,18 @@ def test_presets_name_tasks_of_the_installed_lm_eval():
     for name, tasks in PRESETS.items():
         assert tasks and not [t for t in tasks if t not in known], name
     assert expand_tasks(["piqa", "neox20b"])[0] == "piqa" and "mmlu" in expand_tasks(["neox20b"])
+
+
+def test_local_tasks_are_indexed_without_lm_evals_own():
+    """Tasks all in the include path index that directory alone (lm-eval's ~5 s index of its own tasks
+    is skipped on every rank); a built-in task, a preset or no names get the whole index."""
+    from megatron_neox.evaluation.harness import task_manager
+
+    own = task_manager(INCLUDE, TASKS)
+    assert sorted(own.all_tasks) == sorted(TASKS) and own is task_manager(INCLUDE, TASKS[:1])
+    whole = task_manager(INCLUDE)
+    assert "piqa" in whole.all_tasks and set(TASKS) <= set(whole.all_tasks)
+    assert task_manager(INCLUDE, ["mnx_choice", "piqa"]) is whole and task_manager(INCLUDE, ["neox20b"]) is whole
 
 
 def test_unknown_task_is_a_clear_error(setup, capsys):

@@ -64,12 +64,17 @@ def _config(tmp: Path, name: str, **overrides) -> Path:
 # ---- 1, 9, 15, 16, 18: lm-eval tasks are checked whole before any work ---------------------------
 
 
-def test_training_checks_eval_tasks_few_shot_at_start_up(run_dir):
-    """Item 1: more few-shot examples than the task has is exit 2 before the model is built."""
-    cfg = _config(run_dir, "fewshot", eval__tasks=["mnx_choice"], eval__include_path=str(TASKS),
+def test_training_checks_eval_tasks_at_start_up_naming_every_problem(run_dir):
+    """Item 1: more few-shot examples than a task has, and a hub task whose data set is not cached
+    (no network: HF_DATASETS_OFFLINE=1), are both named (one launch, not one per problem), exit 2
+    before the model is built."""
+    cfg = _config(run_dir, "fewshot", eval__tasks=["mnx_choice", "lambada_openai"], eval__include_path=str(TASKS),
                   eval__num_fewshot=1000)
     r = _run(TRAIN, "--config", cfg)
-    _clear_error(r, "mnx_choice", "eval.num_fewshot=1000", "holds 24 documents")
+    _clear_error(r, "'mnx_choice'", "eval.num_fewshot=1000", "holds 24 documents",
+                 "lm-eval task 'lambada_openai' (", "lambada_openai.yaml) needs its data set from the network (the "
+                 "Hugging Face Hub), and it is not in the local cache", "offline mode is on (HF_DATASETS_OFFLINE=1",
+                 "or evaluate a local task (a YAML with dataset_path: json, its directory as eval.include_path)")
     assert not (run_dir / "fewshot" / "ckpt" / "latest").exists()
 
 
@@ -95,6 +100,32 @@ def test_a_failing_eval_task_during_training_costs_no_checkpoint(trained):
     assert (trained["ckpt"] / "latest").read_text().strip() == "global_step2"
     lines = (trained["root"] / "log" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines if "eval_tasks_error" in line] == [1, 2]
+
+
+def _losses(log_dir: Path) -> dict:
+    return {x["step"]: x["loss"] for x in map(json.loads, (log_dir / "metrics.jsonl").read_text().splitlines())
+            if "loss" in x}
+
+
+def test_readme_universal_resume_recipe_on_one_fp32_rank_with_zero_auto(trained, tmp_path):
+    """Item 14, the README's recipe as a user runs it: tools/reshard.py to a universal checkpoint
+    (of step 1), then launch/train.py with checkpoint.load=<it> on one fp32 rank at zero.stage auto
+    (which picks ZeRO-1: DeepSpeed loads universal optimizer state into ZeRO only). Step 2 trains to
+    the uninterrupted run's loss (the tolerance of the universal resumes in test_training.py)."""
+    import math
+
+    from _train import load_tool
+
+    universal = tmp_path / "universal"
+    assert load_tool("reshard").main(["--checkpoint", str(trained["ckpt"]), "--out", str(universal),
+                                      "--tag", "global_step1"]) == 0
+    r = _run(TRAIN, "--config", trained["cfg"], "--set", "zero.stage=auto", f"checkpoint.load={universal}",
+             f"checkpoint.dir={tmp_path / 'ckpt'}", f"log.dir={tmp_path / 'log'}", "eval.tasks=[]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ZeRO-1 (auto: " in r.stdout and "universal" in r.stdout.split("ZeRO-1 (auto: ")[1].split(")")[0]
+    resumed, straight = _losses(tmp_path / "log"), _losses(trained["root"] / "log")
+    assert list(resumed) == [2]
+    assert math.isclose(resumed[2], straight[2], rel_tol=1e-5), (resumed, straight)
 
 
 def test_reshard_refuses_to_write_into_another_runs_checkpoint_dir(trained, tmp_path):
@@ -196,21 +227,18 @@ def test_evaluate_refuses_bad_tasks_and_outputs_before_loading_the_model(bad_tas
     assert "no_checkpoint" not in err
 
 
-# ---- 8, 11, 12, 18: refused or said at start-up -----------------------------------------------------
+# ---- 11, 12, 18: refused at start-up -----------------------------------------------------
 
 
-def test_eod_flags_on_data_without_eod_warn_and_flex_is_refused_for_cpu_training(run_dir):
-    """Item 8: the EOD flags on data preprocessed without --append-eod are said, with the numbers;
-    item 11: FlexAttention, which has no CPU backward, is refused before the first step."""
-    from test_robustness import _write_index
-
-    rng = np.random.default_rng(0)
-    prefix = _write_index(run_dir / "no_eod" / "data", [rng.integers(2, 96, 40) for _ in range(200)])
-    cfg = _config(run_dir, "no_eod", data__reset_attention_mask=True, data__eod_mask_loss=True)
-    r = _run(TRAIN, "--config", cfg, "--set", f"data.prefixes=[\"{prefix}\"]", "model.attention_kernel=flex")
+def test_flex_attention_on_cpu_is_refused_before_anything_is_written_or_built(run_dir):
+    """Item 11: FlexAttention has no CPU backward; with the EOD flags that make it mask documents
+    (data.reset_attention_mask) it is refused at set-up, with the resolved config: no checkpoint or
+    log directory made, no data index cached."""
+    root = run_dir / "flex"
+    cfg = _config(run_dir, "flex", data__reset_attention_mask=True, data__cache_dir=str(root / "cache"))
+    r = _run(TRAIN, "--config", cfg, "--set", "model.attention_kernel=flex")
     _clear_error(r, "model.attention_kernel='flex' cannot train on the CPU")
-    assert ("data.eod_mask_loss, data.reset_attention_mask: the first 16 training samples (272 tokens)" in r.stdout
-            and "hold no end-of-document token (id 0), so these flags change nothing" in r.stdout), r.stdout[-3000:]
+    assert sorted(p.name for p in root.iterdir()) == ["config.json"]
 
 
 def test_config_errors_found_when_the_config_is_read(tmp_path, capsys):
@@ -275,8 +303,11 @@ def test_sigterm_to_the_plain_deepspeed_runner_makes_its_rank_save_and_exit(run_
     cfg = _config(run_dir, "runner", train__iters=300)
     root = run_dir / "runner"
     out = root / "deepspeed.out"
-    proc = _start([DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), TRAIN, "--config", str(cfg)],
-                  _env(), out)
+    # The runner through this interpreter (as `deepspeed` does via its shebang): its ranks then import
+    # DeepSpeed from the same path as every other launch here. Through a venv reached by two paths (a
+    # worktree's symlinked .venv), torch would rebuild DeepSpeed's shm extension at each change of path.
+    proc = _start([PYTHON, DEEPSPEED, "--num_gpus", "1", "--master_port", str(free_port()), TRAIN, "--config",
+                   str(cfg)], _env(), out)
     try:
         _wait_for_step(root / "log", 2, [proc], out, timeout=300)
         proc.send_signal(signal.SIGTERM)
@@ -371,16 +402,45 @@ def test_rollback_room_is_reserved_and_repeated_rollbacks_skip_onward(tmp_path):
     assert first["skipped_batches"] == [8, 11] and second["skipped_batches"] == [11, 14]
 
 
+def test_repeated_rollbacks_to_one_checkpoint_skip_onward_and_eod_flags_without_eod_warn(run_dir):
+    """Item 6 through launch/train.py (the issue's command scaled down, spikes injected so that two
+    of them roll back to one checkpoint): the second rollback to step 6 skips the batches after the
+    first one's, the replayed step 7 trains on other data each time, and the run ends. Item 8 in
+    the same launch: the EOD flags on data preprocessed without --append-eod are said, with numbers."""
+    from test_robustness import _write_index
+
+    rng = np.random.default_rng(0)
+    prefix = _write_index(run_dir / "no_eod" / "data", [rng.integers(2, 96, 40) for _ in range(200)])
+    cfg = _config(run_dir, "rollbacks", train__iters=10, checkpoint__save_interval=3, train__on_spike="rollback",
+                  train__spike_skip_batches=2, train__max_rollbacks=2, train__inject_spike_at=[7, 8],
+                  data__reset_attention_mask=True, data__eod_mask_loss=True)
+    r = _run(TRAIN, "--config", cfg, "--set", f"data.prefixes=[\"{prefix}\"]")
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (run_dir / "rollbacks" / "log" / "metrics.jsonl").read_text().splitlines()]
+    rollbacks = [(x["step"], x["rollback_to"], x["skipped_batches"]) for x in records if "rollback_to" in x]
+    assert rollbacks == [(7, 6, [6, 8]), (8, 6, [8, 10])]
+    trained = [(x["step"], x["loss"]) for x in records if "loss" in x]
+    assert [step for step, _ in trained] == [1, 2, 3, 4, 5, 6, 7, 7, 8, 9, 10]
+    assert trained[6][1] != trained[7][1]  # step 7 after each rollback: batch 8, then batch 10
+    assert (run_dir / "rollbacks" / "ckpt" / "latest").read_text().strip() == "global_step10"
+    # (10 steps + 2 rollbacks x 2 skipped batches) x 8 samples of 17 tokens
+    assert ("data.eod_mask_loss, data.reset_attention_mask: the first 112 training samples (1,904 tokens)" in r.stdout
+            and "hold no end-of-document token (id 0), so these flags change nothing" in r.stdout), r.stdout[-3000:]
+
+
 # ---- 7, 10: resuming under another data setup; a full disk during a save ------------------------------
 
 
 def test_resume_with_a_changed_data_setup_is_refused_naming_key_and_values(trained):
     """Item 7: the saved data position counts samples of the checkpoint's order; another seed or
-    sequence length would read other data from it. Refused (exit 2) with each key and both values."""
+    sequence length would read other data from it. Refused (exit 2) with each key and both values,
+    at start-up: no sample index is built for the new seed and length."""
+    cached = sorted((trained["root"].parent / "data").rglob("*.npy"))
     r = _run(TRAIN, "--config", trained["cfg"], "--set", "train.iters=4", "train.seed=42", "model.seq_length=8",
              "eval.tasks=[]")
     _clear_error(r, "resuming with another data setup", "model.seq_length: checkpoint 16, now 8",
                  "train.seed: checkpoint 1234, now 42", "checkpoint.allow_data_change=true")
+    assert sorted((trained["root"].parent / "data").rglob("*.npy")) == cached
 
 
 def _tree_bytes(path: Path) -> int:
@@ -405,3 +465,89 @@ def test_a_full_disk_during_a_save_is_named_and_latest_kept(trained, tmp_path):
         assert (mnt / "ckpt" / "latest").read_text().strip() == "global_step1"
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+# ---- 10: the checkpoint directory made unwritable mid-run --------------------------------------------
+
+
+@pytest.fixture
+def immutable():
+    """`chattr +i PATH` (even root cannot add, replace or remove an immutable file's entries: EPERM),
+    undone at the end; skips where the file system has no immutable flag."""
+    done = []
+
+    def make(path: Path) -> None:
+        r = subprocess.run(["chattr", "+i", str(path)], capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"chattr +i does not work here: {r.stderr.strip()}")
+        done.append(path)
+
+    yield make
+    for path in done:
+        subprocess.run(["chattr", "-i", str(path)])
+
+
+def _start_ranks(cfg: Path, out: Path, world: int) -> list:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **_one_rank_env()}
+    with open(out, "ab") as f:
+        return [subprocess.Popen([PYTHON, TRAIN, "--config", str(cfg)], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
+                                 env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world),
+                                      "LOCAL_WORLD_SIZE": str(world)})
+                for r in range(world)]
+
+
+def _when_latest_is(ckpt: Path, tag: str, procs, out: Path, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ((ckpt / "latest").is_file() and (ckpt / "latest").read_text().strip() == tag):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), out.read_text()[-3000:]
+        time.sleep(0.01)
+
+
+def _exit_codes(procs, out: Path, timeout: float = 120) -> list:
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"a rank still runs {timeout} s after the failed save (waiting for the others?):\n"
+                    f"{out.read_text()[-3000:]}")
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_an_immutable_checkpoint_dir_mid_run_is_named_exit_2_latest_kept(run_dir, immutable):
+    """Item 10, one rank, synchronous saves: checkpoint.dir made immutable after the save at step 30;
+    the save at step 60 cannot create its directory: exit 2 naming it and "not writable", no
+    traceback, `latest` still at step 30."""
+    cfg = _config(run_dir, "immutable", train__iters=90, checkpoint__save_interval=30)
+    ckpt, out = run_dir / "immutable" / "ckpt", run_dir / "immutable" / "out.txt"
+    procs = _start_ranks(cfg, out, world=1)
+    _when_latest_is(ckpt, "global_step30", procs, out)
+    immutable(ckpt)
+    assert _exit_codes(procs, out) == [2], out.read_text()[-3000:]
+    text = out.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert (f"error: {ckpt / 'global_step60'}: creating the checkpoint directory failed: not writable (Operation "
+            "not permitted); `latest` still names the last complete checkpoint") in text, text[-3000:]
+    assert (ckpt / "latest").read_text().strip() == "global_step30" and not (ckpt / "global_step60").exists()
+
+
+def test_a_failure_only_rank_0_meets_in_an_async_save_ends_every_rank_with_exit_2(run_dir, immutable):
+    """Item 10, two ranks, checkpoint.async_save: `latest` made immutable after the save at step 30,
+    so only rank 0 (which alone writes it) fails, declaring step 60 complete while rank 1 trains on.
+    Both ranks exit 2 at once, naming the file; rank 1 is not left waiting in a collective."""
+    cfg = _config(run_dir, "immutable2", train__iters=90, checkpoint__save_interval=30,
+                  checkpoint__async_save=True)
+    ckpt, out = run_dir / "immutable2" / "ckpt", run_dir / "immutable2" / "out.txt"
+    procs = _start_ranks(cfg, out, world=2)
+    _when_latest_is(ckpt, "global_step30", procs, out)
+    immutable(ckpt / "latest")
+    assert _exit_codes(procs, out) == [2, 2], out.read_text()[-3000:]
+    text = out.read_text()
+    failure = (f"{ckpt / 'latest'}: writing the checkpoint file failed: not writable (Operation not permitted); "
+               "`latest` still names the last complete checkpoint")
+    assert "Traceback" not in text, text[-3000:]
+    assert f"error: {failure}" in text, text[-3000:]  # rank 0
+    assert f"error: the checkpoint save failed on rank 0: {failure}" in text, text[-3000:]  # rank 1
+    assert (ckpt / "latest").read_text().strip() == "global_step30"

@@ -20,7 +20,35 @@ from _train import REPO, config_dict, make_dataset
 from megatron_neox.ranks import free_port
 
 PYTHON = sys.executable
-DEEPSPEED = os.path.join(os.path.dirname(PYTHON), "deepspeed")
+
+
+def _deepspeed_for(python: str) -> str:
+    """The `deepspeed` launcher installed beside `python`, started by that same interpreter path.
+
+    pip writes the interpreter's path into the script's first line. Where the venv is reached
+    through a symlink (`.venv -> ../main/.venv`), that line spells another path than `python`: the
+    ranks the launcher starts then import torch and DeepSpeed from that other path, torch's JIT
+    sees new include paths in DeepSpeed's shm_comm op and rebuilds it (25-40 s on 2 cores), and
+    the next rank started by `python` rebuilds it back. Then a copy of the script with `python` in
+    its first line (under the repo's .cache/) is returned instead; else the installed script."""
+    installed = os.path.join(os.path.dirname(python), "deepspeed")
+    with open(installed) as f:
+        first, rest = f.readline(), f.read()
+    if first.strip() == f"#!{python}":
+        return installed
+    copy = os.path.join(REPO, ".cache", "bin", "deepspeed")
+    text = f"#!{python}\n{rest}"
+    if not (os.path.isfile(copy) and open(copy).read() == text):
+        os.makedirs(os.path.dirname(copy), exist_ok=True)
+        tmp = f"{copy}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, copy)
+    return copy
+
+
+DEEPSPEED = _deepspeed_for(PYTHON)
 TRAIN = os.path.join(REPO, "launch", "train.py")
 SBATCH = os.path.join(REPO, "launch", "slurm", "train.sbatch")
 PLOT = os.path.join(REPO, "tools", "plot_metrics.py")

@@ -298,7 +298,7 @@ def test_async_checkpoint_is_declared_complete_only_when_no_rank_is_still_writin
     from megatron_neox.training.checkpointer import Checkpointer, TrainState
 
     class Writer:  # this rank's background writer
-        busy = True
+        busy, error = True, None
 
         def pending(self):
             return self.busy
@@ -306,8 +306,8 @@ def test_async_checkpoint_is_declared_complete_only_when_no_rank_is_still_writin
     class Stop:  # the all-reduce over the ranks of (signalled, busy)
         other_rank_busy = False
 
-        def any_rank(self, busy=False):
-            return False, busy or self.other_rank_busy
+        def any_rank(self, busy=False, failed=False):
+            return False, busy or self.other_rank_busy, failed
 
     writer, stop, finalized = Writer(), Stop(), []
     monkeypatch.setattr(checkpoint, "use_durable_writer", lambda engine, background: writer)

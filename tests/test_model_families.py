@@ -5,6 +5,7 @@ are in tests/test_model_families_parallel.py.
 """
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,6 +165,19 @@ def test_export_carries_the_runs_chat_template(tmp_path):
     ours = ChatTemplate.for_tokenizer(str(path), tok.eod_token).render(messages)
     assert hf_tok.apply_chat_template(messages, tokenize=False) == ours and "<|im_start|>" in ours
     assert hf_tok.eos_token == "<|im_end|>"
+    # Chats rendered with the built-in template (no tokenizer_config.json): a chat model's export
+    # carries it, a pretrained model's does not.
+    plain = chat_tokenizer(tmp_path / "plain")
+    (tmp_path / "plain" / "tokenizer_config.json").unlink()
+    tok = load_tokenizer(plain, verify=False)
+    for chat in (True, False):
+        out = save_hf(tmp_path / f"hf_{chat}", GPTNeoX(cfg, padded, seed=1).state_dict(), cfg, padded,
+                      tokenizer_path=plain, special=SpecialTokens.of(tok), chat=chat)
+        config = json.loads((out / "tokenizer_config.json").read_text())
+        assert ("chat_template" in config) == chat
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf_True")
+    ours = ChatTemplate.for_tokenizer(str(plain), tok.eod_token).render(messages, add_generation_prompt=True)
+    assert hf_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == ours
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -293,3 +307,20 @@ def test_llama_export_evaluates_like_lm_evals_hf_backend(tmp_path, monkeypatch):
                 vx, vy = rx[0] if isinstance(rx, list) else rx, ry[0] if isinstance(ry, list) else ry
                 vx, vy = (vx[0], vy[0]) if isinstance(vx, (list, tuple)) else (vx, vy)
                 assert vx == pytest.approx(vy, rel=1e-4), (task, x["doc_id"])
+
+
+def test_generate_text_starts_a_llama_prompt_with_bos(tmp_path, monkeypatch):
+    """tools/generate.py's prompt starts as our documents and HF's `tokenizer(prompt)` do: with the
+    tokenizer's BOS (Llama-2 style `<s>`); a GPT-2-style tokenizer has none."""
+    import megatron_neox.generate as gen
+    from _tokenizers import gpt2_style_tokenizer, hard_texts, llama2_style_tokenizer
+    from megatron_neox.tokenizer import load_tokenizer
+
+    seen = []
+    monkeypatch.setattr(gen, "generate_ids", lambda model, ids, **kw: seen.append(list(ids)) or [])
+    for make, bos in ((llama2_style_tokenizer, [1]), (gpt2_style_tokenizer, [])):
+        tok = load_tokenizer(make(hard_texts() * 4, 400, tmp_path / f"{make.__name__}.json"), verify=False)
+        gen.generate_text(SimpleNamespace(model=None), tok, "Hello world")
+        assert seen.pop() == bos + tok.encode("Hello world")
+        hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / f"{make.__name__}.json"))
+        assert hf("Hello world").input_ids == bos + tok.encode("Hello world")

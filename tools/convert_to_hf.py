@@ -56,7 +56,8 @@ def main(argv=None) -> int:
         special = SpecialTokens.of(tok) if tok is not None else None  # by token: never assume id 0
         vocab = tok.vocab_size if tok is not None else cfg.vocab_size
         out = save_hf(args.out, sd, cfg, padded, tokenizer_path=tok_file, special=special,
-                      dtype=DTYPES[args.dtype], vocab=vocab)
+                      dtype=DTYPES[args.dtype], vocab=vocab,
+                      chat=ck.run is not None and ck.run.train.objective != "lm")
     except (MegatronNeoxError, OSError) as e:  # OSError: an unwritable output, a full disk
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2

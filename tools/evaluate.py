@@ -89,7 +89,7 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--tasks {args.tasks!r}: names no task; expected lm-eval task names, comma-separated, "
                                   "or a preset: neox20b, gpt3 (leave --tasks out for perplexity)")
             check_include_path(args.include_path)  # before lm-eval indexes it
-            tasks = check_task_setup(names, task_manager(args.include_path),
+            tasks = check_task_setup(names, task_manager(args.include_path, names),
                                      num_fewshot=args.num_fewshot, limit=args.limit, include_path=args.include_path)
         loaded = load_model(args.checkpoint, device=args.device, dtype=DTYPES[args.dtype])
         tok_file = args.tokenizer or tokenizer_path(loaded.run)

@@ -161,11 +161,13 @@ class SpecialTokens:
 
 def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig, padded_vocab: int,
             tokenizer_path: Optional[os.PathLike] = None, special: Optional[SpecialTokens] = None,
-            dtype: torch.dtype = torch.float32, vocab: Optional[int] = None) -> Path:
+            dtype: torch.dtype = torch.float32, vocab: Optional[int] = None, chat: bool = False) -> Path:
     """Write config.json + model.safetensors + generation_config.json (+ tokenizer.json) that
     `from_pretrained` loads; `special` (SpecialTokens.of the tokenizer; None: no ids are named) goes
     with `tokenizer_path`. `vocab` (the tokenizer's size; default the model's `vocab_size`): ids from
     there to `padded_vocab` are padding rows, which HF's generate is told never to pick, as ours does.
+    `chat` (a model fine-tuned on chats): the export carries the chat template it was trained with,
+    the built-in one included.
 
     Written into a temporary directory beside `out_dir` and renamed into place, so an
     interrupted export never leaves a directory that looks complete. The caller decides whether
@@ -186,7 +188,7 @@ def save_hf(out_dir: os.PathLike, sd: Dict[str, torch.Tensor], cfg: ModelConfig,
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
             (tmp / "tokenizer_config.json").write_text(json.dumps(
-                _tokenizer_config(tokenizer_path, special), indent=2))
+                _tokenizer_config(tokenizer_path, special, chat), indent=2))
         chmod_like_umask(tmp)  # mkdtemp and safetensors create owner-only files
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -203,17 +205,18 @@ def _generation_config(special: Optional[SpecialTokens], vocab: int, padded: int
                             suppress_tokens=list(range(vocab, padded)) or None)
 
 
-def _tokenizer_config(tokenizer_path: os.PathLike, special: Optional[SpecialTokens]) -> Dict[str, Any]:
+def _tokenizer_config(tokenizer_path: os.PathLike, special: Optional[SpecialTokens], chat: bool) -> Dict[str, Any]:
     """tokenizer_config.json of an export: the special tokens, and what a tokenizer_config.json beside
     the run's tokenizer.json declares (its chat template and its own special tokens, e.g. a chat
-    model's end-of-turn EOS), so HF's apply_chat_template renders what fine-tuning trained on."""
+    model's end-of-turn EOS), so HF's apply_chat_template renders what fine-tuning trained on; for a
+    `chat` model without one, the built-in template its chats were rendered with."""
     from megatron_neox.data.chat import ChatTemplate
 
     config: Dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
     if special is not None:
         config.update(bos_token=special.bos, eos_token=special.eos, unk_token=special.unk)
     template = ChatTemplate.for_tokenizer(str(tokenizer_path), special.eos if special else "")
-    if template.source != "built-in":
+    if template.source != "built-in" or chat:
         config.update({k: v for k, v in template.special.items() if v}, chat_template=template.text)
     return config
 

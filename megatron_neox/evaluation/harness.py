@@ -25,12 +25,26 @@ from megatron_neox.errors import ConfigError
 from megatron_neox.evaluation.presets import expand_tasks
 
 
+def task_manager(include_path: Optional[str] = None, names: Sequence[str] = ()):
+    """lm-eval's task index for `names` (each index built once per process).
+
+    Indexing lm-eval's own task YAMLs takes ~5 s of CPU, paid by every rank of a training run with
+    eval.tasks. When every name (presets expanded) is a plain task of `include_path`, that
+    directory alone is indexed; else (a built-in task, a group, an unknown name, no names) all of
+    lm-eval's too, with `include_path` taking precedence as lm-eval does."""
+    tasks = expand_tasks(names)
+    if include_path is not None and tasks:
+        own = _task_index(include_path, include_defaults=False)
+        if set(tasks) <= set(own.all_subtasks):
+            return own
+    return _task_index(include_path, include_defaults=True)
+
+
 @functools.lru_cache(maxsize=8)
-def task_manager(include_path: Optional[str] = None):
-    """lm-eval's task index (built once per include path and process: indexing takes seconds)."""
+def _task_index(include_path: Optional[str], include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path)
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
 def check_include_path(include_path: Optional[str], flag: str = "--include-path") -> None:
@@ -107,23 +121,39 @@ def check_task_setup(names: Sequence[str], manager, *, num_fewshot: Optional[int
     if limit is not None and not limit > 0:
         raise ConfigError(f"{limit_flag}={limit}: expected > 0 (examples per task, or a fraction below 1)")
     tasks = check_tasks(names, manager, include_path, include_flag)
-    built = {}
+    built, problems = {}, []
     for name in tasks:
         entry = manager.task_index.get(name)
         yaml = f" ({entry.yaml_path})" if entry is not None and entry.yaml_path else ""
         try:
             built.update(manager.load([name])["tasks"])
+        except ConnectionError as e:  # `datasets` and the Hub's offline errors are ConnectionErrors
+            problems.append(f"lm-eval task {name!r}{yaml} needs its data set from the network (the Hugging Face Hub), "
+                            f"and it is not in the local cache: {e}; {_offline_hint(include_flag)}")
         except Exception as e:  # noqa: BLE001 -- lm-eval raises what its task code and `datasets` raise
-            raise ConfigError(f"lm-eval task {name!r}{yaml} cannot be built: {type(e).__name__}: {e}") from None
+            problems.append(f"lm-eval task {name!r}{yaml} cannot be built: {type(e).__name__}: {e}")
     for name, task in built.items():
         n, same_split = _fewshot_asked(task, num_fewshot)
         docs = task.fewshot_docs() if n else None
         if docs is not None and len(docs) < n + same_split:
-            raise ConfigError(
+            problems.append(
                 f"lm-eval task {name!r}: {n} few-shot examples per document ({fewshot_flag}={num_fewshot}, the "
                 f"task's own {task.get_config('num_fewshot')}) but its few-shot split holds {len(docs)} documents"
                 f"{' (one of them the evaluated document itself)' if same_split else ''}; ask for fewer")
+    if problems:  # every one at once: a user fixing them one launch at a time waits for each
+        raise ConfigError("\n".join(problems))
     return tasks
+
+
+def _offline_hint(include_flag: str) -> str:
+    """What to do about a hub data set that cannot be fetched: the offline switches that are on, if any."""
+    import os
+
+    on = [f"{k}={os.environ[k]}" for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+          if os.environ.get(k, "").lower() in ("1", "true", "yes", "on")]
+    where = (f"offline mode is on ({', '.join(on)}): download it where there is network and copy the cache (HF_HOME)"
+             if on else "check the network, or download it where there is network and copy the cache (HF_HOME)")
+    return f"{where}; or evaluate a local task (a YAML with dataset_path: json, its directory as {include_flag})"
 
 
 def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: Optional[int] = None, include_path: Optional[str] = None,
@@ -133,7 +163,7 @@ def run_tasks(lm, tasks: Sequence[str], *, num_fewshot: Optional[int] = None, in
     None on processes whose LOCAL_RANK is not 0 (lm-eval reports on a node's first process only)."""
     import lm_eval
 
-    manager = manager or task_manager(include_path)
+    manager = manager or task_manager(include_path, tasks)
     names = check_tasks(tasks, manager)
     out = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                   bootstrap_iters=bootstrap_iters, task_manager=manager, log_samples=log_samples)
@@ -179,8 +209,8 @@ def check_training_tasks(cfg) -> List[str]:
     if not cfg.eval.tasks:
         return []
     check_include_path(cfg.eval.include_path, "eval.include_path")  # before lm-eval indexes it
-    return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path), num_fewshot=cfg.eval.num_fewshot,
-                            limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
+    return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path, cfg.eval.tasks),
+                            num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
                             flags=("eval.include_path", "eval.num_fewshot", "eval.tasks_limit"))
 
 
@@ -197,7 +227,7 @@ class TrainingHarness:
         from megatron_neox.evaluation.backends import EngineModel
         from megatron_neox.evaluation.lm import NeoXLM
 
-        self.manager = task_manager(cfg.eval.include_path)
+        self.manager = task_manager(cfg.eval.include_path, cfg.eval.tasks)
         self.tasks = tasks if tasks is not None else check_training_tasks(cfg)
         backend = EngineModel(engine, topo, tokenizer.vocab_size, cfg.parallel.sequence_parallel)
         self.lm = NeoXLM(backend, tokenizer, max_length=cfg.model.seq_length, batch_size=cfg.train.micro_batch_size,
@@ -228,10 +258,13 @@ class TrainingHarness:
         except Exception as e:  # noqa: BLE001 -- see below
             # What start-up could check it did; what is left (a task's own code, its data going away)
             # must not cost the run its next checkpoint: every rank runs the same requests and fails
-            # alike, so each logs the failure and training goes on.
-            print(f"warning: eval.tasks at step {step} failed, training goes on: {type(e).__name__}: {e}", flush=True)
+            # alike, so each goes on training (rank 0 logs the failure).
+            record = {"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"}
             if self.metrics is not None:
-                self.metrics.log({"step": step, "eval_tasks_error": f"{type(e).__name__}: {e}"})
+                self.metrics.log(record)  # rank 0 prints it (training/metrics.py) and keeps it in metrics.jsonl
+            else:
+                print(f"warning: eval.tasks at step {step} failed, training goes on: {record['eval_tasks_error']}",
+                      flush=True)
             return {}
         finally:
             quiet.setLevel(level)

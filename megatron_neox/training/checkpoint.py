@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_neox.checkpoint_files import (CLIENT_KEY, COMPLETE, complete_tags, read_latest, read_meta, tag_of,
+from megatron_neox.checkpoint_files import (CLIENT_KEY, COMPLETE, LATEST, complete_tags, read_latest, read_meta, tag_of,
                                             verify_contents, verify_files, verify_manifest, write_latest, write_meta)
 from megatron_neox.config import Config
 from megatron_neox.durable import fsync_dir
 from megatron_neox.errors import CheckpointError, CheckpointMismatch
 from megatron_neox.topology import Topology
-from megatron_neox.training.writer import DurableWriter
+from megatron_neox.training.writer import DurableWriter, naming_failures, write_failure
 
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 _SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
@@ -119,10 +119,13 @@ def begin_save(engine, cfg: Config, topo: Topology, ckpt_dir: os.PathLike, state
     tag = tag_of(iteration)
     padded = cfg.model.padded_vocab(topo.tp)
     if _rank0():
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        stale = ckpt_dir / tag
-        if stale.exists():  # an earlier crashed save of the same step: start it afresh
-            shutil.rmtree(stale)
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            stale = ckpt_dir / tag
+            if stale.exists():  # an earlier crashed save of the same step: start it afresh
+                shutil.rmtree(stale)
+        except OSError as e:  # reported with every rank's writer state (the others are at the barrier)
+            engine.checkpoint_engine.fail(write_failure(ckpt_dir / tag, e, "preparing the checkpoint directory"))
     _barrier()
     # The resolved config (every 'auto' decided: megatron_neox/resolve.py) is what ran.
     state = {**state, "config": cfg.to_dict()}
@@ -140,15 +143,18 @@ def finalize_tag(pending: PendingSave, keep_last: Optional[int]) -> Path:
     """Declare a checkpoint complete; rank 0 only, once every rank's files are durable: complete.json,
     then `latest` (each durable before the next), then checkpoints beyond `keep_last` are removed."""
     ckpt_dir, tag = pending.ckpt_dir, pending.tag
-    fsync_dir(ckpt_dir / tag)
-    write_meta(ckpt_dir / tag, pending.meta)
-    write_latest(ckpt_dir, tag)
+    with naming_failures(ckpt_dir / tag / COMPLETE):
+        fsync_dir(ckpt_dir / tag)
+        write_meta(ckpt_dir / tag, pending.meta)
+    with naming_failures(ckpt_dir / LATEST):
+        write_latest(ckpt_dir, tag)
     if keep_last:
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             # The marker goes first: a crash mid-removal leaves a partial checkpoint, never one
             # that claims to be complete.
-            (ckpt_dir / old / COMPLETE).unlink()
-            fsync_dir(ckpt_dir / old)
+            with naming_failures(ckpt_dir / old / COMPLETE, "removing an old checkpoint (keep_last)"):
+                (ckpt_dir / old / COMPLETE).unlink()
+                fsync_dir(ckpt_dir / old)
             shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     return ckpt_dir / tag
 
@@ -179,7 +185,7 @@ def data_setup(cfg: Config) -> Dict[str, Any]:
             "train.seed": cfg.train.seed}
 
 
-def _check_data_setup(meta: Dict[str, Any], cfg: Config, tag_dir: Path) -> None:
+def _check_data_setup(meta: Dict[str, Any], cfg: Config, tag_dir: Path, say: bool = True) -> None:
     """A resume under another data setup is refused (a CheckpointMismatch: every rank raises it, and
     no older checkpoint is tried), naming each key with both values, unless
     checkpoint.allow_data_change; then the log names what changed."""
@@ -194,13 +200,14 @@ def _check_data_setup(meta: Dict[str, Any], cfg: Config, tag_dir: Path) -> None:
         raise CheckpointMismatch(f"{tag_dir}: resuming with another data setup would read other samples from the saved "
                           "data position:\n  " + "\n  ".join(diffs) + "\nrestore these values, or set "
                           "checkpoint.allow_data_change=true to continue from the same position anyway")
-    _log("checkpoint.allow_data_change: resuming with a changed data setup: " + "; ".join(diffs))
+    if say:
+        _log("checkpoint.allow_data_change: resuming with a changed data setup: " + "; ".join(diffs))
 
 
 def _check_compatible(meta: Dict[str, Any], cfg: Config, topo: Topology, tag_dir: Path, universal: bool,
-                      weights_only: bool) -> None:
+                      weights_only: bool, say: bool = True) -> None:
     if not weights_only:  # a weights-only load starts a fresh data order
-        _check_data_setup(meta, cfg, tag_dir)
+        _check_data_setup(meta, cfg, tag_dir, say)
     saved, now = meta["model"], cfg.model.model_dump(mode="json")
     diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {now.get(k)!r}"
              for k in _SHAPE_KEYS if saved.get(k) != now.get(k)]
@@ -268,7 +275,22 @@ def load(engine, cfg: Config, topo: Topology, load_dir: os.PathLike, *, required
     raise CheckpointError(f"{load_dir}: no intact checkpoint to resume from:\n  " + "\n  ".join(errors))
 
 
-def _check_tag(tag_dir: Path, cfg: Config, topo: Topology) -> Tuple[Optional[CheckpointError], Optional[dict]]:
+def check_resumable(cfg: Config, topo: Topology, load_dir: os.PathLike) -> None:
+    """The checks `load` makes before it reads a tensor (model shape, layout, data setup), made at
+    start-up before the data and the model are built: a resume `load` would refuse (a
+    CheckpointMismatch) is refused in seconds, not after the engine is built. Damage (a missing or
+    truncated file) is left to `load`, which falls back to an older checkpoint."""
+    load_dir = Path(load_dir)
+    for tag in _candidates(load_dir)[0]:
+        problem, _ = _broadcast(_check_tag(load_dir / tag, cfg, topo, say=False) if _rank0() else None)
+        if isinstance(problem, CheckpointMismatch):
+            raise problem
+        if problem is None:
+            return
+
+
+def _check_tag(tag_dir: Path, cfg: Config, topo: Topology,
+               say: bool = True) -> Tuple[Optional[CheckpointError], Optional[dict]]:
     """(None, complete.json's contents) when `tag_dir` can be resumed, else (the problem, None)."""
     try:
         if not tag_dir.is_dir():
@@ -276,7 +298,7 @@ def _check_tag(tag_dir: Path, cfg: Config, topo: Topology) -> Tuple[Optional[Che
         meta = read_meta(tag_dir)
         verify_manifest(tag_dir, meta)
         verify_files(tag_dir)
-        _check_compatible(meta, cfg, topo, tag_dir, bool(meta.get("universal")), _weights_only(cfg, meta))
+        _check_compatible(meta, cfg, topo, tag_dir, bool(meta.get("universal")), _weights_only(cfg, meta), say)
         return None, meta
     except CheckpointError as e:
         return e, None

@@ -10,6 +10,11 @@ With `checkpoint.async_save` a save returns once this rank's state is copied to 
 checkpoint is declared complete at the first `after_step` at which every rank's writer has
 finished. That is learnt from the all-reduce the stop signal already makes each step, so an
 asynchronous save adds no collective to the steps it overlaps.
+
+A save that fails (a full disk, a directory made unwritable) fails on every rank at once: a write
+error is kept by the rank's writer (training/writer.py) and the ranks agree on it where they meet
+anyway (that per-step all-reduce, the points of a save where they used to wait in a barrier), so
+no rank waits in a collective for one that has given up, whichever rank met the error.
 """
 import os
 import signal
@@ -21,6 +26,7 @@ import torch.distributed as dist
 
 from megatron_neox.checkpoint_files import has_checkpoint
 from megatron_neox.config import Config
+from megatron_neox.errors import CheckpointError
 from megatron_neox.topology import Topology
 from megatron_neox.training import checkpoint, preemption
 from megatron_neox.training.metrics import log_info
@@ -93,27 +99,56 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signum
 
-    def any_rank(self, busy: bool = False) -> tuple:
-        """(any rank got a signal, any rank is `busy`), the same on every rank; ranks may be
-        signalled at different times."""
-        from deepspeed.accelerator import get_accelerator
-
-        # A device tensor: NCCL cannot reduce CPU tensors.
-        flags = torch.tensor([1 if self.received is not None else 0, int(busy)],
-                             device=get_accelerator().current_device_name())
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        signalled, busy = flags.tolist()
-        return bool(signalled), bool(busy)
+    def any_rank(self, busy: bool = False, failed: bool = False) -> tuple:
+        """(any rank got a signal, any rank is `busy`, any rank has `failed`), the same on every
+        rank; ranks may be signalled at different times."""
+        signalled, busy, failed = _any_rank(self.received is not None, busy, failed)
+        return bool(signalled), bool(busy), bool(failed)
 
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def _any_rank(*flags: bool) -> List[int]:
+    """Each flag OR-ed over the ranks (one all-reduce)."""
+    from deepspeed.accelerator import get_accelerator
+
+    # A device tensor: NCCL cannot reduce CPU tensors.
+    t = torch.tensor([int(f) for f in flags], device=get_accelerator().current_device_name())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _agree(error: Optional[Exception]) -> None:
+    """Every rank calls it at the same point of a save, in place of a barrier: when this rank's part
+    (`error`) or another's failed, every rank raises, so none is left waiting in a collective for a
+    rank that has given up (the failure may be rank 0's alone: it alone writes `latest`)."""
+    if not _any_rank(error is not None)[0]:
+        return
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        found: List[Optional[str]] = [None] * dist.get_world_size()
+        dist.all_gather_object(found, None if error is None else str(error))
+        if error is None:
+            rank, message = next((r, m) for r, m in enumerate(found) if m is not None)
+            error = CheckpointError(f"the checkpoint save failed on rank {rank}: {message}")
+    raise error
+
+
+def resume_dir(cfg: Config) -> Optional[str]:
+    """Where a run resumes from: its own checkpoint.dir once it holds a checkpoint (auto-resume),
+    else checkpoint.load (a new run seeded from it), else nowhere."""
+    own = cfg.checkpoint.dir and has_checkpoint(cfg.checkpoint.dir)
+    return cfg.checkpoint.dir if own else cfg.checkpoint.load
+
+
+def check_resume(cfg: Config, topo: Topology) -> None:
+    """At start-up, before the data and the model are built: the checkpoint the run will resume
+    from belongs to it (training/checkpoint.py `check_resumable`)."""
+    load_dir = resume_dir(cfg)
+    if load_dir:
+        checkpoint.check_resumable(cfg, topo, load_dir)
 
 
 class Checkpointer:
@@ -129,9 +164,7 @@ class Checkpointer:
 
     def resume(self) -> TrainState:
         """The state to start from: the run's own newest checkpoint, else checkpoint.load, else step 0."""
-        ck = self.cfg.checkpoint
-        own = self.dir and has_checkpoint(self.dir)
-        load_dir = self.dir if own else ck.load
+        load_dir = resume_dir(self.cfg)
         if not load_dir:
             return TrainState()
         return TrainState.from_saved(checkpoint.load(self.engine, self.cfg, self.topo, load_dir, required=True))
@@ -157,21 +190,28 @@ class Checkpointer:
         """Wait for the save in flight (if any) and declare it complete."""
         if self.pending is None:
             return
-        self.writer.wait()
-        _barrier()  # every rank's files are durable
+        self.writer.drain()
+        _agree(self.writer.error)  # every rank's files are durable
         self._finalize()
-        _barrier()  # nobody goes on (or returns) before the checkpoint is complete
 
     def _finalize(self) -> None:
+        error = None
         if self.topo.rank == 0:
-            checkpoint.finalize_tag(self.pending, self.cfg.checkpoint.keep_last)
+            try:
+                checkpoint.finalize_tag(self.pending, self.cfg.checkpoint.keep_last)
+            except CheckpointError as e:
+                error = e
         self.pending = None
+        _agree(error)  # nobody goes on (or returns) before the checkpoint is complete
 
     def after_step(self, state: TrainState, total_steps: int, trained: bool = True) -> bool:
         """Save if due; True when the run must stop now (it has saved). After a rollback
         (`trained` False) only a stop signal is looked for: the state is a checkpoint's."""
         self.steps_this_run += int(trained)
-        signalled, writing = self.stop.any_rank(busy=self.pending is not None and self.writer.pending())
+        signalled, writing, failed = self.stop.any_rank(busy=self.pending is not None and self.writer.pending(),
+                                                        failed=self.writer.error is not None)
+        if failed:
+            _agree(self.writer.error)  # raises on every rank
         if self.pending is not None and not writing:
             self._finalize()  # every rank's files are durable
         exit_after = self.cfg.train.exit_interval

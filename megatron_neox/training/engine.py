@@ -13,18 +13,12 @@ from typing import Any, Dict, List, NamedTuple, Optional
 import torch
 
 from megatron_neox.config import Config
+from megatron_neox.errors import ConfigError
 from megatron_neox.model.gpt_neox import GPTNeoX, layer_specs, lm_loss
 from megatron_neox.parallel.random import model_parallel_seed
 from megatron_neox.topology import Topology
 from megatron_neox.training.clipping import GlobalNormClipper
-
-
-def check_precision_supported(cfg: Config) -> None:
-    """The precision and the attention kernel can train on this machine's accelerator."""
-    from megatron_neox.hardware import check_attention_kernel_trains, check_precision_supported as check
-
-    check(cfg.precision)
-    check_attention_kernel_trains(cfg.model.attention_kernel)
+from megatron_neox.training.launch import check_trains_here
 
 
 def build_model(cfg: Config, topo: Topology, checkpoint_fn=None, ds_config: Optional[Dict[str, Any]] = None,
@@ -167,11 +161,10 @@ def build_engine(cfg: Config, topo: Topology, objective=None) -> BuiltEngine:
 
     from megatron_neox.precision import choose_adam
 
-    check_precision_supported(cfg)
-    if cfg.activation_checkpointing.interval == "auto":  # the trainer resolves it first (start-up line)
-        from megatron_neox.plan import resolve_checkpoint_interval
-
-        cfg, _ = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+    check_trains_here(cfg)  # setup() has refused it already; again for callers that skip setup
+    if cfg.activation_checkpointing.interval == "auto":
+        raise ConfigError("activation_checkpointing.interval 'auto' is decided in set-up: build the engine from the "
+                          "config training/launch.py `setup` returns")
     ds_config = deepspeed_config(cfg)
     for key, value in choose_adam(get_accelerator().device_name())[0].items():
         ds_config["optimizer"]["params"].setdefault(key, value)

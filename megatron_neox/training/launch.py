@@ -1,8 +1,9 @@
 """Process set-up shared by the entry points: threads, joining the world, the layout and grid.
 
 `setup(cfg)` is the one place a rank joins torch.distributed (however it was started), resolves
-the config once for the world (the `Layout` attached, every `auto` decided) and builds its
-`Topology` from it; the trainer, the tests and the benchmarks call it before building an engine.
+the config once for the world (the `Layout` attached, every `auto` decided), checks that this
+machine can train it (`check_trains_here`) and builds its `Topology` from it; the trainer, the
+tests and the benchmarks call it before building an engine.
 """
 import os
 from typing import Optional, Tuple
@@ -95,10 +96,24 @@ def _first_slurm_host() -> str:
         return nodelist.split(",")[0]
 
 
+def check_trains_here(cfg: Config) -> None:
+    """ConfigError when this machine's accelerator cannot train `cfg`: its precision, or an attention
+    kernel with no backward here (megatron_neox/hardware.py). Not part of `resolve`, which also
+    serves plan.py, where the machine that plans is not the one that trains."""
+    from megatron_neox.hardware import check_attention_kernel_trains, check_precision_supported
+
+    check_precision_supported(cfg.precision)
+    check_attention_kernel_trains(cfg.model.attention_kernel)
+
+
 def setup(cfg: Config) -> Tuple[Config, Topology]:
     """Join the world (if not yet), resolve the config on it (megatron_neox/resolve.py: every layout
-    error before any group is made, every 'auto' decided) and build this rank's grid. Returns the
-    resolved config, which every component is built from, and the grid."""
+    error before any group is made, every 'auto' decided), refuse what this machine cannot train
+    (before any data or model work) and build this rank's grid. Returns the resolved config, which
+    every component is built from, and the grid."""
+    from megatron_neox.plan import decide_checkpoint_interval
+
     init_distributed()
-    cfg = resolve(cfg, dist.get_world_size())
+    cfg = resolve(cfg, dist.get_world_size(), extra=(decide_checkpoint_interval,))
+    check_trains_here(cfg)
     return cfg, Topology.from_layout(cfg.resolved.layout)

@@ -282,6 +282,8 @@ def _format_line(r: Dict[str, Any]) -> str:
     if "eval_loss" in r:
         ppl = f" | eval_ppl {_fmt(r['eval_ppl'])}" if "eval_ppl" in r else ""
         return f"eval  step {r['step']:>6} | eval_loss {_fmt(r['eval_loss'])}{ppl}" + _rewards(r, "eval_")
+    if "eval_tasks_error" in r:
+        return f"warning: eval.tasks at step {r['step']} failed, training goes on: {r['eval_tasks_error']}"
     if "rollback_to" in r:
         a, b = r["skipped_batches"]
         return (f"spike step {r['step']:>6} | loss {_fmt(r['spike_loss'])} ({r['spike_reason']}) | rollback "

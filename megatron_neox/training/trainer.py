@@ -27,7 +27,7 @@ from megatron_neox.errors import ConfigError, MegatronNeoxError
 from megatron_neox.evaluation.harness import TrainingHarness, check_training_tasks
 from megatron_neox.outputs import check_run_dirs
 from megatron_neox.topology import Topology
-from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState
+from megatron_neox.training.checkpointer import Checkpointer, StopSignal, TrainState, check_resume
 from megatron_neox.training.engine import build_engine
 from megatron_neox.training.launch import setup
 from megatron_neox.training.metrics import MetricsLogger, log_info, resolve_peak_tflops
@@ -128,25 +128,24 @@ class StepOutcome:
 
 
 class _Run:
-    """Everything one training run is built from, in the order it is built: the resolved config,
-    layout and data first (their errors come before the model is built), then the engine, then the
-    resume. The loop components (validator, harness, checkpointer) share one convention:
-    `after_step(state, last_step, trained) -> stop?`."""
+    """Everything one training run is built from, in the order it is built, from the config and grid
+    `setup` gave: the tokenizer, lm-eval tasks and data first (their errors come before the model is
+    built), then the engine, then the resume. The loop components (validator, harness,
+    checkpointer) share one convention: `after_step(state, last_step, trained) -> stop?`."""
 
-    def __init__(self, cfg: Config, stop: StopSignal):
+    def __init__(self, cfg: Config, topo: Topology, stop: StopSignal):
         from megatron_neox.data.finetune import FinetuneLoader, build_finetune_datasets
         from megatron_neox.data.loader import (BatchLoader, build_datasets, eod_flags, eod_warnings, loader_options,
                                                size_warnings)
 
-        from megatron_neox.plan import resolve_checkpoint_interval
+        from megatron_neox.plan import recompute_of
 
-        cfg, topo = setup(cfg)  # resolved: every 'auto' decided, the layout attached
-        # activation_checkpointing.interval 'auto' -> a number from the planner's memory estimate on this device
-        cfg, self.recompute = resolve_checkpoint_interval(cfg, cfg.resolved.layout)
+        self.recompute = recompute_of(cfg)
         self.cfg, self.topo = cfg, topo
         self.layout = layout = cfg.resolved.layout
         tok = _check_tokenizer(cfg)
         tasks = check_training_tasks(cfg)  # every lm-eval task built and checked before the model is
+        check_resume(cfg, topo)  # a checkpoint of another model, layout or data setup: refused now
         # The end-of-document id only where something uses it: a tokenizer without one is fine otherwise.
         eod = tok.eod_id if tok is not None and (eod_flags(cfg.data) or cfg.eval.tasks) else None
         batch_options = loader_options(cfg.data, eod)  # refuses EOD flags without a tokenizer
@@ -279,8 +278,12 @@ def train(cfg: Config) -> RunResult:
     stop = StopSignal()
     lock = None
     try:
-        lock = check_run_dirs(cfg)  # before anything is built; one run per checkpoint.dir
-        run = _Run(cfg, stop)
+        # Resolved (every 'auto' decided, the recompute interval from the planner's memory estimate
+        # on this device; the layout attached) and checked against this machine before anything is
+        # written or built.
+        cfg, topo = setup(cfg)
+        lock = check_run_dirs(cfg)  # one run per checkpoint.dir
+        run = _Run(cfg, topo, stop)
         try:
             return _loop(run)
         finally:

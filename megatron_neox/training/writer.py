@@ -16,10 +16,12 @@ engine does not call), writes `latest` itself without fsync, and its FastCheckpo
 needs the async_io op.
 """
 import copy
+import errno
 import os
 import queue
 import threading
-from typing import Any, Optional
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
 
 import torch
 from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
@@ -38,12 +40,12 @@ def save_durable(obj: Any, path: os.PathLike) -> None:
         raise write_failure(path, e) from None
 
 
-def write_failure(path: os.PathLike, e: BaseException) -> CheckpointError:
-    """What went wrong writing `path`, said plainly. torch's zip writer reports a full disk as
-    `[enforce fail at inline_container.cc] ... file write failed` or `unexpected pos N vs M`
-    (no errno), so the directory is probed with a small write of our own: its OSError names the
+def write_failure(path: os.PathLike, e: BaseException, action: str = "writing the checkpoint file") -> CheckpointError:
+    """What went wrong `action` (writing, creating) `path`, said plainly. torch's zip writer reports a
+    full disk as `[enforce fail at inline_container.cc] ... file write failed` or `unexpected pos N vs
+    M` (no errno), so the directory is probed with a small write of our own: its OSError names the
     cause (no space left, not writable, read-only)."""
-    reason = e.strerror if isinstance(e, OSError) and e.strerror else None
+    reason = _cause(e) if isinstance(e, OSError) and e.strerror else None
     if reason is None:
         probe = os.path.join(os.path.dirname(os.path.abspath(path)), f".write-probe-{os.getpid()}")
         try:
@@ -52,15 +54,33 @@ def write_failure(path: os.PathLike, e: BaseException) -> CheckpointError:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as err:
-            reason = err.strerror or str(err)
+            reason = _cause(err)
         finally:
             try:
                 os.remove(probe)
             except OSError:
                 pass
     reason = reason or f"{type(e).__name__}: {e}"
-    return CheckpointError(f"{path}: writing the checkpoint file failed: {reason}; `latest` still names the last "
-                           "complete checkpoint (free space or fix the permissions, then resume)")
+    return CheckpointError(f"{path}: {action} failed: {reason}; `latest` still names the last complete "
+                           "checkpoint (free space or fix the permissions, then resume)")
+
+
+def _cause(e: OSError) -> str:
+    # EPERM is what an immutable directory (chattr +i) gives even root; EACCES mode bits; EROFS a
+    # read-only mount.
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"not writable ({e.strerror})"
+    return e.strerror or str(e)
+
+
+@contextmanager
+def naming_failures(path: os.PathLike, action: str = "writing the checkpoint file") -> Iterator[None]:
+    """An OSError inside becomes `write_failure(path, ...)`: the file the user knows (`latest`), not
+    the temporary name the write was using."""
+    try:
+        yield
+    except OSError as e:
+        raise write_failure(path, e, action) from None
 
 
 def host_copy(obj: Any) -> Any:
@@ -98,10 +118,26 @@ class DurableWriter(TorchCheckpointEngine):
         # clone views out of their flat buffers first (that would be a second copy).
         return not self.background
 
+    def makedirs(self, path, exist_ok=False) -> None:
+        # DeepSpeed makes each file's directory through here and, on an OSError, only logs
+        # "Failed saving model checkpoint" and goes on: keep the cause for the training thread.
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.fail(write_failure(path, e, "creating the checkpoint directory"))
+            raise
+
     def save(self, state_dict, path: str) -> None:
-        self.check()
+        # Never raises: a failure is kept (`error`) and reported where every rank looks for it
+        # (training/checkpointer.py), not inside DeepSpeed's save_checkpoint, whose closing barrier
+        # the other ranks would wait in for this one. The rest of a failed save is not written.
+        if self._error is not None:
+            return
         if not self.background:
-            save_durable(state_dict, path)
+            try:
+                save_durable(state_dict, path)
+            except CheckpointError as e:
+                self.fail(e)
             return
         snapshot = host_copy(state_dict)
         if torch.cuda.is_available():
@@ -114,22 +150,35 @@ class DurableWriter(TorchCheckpointEngine):
             try:
                 if self._error is None:
                     save_durable(snapshot, path)
-            except CheckpointError as e:  # reported on the training thread by check()/wait()
-                self._error = e
+            except CheckpointError as e:  # reported on the training thread
+                self.fail(e)
             except BaseException as e:
-                self._error = CheckpointError(f"{path}: writing the checkpoint file failed: {e}")
+                self.fail(CheckpointError(f"{path}: writing the checkpoint file failed: {e}"))
             finally:
                 del snapshot
                 self._queue.task_done()
 
+    def fail(self, error: CheckpointError) -> None:
+        """Record a failure of this rank's part of the save (the first one is kept)."""
+        if self._error is None:
+            self._error = error
+
+    @property
+    def error(self) -> Optional[CheckpointError]:
+        """This rank's first failed write, or None."""
+        return self._error
+
     def pending(self) -> bool:
         """True while this rank still has files to write."""
-        self.check()
         return self._queue.unfinished_tasks > 0
 
-    def wait(self) -> None:
-        """Until every file handed over so far is durable."""
+    def drain(self) -> None:
+        """Until every file handed over so far is written (or its failure recorded)."""
         self._queue.join()
+
+    def wait(self) -> None:
+        """Until every file handed over so far is durable; the first failure raised."""
+        self.drain()
         self.check()
 
     def check(self) -> None:
