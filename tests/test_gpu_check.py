@@ -23,8 +23,10 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_check")
     out = tmp / "gpu_check.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    # Every check, the CLI row (opt-in on CPU: a second process through launch/train.py) included.
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--tiny",
-                           "--json", str(out)], capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
+                           "--only", "parity,syncs,kernels,throughput,cli,decode", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc
 
@@ -67,6 +69,15 @@ def test_throughput_rows_compare_with_hf(report):
         assert rows[name]["ours"]["tokens_per_sec"] > 0 and rows[name]["hf"]["tokens_per_sec"] > 0, rows[name]
         assert rows[name]["ours_over_hf"] > 0
     assert "skipped" in rows["compiled_no_recompute"]
+
+
+def test_cli_row_trains_through_launch_train_and_compares_with_engine_and_hf(report):
+    r, _ = report
+    cli = r["cli"]
+    assert cli["ok"] and cli["recompute_interval"] == 1, cli
+    assert cli["cli_fp32"]["step"] == cli["steps"] and cli["cli_fp32"]["tokens_per_sec"] > 0, cli
+    assert cli["engine_fp32"]["tokens_per_sec"] > 0 and cli["hf_eager_fp32"]["tokens_per_sec"] > 0, cli
+    assert cli["cli_over_engine_fp32"] > 0 and cli["cli_fp32_over_hf_fp32"] > 0
 
 
 def _gpu_check():
