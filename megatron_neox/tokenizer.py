@@ -463,8 +463,8 @@ class Tokenizer:
             return self._fast.encode_batch(texts)
         return _hf_encode_batch(self._hf, list(texts))
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self._hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     @property
     def hf(self):

@@ -79,8 +79,9 @@ class NeoXLM(TemplateLM):
             return ids
         return ids if string.startswith("".join(map(self.tokenizer.id_to_token, bos))) else bos + ids
 
-    def tok_decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids)
+    def tok_decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """As lm-eval's HF backend decodes an answer: special tokens (a BOS the model wrote) left out."""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ---- log-likelihoods ----------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class NeoXLM(TemplateLM):
                 for i, new_ids in zip(batch, outs):
                     if self.eot_token_id in new_ids:
                         new_ids = new_ids[:new_ids.index(self.eot_token_id)]
-                    text = postprocess_generated_text(self.tokenizer.decode(new_ids), until, None)
+                    text = postprocess_generated_text(self.tok_decode(new_ids), until, None)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", args[i], text)
                     bar.update(1)
