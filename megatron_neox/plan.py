@@ -345,8 +345,8 @@ def estimate_memory(cfg: Config, layout: Layout, stage: int = 0, parts: Optional
 
     interval = cfg.activation_checkpointing.interval if checkpoint_interval is None else checkpoint_interval
     if interval == "auto":
-        raise ValueError("estimate_memory needs a number: resolve(cfg, world, extra=(decide_checkpoint_interval,)) first, "
-                         "or pass checkpoint_interval")
+        raise ValueError("estimate_memory needs a number: resolve(cfg, world, extra=(decide_checkpoint_interval,)) "
+                         "first, or pass checkpoint_interval")
     n = interval or 1
     block_input = N * e / (t if cfg.activation_checkpointing.partition_activations else 1)
     blocks = [per_layer[i:i + n] for i in range(0, len(per_layer), n)]

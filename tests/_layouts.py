@@ -71,10 +71,16 @@ def run_steps(cfg, steps: int):
     """Build the engine for cfg on the current world and train `steps` steps; (losses, norms)."""
     from megatron_neox.training.engine import build_engine
     from megatron_neox.training.launch import setup
-    from megatron_neox.training.step import train_step
 
     cfg, topo = setup(cfg)
     engine, _, clipper = build_engine(cfg, topo)
+    return train_steps(engine, cfg, topo, clipper, steps)
+
+
+def train_steps(engine, cfg, topo, clipper, steps: int):
+    """`steps` steps of `engine` on the deterministic micro-batches of step 0, 1, ...; (losses, norms)."""
+    from megatron_neox.training.step import train_step
+
     losses, norms = [], []
     for s in range(steps):
         r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo, clipper)

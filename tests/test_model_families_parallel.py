@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from _dist import run_distributed
-from _layouts import tiny_config
+from _layouts import tiny_config, train_steps
 from _train import load_tool, make_dataset
 
 transformers = pytest.importorskip("transformers")
@@ -58,16 +58,10 @@ def _run(pp, tp, overrides):
     from megatron_neox.parallel.sharding import partition_of
     from megatron_neox.training.engine import build_engine
     from megatron_neox.training.launch import setup
-    from megatron_neox.training.step import train_step
-    from _layouts import micro_batches
 
     cfg, topo = setup(tiny_config(pp, tp, overrides))
     engine, model, clipper = build_engine(cfg, topo)
-    losses, norms = [], []
-    for s in range(STEPS):
-        r = train_step(engine, micro_batches(s, cfg, topo.dp, topo.dp_rank), topo, clipper)
-        losses.append(r.loss)
-        norms.append(r.grad_norm)
+    losses, norms = train_steps(engine, cfg, topo, clipper, STEPS)
     if tp != 4:
         return losses, norms
     marks = {n: (p.partition_dim, p.partition_stride) if getattr(p, "tensor_model_parallel", False) else None

@@ -210,7 +210,8 @@ def check_training_tasks(cfg) -> List[str]:
         return []
     check_include_path(cfg.eval.include_path, "eval.include_path")  # before lm-eval indexes it
     return check_task_setup(cfg.eval.tasks, task_manager(cfg.eval.include_path, cfg.eval.tasks),
-                            num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.tasks_limit, include_path=cfg.eval.include_path,
+                            num_fewshot=cfg.eval.num_fewshot, limit=cfg.eval.tasks_limit,
+                            include_path=cfg.eval.include_path,
                             flags=("eval.include_path", "eval.num_fewshot", "eval.tasks_limit"))
 
 

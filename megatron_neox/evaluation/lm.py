@@ -72,12 +72,13 @@ class NeoXLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: Optional[bool] = None, **kwargs) -> List[int]:
         """Ids as HF's tokenizer gives them to lm-eval's HF backend: the BOS the tokenizer's own
         template puts first (Llama families; none for GPT-2/GPT-NeoX), unless `add_special_tokens`
-        is False or the text already starts with it."""
-        ids = self.tokenizer.encode(string)
+        is False. A text that already starts with the BOS's text gets it once, as the token (our
+        encoder reads special-token text as plain text; HF's reads it as the token)."""
         bos = self.tokenizer.bos_ids
         if not bos or add_special_tokens is False:
-            return ids
-        return ids if string.startswith("".join(map(self.tokenizer.id_to_token, bos))) else bos + ids
+            return self.tokenizer.encode(string)
+        text = "".join(map(self.tokenizer.id_to_token, bos))
+        return bos + self.tokenizer.encode(string[len(text):] if string.startswith(text) else string)
 
     def tok_decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """As lm-eval's HF backend decodes an answer: special tokens (a BOS the model wrote) left out."""

@@ -210,6 +210,7 @@ class MetricsLogger:
         objective's figures over the window (DPO rewards)."""
         ranks = self._rank_times()
         now = time.perf_counter()
+        trained_s = now - self._window_start - self._window_paused
         step, window = state["iteration"], self._window_losses
         per_step = (now - self._run_start) / max(1, step - self._run_start_iter)
         self.log({
@@ -217,7 +218,7 @@ class MetricsLogger:
             "consumed_samples": state["consumed_samples"], "tokens": state["consumed_tokens"],
             "loss": sum(window) / len(window) if window else float("nan"), "lr": lr,
             "grad_norm": grad_norm, "loss_scale": loss_scale, "skipped_steps": state["skipped_steps"],
-            "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, now - self._window_start - self._window_paused),
+            "global_batch_size": global_batch_size, **self.throughput(self._window_tokens, trained_s),
             "mem_gb": memory_gb(), "eta_s": per_step * (self.total_steps - step), **ranks, **(extra or {}),
         })
         self._reset_window()
