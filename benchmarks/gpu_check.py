@@ -730,18 +730,25 @@ def main(argv=None) -> int:
               "kernels": lambda: check_kernels(size, device),
               "throughput": lambda: check_throughput(size, compile_rows=on_gpu or args.compile),
               "cli": lambda: check_cli(size), "decode": lambda: check_decode(size, device)}
-    t0 = time.perf_counter()
-    for name in only:
-        start = time.perf_counter()
-        report[name] = checks[name]()
-        report[name + "_seconds"] = round(time.perf_counter() - start, 1)
-        print(f"{name:<10} {_summary(name, report[name])}", flush=True)
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    failed = [k for k in VERDICT_CHECKS if k in report and not report[k]["ok"]]
-    report["verdict"] = "PASS" if not failed else "FAIL: " + ", ".join(failed)
     out = Path(args.json)
     from megatron_neox.durable import write_json
 
+    t0 = time.perf_counter()
+    for name in only:
+        start = time.perf_counter()
+        try:
+            report[name] = checks[name]()
+            line = _summary(name, report[name])
+        except Exception as e:  # a GPU run is one shot: a check that breaks must not take the others' figures
+            report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            line = f"FAIL | {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        report[name + "_seconds"] = round(time.perf_counter() - start, 1)
+        print(f"{name:<10} {line}", flush=True)
+        write_json(out, report, indent=1)  # so far: what a run stopped by its time limit leaves
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    failed = [k for k in CHECKS if k in report and (k in VERDICT_CHECKS or "error" in report[k])
+              and not report[k].get("ok", True)]
+    report["verdict"] = "PASS" if not failed else "FAIL: " + ", ".join(failed)
     write_json(out, report, indent=1)
     parts = [f"gpu_check {report['verdict']}", report["device"]]
     if "syncs" in report:

@@ -119,3 +119,27 @@ def test_kernel_check_fails_on_the_math_path_and_sync_watch_sees_an_item_in_the_
     # One per layer, attributed to the model (the innermost project frame: where the layer is called).
     assert s["dispatch"] == s["dispatch_in_model"] == cfg.model.num_layers, s
     assert all(site.startswith("megatron_neox/model/") for site in s["dispatch_sites"]), s
+
+
+def test_a_check_that_raises_is_a_fail_and_the_others_still_report(tmp_path, monkeypatch, capsys):
+    """A GPU run is one shot: a check that breaks is named with its error, the checks after it
+    still run, and the JSON holds every figure."""
+    from deepspeed.accelerator import get_accelerator
+
+    g = _gpu_check()
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", get_accelerator().is_fp16_supported)  # main sets it
+
+    def broken(size, device):
+        raise RuntimeError("cuDNN error: planted")
+
+    monkeypatch.setattr(g, "check_kernels", broken)
+    monkeypatch.setattr(g, "check_decode", lambda size, device: {
+        "new_tokens": 3, "max_abs_diff_vs_recompute": 0.0, "decode_tokens_per_sec": 1.0, "ok": True})
+    out = tmp_path / "r.json"
+    assert g.main(["--tiny", "--only", "kernels,decode", "--json", str(out)]) == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[")]  # DeepSpeed's log
+    assert lines[0].startswith("kernels    FAIL | RuntimeError: cuDNN error: planted"), lines
+    assert lines[1].startswith("decode     ok"), lines
+    assert lines[-1].startswith("gpu_check FAIL: kernels | cpu"), lines
+    r = json.loads(out.read_text())
+    assert r["verdict"] == "FAIL: kernels" and r["decode"]["ok"] and "planted" in r["kernels"]["traceback"]
