@@ -6,10 +6,12 @@
     python benchmarks/gpu_check.py --json out.json   # where the figures go (default gpu_check.json)
 
 Checks, in order:
-  parity      3 optimizer steps of a small model: an independent CPU fp32 reference (plain torch
-              AdamW + global-norm clipping, no DeepSpeed) against the engine on the device in fp32
-              at ZeRO 0 and 1, and fp16 / bf16 at ZeRO 1 (ZeRO-0 with half precision must be
-              refused at config time). Same initial weights (drawn on the host), same batches.
+  parity      6 optimizer steps of a small model, each over 2 accumulated micro-batches: an
+              independent CPU fp32 reference (plain torch AdamW + global-norm clipping, no
+              DeepSpeed, eager) against the engine on the device in fp32 at ZeRO 0 and 1, and
+              fp16 / bf16 at ZeRO 1 (ZeRO-0 with half precision must be refused at config time),
+              with `model.compile` as `auto` sets it (compiled layers on a GPU; each run says).
+              Same initial weights (drawn on the host), same batches.
   syncs       host syncs per training step: aten._local_scalar_dense calls (.item(), int(t),
               bool(t)) counted by a dispatch mode, in the model's forward+backward alone ("ours")
               and in a whole engine step (DeepSpeed's included); on a GPU also the warnings of
@@ -231,10 +233,12 @@ def check_parity(size: str) -> dict:
         losses, results, _, engine = engine_run(cfg, same_batch=True, snapshot=before)
         run = {"losses": losses, "grad_norms": [r.grad_norm for r in results], "before": before[0],
                "after": _flat_weights(engine.module)}
+        compiled = _layers_compiled(engine.module)
         release(engine)
         fig = parity_figures(run, ref)
         runs[name] = {"losses": losses, "grad_norms": run["grad_norms"], **fig, "tolerance": PARITY_TOLERANCE[precision],
-                      "loss_scale": results[-1].loss_scale, "skipped_steps": sum(r.skipped for r in results),
+                      "compiled": compiled, "loss_scale": results[-1].loss_scale,
+                      "skipped_steps": sum(r.skipped for r in results),
                       "ok": parity_ok(fig, precision, losses) and not any(r.skipped for r in results)}
     for precision in ("fp16", "bf16"):
         try:
@@ -423,6 +427,14 @@ def check_kernels(size: str, device: torch.device) -> dict:
 
 
 # ---- throughput: ours and the Hugging Face peer, same shapes, same batches -------------------------
+
+
+def _layers_compiled(module: torch.nn.Module) -> bool:
+    """Whether the transformer layers of `module` ran compiled (`model.compile`, decided on their
+    first forward)."""
+    from megatron_neox.model.transformer import TransformerLayer
+
+    return any(getattr(m, "_compiled", False) for m in module.modules() if isinstance(m, TransformerLayer))
 
 
 def _has_compile_key() -> bool:
@@ -773,7 +785,8 @@ def _tps(r: dict) -> str:
 def _summary(name: str, r: dict) -> str:
     ok = "ok" if r.get("ok", True) else "FAIL"
     if name == "parity":
-        parts = [f"{k} loss {v['loss']:.1e} norm {v['grad_norm']:.1e} update {v['update']:.1e} moved {v['moved']:.2f}"
+        parts = [f"{k}{' compiled' if v.get('compiled') else ''} loss {v['loss']:.1e} norm {v['grad_norm']:.1e} "
+                 f"update {v['update']:.1e} moved {v['moved']:.2f}"
                  if "loss" in v else f"{k} " + ("refused" if v.get("refused") else v.get("skipped", "NOT refused"))
                  for k, v in r["runs"].items()]
         return f"{ok} | {r['steps']} steps at lr {r['lr']:g} | " + " | ".join(parts)

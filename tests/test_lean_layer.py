@@ -136,15 +136,19 @@ def _loss_and_grads(setting, checkpointed=False):
     cfg = ModelConfig(**{**BASE, "num_layers": 3, "compile": setting})
     model = GPTNeoX(cfg, cfg.padded_vocab(1), checkpoint_interval=1 if checkpointed else 0,
                     checkpoint_fn=(lambda f, x: checkpoint(f, x, use_reentrant=True)) if checkpointed else None)
-    tokens = torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(1))
-    loss = model.train()(tokens, labels=tokens)
-    loss.backward()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # two micro-batches: gradients accumulate in .grad, as at ZeRO 0/1
+        tokens = torch.randint(0, 64, (B, T), generator=g)
+        loss = model.train()(tokens, labels=tokens)
+        loss.backward()
     return model, loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
 def test_compiled_layers_equal_eager_and_compile_once(monkeypatch):
-    """Inductor on CPU: loss and every gradient equal eager (fp32 rounding); the three identical layers
-    share one compiled graph, and the re-entrant recompute (first forward without grad) adds one."""
+    """Inductor on CPU: loss and every gradient accumulated over two micro-batches equal eager (fp32
+    rounding; with the parallel residual's two output biases summed inside the graph, both biases had
+    one .grad and the second micro-batch counted twice); the three identical layers share one compiled
+    graph, and the re-entrant recompute (first forward without grad) adds one."""
     from torch._dynamo.utils import counters
     from torch._inductor import config as inductor_config
 

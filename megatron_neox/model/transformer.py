@@ -217,10 +217,23 @@ class TransformerLayer(nn.Module):
         if self._compiled is None:
             zero3 = any(hasattr(p, "ds_id") for p in self.parameters())  # ZeRO-3 partitioned parameters
             self._compiled = use_compile(self.compile_setting, x.device.type, dropout=self.has_dropout, zero3=zero3)
-        return (compiled(_layer_output) if self._compiled else _layer_output)(self, x, ctx)
+        if not self._compiled:
+            return _layer_output(self, x, ctx)
+        # A parallel-residual layer's two output biases get one gradient (the output's, summed over
+        # batch and sequence). Summed inside a compiled graph, Inductor returns one buffer as both
+        # gradients, autograd makes it both parameters' .grad, and every later micro-batch is then
+        # accumulated into it twice (torch 2.13 Inductor; gradient accumulation at ZeRO 0/1). Summed
+        # here, the graph has one bias input, and eager autograd gives each parameter its own gradient.
+        bias = self.output_bias() if self.parallel_residual else None
+        return compiled(_layer_output)(self, x, ctx, bias)
+
+    def output_bias(self) -> Optional[torch.Tensor]:
+        """The parallel residual's one bias: attention's output bias + the MLP's (either may be absent)."""
+        return _add(self.attention.dense.bias, self.mlp.dense_4h_to_h.bias)
 
     def forward(
-        self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None
+        self, x: torch.Tensor, ctx: AttentionContext, layer_past: Optional[KVCache] = None,
+        output_bias: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, KVCache]:
         # Without a reduce between the output matmuls and the residual (tp = 1, no dropout) the
         # residual and the row-parallel biases enter the output matmul itself (addmm: one add
@@ -231,7 +244,7 @@ class TransformerLayer(nn.Module):
         ln1 = self.input_layernorm(x)
         if self.parallel_residual:
             ln2 = ln1 if self.shared_norm else self.post_attention_layernorm(x)
-            bias = _add(attn_bias, mlp_bias)
+            bias = self.output_bias() if output_bias is None else output_bias  # given: see run()
             attn, present = self.attention(ln1, ctx, layer_past, add_to=_add(x, bias) if fold else None)
             out = self.mlp(ln2, add_to=attn)  # attention + MLP partials: one reduce for both
             return (out if fold else self._bias_dropout_add(self._reduce(out), bias, x)), present
@@ -244,9 +257,10 @@ class TransformerLayer(nn.Module):
         return self._bias_dropout_add(self._reduce(mlp), mlp_bias, h), present
 
 
-def _layer_output(layer: TransformerLayer, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+def _layer_output(layer: TransformerLayer, x: torch.Tensor, ctx: AttentionContext,
+                  output_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     # TransformerLayer's forward even for subclasses (the pipeline's takes a tuple).
-    return TransformerLayer.forward(layer, x, ctx)[0]
+    return TransformerLayer.forward(layer, x, ctx, output_bias=output_bias)[0]
 
 
 def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
