@@ -119,8 +119,9 @@ class ModelConfig(Section):
     """Epsilon of the norm layers."""
     activation: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu"
     """MLP activation: exact GELU, tanh-approximate GELU (GPT-2/3, GPT-J) or SwiGLU (gated)."""
-    attention_bias: bool = True
-    """Biases on the QKV and attention-output projections."""
+    attention_bias: Union[bool, Literal["qkv"]] = True
+    """Biases on the QKV and attention-output projections; 'qkv': on the q/k/v projections only
+    (Qwen2)."""
     mlp_bias: bool = True
     """Biases on the two MLP projections."""
     lm_head_bias: bool = False
@@ -164,6 +165,16 @@ class ModelConfig(Section):
     def grouped_query(self) -> bool:
         """Fewer KV heads than query heads: q and the KV heads are separate parameters."""
         return self.kv_heads != self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the q/k/v projections have biases."""
+        return self.attention_bias in (True, "qkv")
+
+    @property
+    def attention_out_bias(self) -> bool:
+        """Whether the attention-output projection has a bias."""
+        return self.attention_bias is True
 
     @property
     def qkv_size(self) -> int:

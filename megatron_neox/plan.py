@@ -114,10 +114,10 @@ def layer_params_per_rank(model: ModelConfig, tp: int) -> List[int]:
     norm = full["final_norm"]
     # Replicated on every TP rank: the layer's norms and the row-parallel (output) biases, and
     # learned position embeddings. Everything else is split evenly.
-    layer_rep = (1 if model.shared_norm else 2) * norm + d * model.attention_bias + d * model.mlp_bias
+    layer_rep = (1 if model.shared_norm else 2) * norm + d * model.attention_out_bias + d * model.mlp_bias
     if not kv_heads_sharded(model.kv_heads, tp):  # tp > KV heads: every rank holds all of them
         kv = 2 * model.kv_heads * model.head_dim
-        layer_rep += kv * (d + model.attention_bias)
+        layer_rep += kv * (d + model.qkv_bias)
     pos = model.seq_length * d if model.position_embedding == "learned" else 0
     layer = (full["layer"] - layer_rep) // tp + layer_rep
     embedding = (full["embedding"] - pos) // tp + pos

@@ -1,4 +1,5 @@
-"""GPT-J, Llama (grouped-query attention, Llama-3 rotary scaling) and Mistral (sliding window) against
+"""GPT-J, Llama (grouped-query attention, Llama-3 rotary scaling), Mistral (sliding window) and Qwen2
+(q/k/v biases, tied embeddings) against
 Hugging Face's own classes, both ways, on one process: tiny random models built from configs written
 here (nothing is downloaded). The multi-rank checks (GQA under TP, continued pretraining at pp=2 tp=2)
 are in tests/test_model_families_parallel.py.
@@ -37,12 +38,15 @@ def hf_config(family: str, **extra):
         return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **common)
     if family == "llama_gqa":
         return transformers.LlamaConfig(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE, **common)
+    if family == "qwen2":  # Qwen2.5-0.5B's form: GQA, biases on q/k/v only, tied embeddings
+        return transformers.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **common)
     return transformers.LlamaConfig(num_key_value_heads=4, **common)  # llama_mha: Llama-2-7B's shape
 
 
-FAMILIES = ["gptj", "llama_mha", "llama_gqa", "mistral"]
+FAMILIES = ["gptj", "llama_mha", "llama_gqa", "mistral", "qwen2"]
 HF_CLASS = {"gptj": "GPTJForCausalLM", "llama_mha": "LlamaForCausalLM", "llama_gqa": "LlamaForCausalLM",
-            "mistral": "MistralForCausalLM"}
+            "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def random_hf(family: str, seed: int = 0, **extra):
@@ -72,7 +76,7 @@ def test_imported_model_gives_hf_logits(family):
     assert (got[..., VOCAB:] == 0).all(), "padded vocab rows must give zero logits"
 
 
-@pytest.mark.parametrize("family", ["gptj", "llama_gqa", "mistral"])
+@pytest.mark.parametrize("family", ["gptj", "llama_gqa", "mistral", "qwen2"])
 def test_kv_cache_decoding_equals_hf_generate(family):
     """Decoding with our KV cache (fewer KV heads; Mistral's window passed by the 16 new tokens) picks
     HF generate's greedy tokens."""
@@ -95,6 +99,15 @@ def test_imported_configs_say_what_each_family_is():
     assert (gqa.kv_heads, gqa.rotary_base, gqa.rope_scaling.factor, gqa.norm, gqa.activation, gqa.parallel_residual,
             gqa.sliding_window) == (2, 500000.0, 8.0, "rmsnorm", "swiglu", False, None)
     assert (mistral.kv_heads, mistral.sliding_window, mistral.rope_scaling) == (2, 5, None)
+    qwen2 = ModelConfig(**model_config_from_hf(random_hf("qwen2").config))
+    assert (qwen2.attention_bias, qwen2.qkv_bias, qwen2.attention_out_bias, qwen2.mlp_bias, qwen2.tie_embeddings,
+            qwen2.kv_heads, qwen2.rotary_base, qwen2.sliding_window) == ("qkv", True, False, False, True, 2, 1e6, None)
+    assert (gqa.qkv_bias, gqa.attention_out_bias) == (False, False)
+    from megatron_neox.convert.hf_families import GPT_NEOX, export_problems
+
+    neox_qkv = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8, vocab_size=32,
+                           attention_bias="qkv")
+    assert any("model.attention_bias='qkv'" in p for p in export_problems(neox_qkv, GPT_NEOX))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -182,16 +195,20 @@ def test_export_carries_the_runs_chat_template(tmp_path):
 
 @pytest.mark.parametrize("tp", [2, 4])
 def test_gqa_shards_split_or_replicate_the_kv_heads(tp):
-    """2 KV heads: split one per rank at tp=2, every rank holds both at tp=4; merge inverts either."""
-    cfg = ModelConfig(**model_config_from_hf(random_hf("llama_gqa").config))
+    """2 KV heads: split one per rank at tp=2, every rank holds both at tp=4; merge inverts either.
+    Qwen2's q/k/v biases follow their rows; its output bias does not exist."""
+    cfg = ModelConfig(**model_config_from_hf(random_hf("qwen2").config))
     full = GPTNeoX(cfg, cfg.padded_vocab(1), seed=3).state_dict()
+    assert "1.attention.dense.bias" not in full
     shards = [shard_state_dict(full, cfg, tp, r) for r in range(tp)]
-    kv = full["1.attention.key_value.weight"]  # rows [kv head][k|v][head_dim]
-    if tp == 2:
-        assert torch.equal(shards[1]["1.attention.key_value.weight"], kv[kv.shape[0] // 2:])
-    else:
-        assert all(torch.equal(s["1.attention.key_value.weight"], kv) for s in shards)
-    assert torch.equal(shards[tp - 1]["1.attention.query.weight"], full["1.attention.query.weight"].chunk(tp)[-1])
+    for kind in ("weight", "bias"):
+        kv = full[f"1.attention.key_value.{kind}"]  # rows [kv head][k|v][head_dim]
+        if tp == 2:
+            assert torch.equal(shards[1][f"1.attention.key_value.{kind}"], kv[kv.shape[0] // 2:])
+        else:
+            assert all(torch.equal(s[f"1.attention.key_value.{kind}"], kv) for s in shards)
+        q = full[f"1.attention.query.{kind}"]
+        assert torch.equal(shards[tp - 1][f"1.attention.query.{kind}"], q.chunk(tp)[-1])
     back = merge_state_dicts(shards, cfg)
     assert all(torch.equal(back[k], v) for k, v in full.items())
 
@@ -226,6 +243,8 @@ def _save(model, path, **config_edits):
     ("mistral", {"attention_bias": True}, "attention_bias=true"),
     ("gptj", {"mlp_bias": True}, "mlp_bias=true"),
     ("llama_mha", {"head_dim": 24}, "head_dim=24"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1,
+               "layer_types": ["full_attention", "sliding_attention"]}, "use_sliding_window=true"),
 ])
 def test_unsupported_hf_config_is_refused_naming_the_field(tmp_path, capsys, family, edits, field):
     src = _save(random_hf(family), tmp_path / "hf", **edits)

@@ -4,7 +4,8 @@ One 4-rank world (module fixture, one launch) runs:
 - a Llama-style model with 4 query heads over 2 KV heads (Llama-3 rotary scaling, a sliding window
   shorter than the sequence) at dp=4 (the reference: dp layouts equal one rank, tests/test_layouts.py),
   pp=2 x tp=2 (one KV head per rank), tp=4 (KV heads replicated), and tp=4 with sequence parallelism;
-  and GPT-J's layer (interleaved rotary, output bias) at dp=4 and pp=2 x tp=2;
+  and GPT-J's layer (interleaved rotary, output bias) at dp=4 and pp=2 x tp=2; and Qwen2's (Llama's
+  with biases on q/k/v only, tied embeddings) at pp=2 x tp=2 and at tp=4 with sequence parallelism;
 - continued pretraining: a random HF LlamaForCausalLM -> tools/convert_from_hf.py (pp=2, tp=2) -> four
   training steps (saved at 2 and 4) -> tools/convert_to_hf.py, whose export must give our logits, and
   whose first loss must be the HF model's on that batch;
@@ -35,6 +36,9 @@ LLAMA = {"model.num_kv_heads": 2, "model.norm": "rmsnorm", "model.activation": "
                                 "original_max_position_embeddings": 8}}
 GPTJ = {"model.rotary_dims": 4, "model.rotary_interleaved": True, "model.shared_norm": True,
         "model.activation": "gelu_tanh", "model.attention_bias": False, "model.lm_head_bias": True}
+QWEN2 = {"model.num_kv_heads": 2, "model.norm": "rmsnorm", "model.activation": "swiglu",
+         "model.parallel_residual": False, "model.attention_bias": "qkv", "model.mlp_bias": False,
+         "model.rotary_pct": 1.0, "model.rotary_base": 1e6, "model.tie_embeddings": True}
 SCENARIOS = {
     "llama_ref": (1, 1, LLAMA),
     "llama_tp4": (1, 4, LLAMA),
@@ -42,6 +46,9 @@ SCENARIOS = {
     "llama_pp2_tp2": (2, 2, LLAMA),
     "gptj_ref": (1, 1, GPTJ),
     "gptj_pp2_tp2": (2, 2, GPTJ),
+    "qwen2_ref": (1, 1, QWEN2),
+    "qwen2_pp2_tp2": (2, 2, QWEN2),
+    "qwen2_tp4_sp": (1, 4, {**QWEN2, "parallel.sequence_parallel": True}),
 }
 # Resumes of the continued-pretraining run through tools/reshard.py: name -> (checkpoint dir, tag, layout).
 RESHARDS = {
@@ -67,12 +74,17 @@ def _run(pp, tp, overrides):
     marks = {n: (p.partition_dim, p.partition_stride) if getattr(p, "tensor_model_parallel", False) else None
              for n, p in model.named_parameters()}
     wrong = [n for n, m in marks.items() if partition_of(n.split(".", 1)[1], cfg.model, tp) != m]
-    kv = model.get_parameter("1.attention.key_value.weight").detach().clone()
-    everyone = [torch.empty_like(kv) for _ in range(dist.get_world_size())]
-    dist.all_gather(everyone, kv)
+    same = []
+    for name, p in model.named_parameters():
+        if name.startswith("1.attention.key_value."):  # the weight, and Qwen2's bias
+            mine = p.detach().clone()
+            everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, mine)
+            same.append(all(torch.equal(mine, x) for x in everyone))
+    kv = model.get_parameter("1.attention.key_value.weight")
     layer_numel = sum(p.numel() for n, p in model.named_parameters() if n.startswith("1."))
     return losses, norms, {"wrong_marks": wrong, "kv_rows": kv.shape[0], "layer_numel": layer_numel,
-                           "kv_same": all(torch.equal(kv, x) for x in everyone)}
+                           "kv_tensors": len(same), "kv_same": all(same)}
 
 
 def _merged_weights(engine, topo, model_cfg):
@@ -187,6 +199,19 @@ def test_gqa_layouts_train_like_one_rank(world, name):
 
 def test_gptj_layer_under_pp2_tp2_trains_like_one_rank(world):
     _assert_same(world["r"]["gptj_pp2_tp2"], world["r"]["gptj_ref"], "gptj pp2 tp2")
+
+
+@pytest.mark.parametrize("name", ["qwen2_pp2_tp2", "qwen2_tp4_sp"])
+def test_qwen2_layer_trains_like_one_rank(world, name):
+    """q/k/v biases split with their heads (pp=2 x tp=2) or replicated with the KV heads (tp=4): the
+    replicated KV bias gets the TP group's summed gradient and stays identical on every rank."""
+    _assert_same(world["r"][name], world["r"]["qwen2_ref"], name)
+    if name == "qwen2_tp4_sp":
+        rep = world["r"][name][2]
+        assert rep["wrong_marks"] == [] and rep["kv_tensors"] == 2 and rep["kv_same"], rep
+        from megatron_neox.plan import layer_params_per_rank
+
+        assert layer_params_per_rank(tiny_config(1, 4, QWEN2).model, 4)[1] == rep["layer_numel"], "the planner's count"
 
 
 def test_replicated_kv_heads_are_marked_by_the_table_counted_and_stay_identical(world):

@@ -58,7 +58,8 @@ def test_published_parameter_counts_are_exact(name):
 
 
 # The published HF config.json values of each family (EleutherAI/gpt-j-6B, meta-llama/Llama-2-7b-hf,
-# Llama-2-70b-hf, Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1); the classes count on the meta device.
+# Llama-2-70b-hf, Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1, Qwen/Qwen2.5-7B); the classes count on the
+# meta device.
 HF_FAMILIES = {
     "gptj-6B": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
                                                       n_positions=2048, vocab_size=50400)),
@@ -74,9 +75,12 @@ HF_FAMILIES = {
     "mistral-7B": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=4096, intermediate_size=14336,
                                                                num_hidden_layers=32, num_attention_heads=32,
                                                                num_key_value_heads=8, vocab_size=32000)),
+    "qwen2.5-7B": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=3584, intermediate_size=18944,
+                                                           num_hidden_layers=28, num_attention_heads=28,
+                                                           num_key_value_heads=4, vocab_size=152064)),
 }
 FAMILY_COUNTS = {"gptj-6B": 6_050_882_784, "llama2-7B": 6_738_415_616, "llama2-70B": 68_976_648_192,
-                 "llama3-8B": 8_030_261_248, "mistral-7B": 7_241_732_096}
+                 "llama3-8B": 8_030_261_248, "mistral-7B": 7_241_732_096, "qwen2.5-7B": 7_615_616_512}
 
 
 @pytest.mark.parametrize("name", sorted(HF_FAMILIES))

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Import a local Hugging Face directory of GPTNeoXForCausalLM (Pythia, GPT-NeoX-20B), GPTJForCausalLM,
-LlamaForCausalLM or MistralForCausalLM as a checkpoint that training continues from.
+LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM as a checkpoint that training continues from.
 
     python tools/convert_from_hf.py --hf-dir hf/pythia-160m --out runs/pythia-160m-init --pp 2 --tp 1
     deepspeed --num_gpus 2 launch/train.py --config runs/pythia-160m-init/train_config.json \\

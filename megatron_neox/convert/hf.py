@@ -1,5 +1,5 @@
 """Hugging Face checkpoints <-> our layer-indexed state dict, for the classes in convert/hf_families.py
-(GPTNeoXForCausalLM, GPTJForCausalLM, LlamaForCausalLM, MistralForCausalLM).
+(GPTNeoXForCausalLM, GPTJForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM).
 
 The family table says which HF tensor is which of ours; this module renames, fuses or splits q/k/v
 and [gate | up], pads the vocabulary, checks that every HF tensor is used, and reads and writes HF

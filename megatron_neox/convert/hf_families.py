@@ -62,7 +62,8 @@ _LLAMA_LAYER = dict(
 )
 LLAMA = Family("LlamaForCausalLM", "llama", **_LLAMA_LAYER)
 MISTRAL = Family("MistralForCausalLM", "mistral", **_LLAMA_LAYER)
-FAMILIES = {f.model_type: f for f in (GPT_NEOX, GPTJ, LLAMA, MISTRAL)}
+QWEN2 = Family("Qwen2ForCausalLM", "qwen2", **_LLAMA_LAYER)  # Llama's layer with q/k/v biases
+FAMILIES = {f.model_type: f for f in (GPT_NEOX, GPTJ, LLAMA, MISTRAL, QWEN2)}
 
 
 # ---- q/k/v: HF's separate projections <-> our rows ------------------------------------------------
@@ -165,9 +166,17 @@ def _gptj_from_hf(c) -> Dict[str, Any]:
 
 
 def _llama_from_hf(c) -> Dict[str, Any]:
-    what = "LlamaForCausalLM" if c.model_type == "llama" else "MistralForCausalLM"
-    _refuse_true(c, ("attention_bias", "mlp_bias"), "MistralForCausalLM's projections have no biases" if
-                 c.model_type == "mistral" else "biases on LlamaForCausalLM's projections are not supported")
+    what = FAMILIES[c.model_type].architecture
+    if c.model_type == "qwen2":
+        # Qwen2's q/k/v projections always have biases and its other projections never do; its
+        # sliding window covers the layers from max_window_layers on (HF `layer_types`), not every layer.
+        sliding = [i for i, t in enumerate(getattr(c, "layer_types", None) or []) if t == "sliding_attention"]
+        if sliding:
+            raise ConfigError(f"use_sliding_window=true: {what} then bands layers {sliding[0]}..{sliding[-1]} only "
+                              "(from max_window_layers on); a window on some layers is not supported")
+    else:
+        _refuse_true(c, ("attention_bias", "mlp_bias"), "MistralForCausalLM's projections have no biases" if
+                     c.model_type == "mistral" else "biases on LlamaForCausalLM's projections are not supported")
     pct, base, scaling = _rope(c, "rope_scaling / rope_parameters")
     if pct not in (None, 1.0):
         raise ConfigError(f"partial_rotary_factor={pct}: {what} rotates the whole head")
@@ -181,7 +190,7 @@ def _llama_from_hf(c) -> Dict[str, Any]:
     return _common(c, num_kv_heads=kv if kv != c.num_attention_heads else None,
                    intermediate_size=c.intermediate_size, rotary_pct=1.0, rotary_base=base, rope_scaling=scaling,
                    sliding_window=window, parallel_residual=False, norm="rmsnorm", norm_eps=c.rms_norm_eps,
-                   activation="swiglu", attention_bias=False, mlp_bias=False,
+                   activation="swiglu", attention_bias="qkv" if c.model_type == "qwen2" else False, mlp_bias=False,
                    attention_dropout=float(getattr(c, "attention_dropout", 0.0)), hidden_dropout=0.0)
 
 
@@ -189,7 +198,7 @@ def model_config_from_hf(hf_config) -> Dict[str, Any]:
     """The `model` section (a dict) equivalent to an HF config of one of FAMILIES."""
     kind = getattr(hf_config, "model_type", None)
     readers: Dict[str, Callable] = {"gpt_neox": _gpt_neox_from_hf, "gptj": _gptj_from_hf, "llama": _llama_from_hf,
-                                    "mistral": _llama_from_hf}
+                                    "mistral": _llama_from_hf, "qwen2": _llama_from_hf}
     if kind not in readers:
         raise ConfigError(f"model_type={kind!r} is not supported (supported: "
                           f"{', '.join(f.architecture for f in FAMILIES.values())})")
@@ -198,8 +207,11 @@ def model_config_from_hf(hf_config) -> Dict[str, Any]:
 
 def family_of(cfg: ModelConfig) -> Family:
     """The HF class our model exports as, decided by its shape: a gated MLP or RMSNorm is Llama (Mistral
-    with a sliding window), GPT-J's interleaved rotary or shared norm is GPT-J, the rest GPT-NeoX."""
+    with a sliding window, Qwen2 with biases on q/k/v only), GPT-J's interleaved rotary or shared norm is
+    GPT-J, the rest GPT-NeoX."""
     if cfg.norm == "rmsnorm" or cfg.activation == "swiglu":
+        if cfg.attention_bias == "qkv":
+            return QWEN2
         return MISTRAL if cfg.sliding_window is not None else LLAMA
     if cfg.rotary_interleaved or cfg.shared_norm:
         return GPTJ
@@ -224,6 +236,7 @@ def export_problems(cfg: ModelConfig, family: Family) -> List[str]:
         need(cfg.rope_scaling is None, "model.rope_scaling: not supported")
         need(cfg.sliding_window is None, f"model.sliding_window={cfg.sliding_window}: no sliding window")
         need(cfg.mlp_bias, "model.mlp_bias=false: MLPs always have biases")
+        need(cfg.attention_bias != "qkv", "model.attention_bias='qkv': biases on q/k/v and the output, or none")
     if family is GPT_NEOX:
         need(not cfg.shared_norm, "model.shared_norm=true: two norms per layer")
         need(not cfg.lm_head_bias, "model.lm_head_bias=true: no output bias")
@@ -233,14 +246,18 @@ def export_problems(cfg: ModelConfig, family: Family) -> List[str]:
         need(not cfg.attention_bias, "model.attention_bias=true: no q/k/v/o biases")
         need(cfg.rotary_base == 10000.0, f"model.rotary_base={cfg.rotary_base}: fixed at 10000")
         need(not cfg.tie_embeddings, "model.tie_embeddings=true: untied head with a bias")
-    if family is LLAMA or family is MISTRAL:
+    if family is LLAMA or family is MISTRAL or family is QWEN2:
         need(cfg.norm == "rmsnorm", f"model.norm={cfg.norm!r}: rmsnorm only")
         need(cfg.activation == "swiglu", f"model.activation={cfg.activation!r}: swiglu only")
         need(not cfg.parallel_residual, "model.parallel_residual=true: sequential residual only")
         need(not cfg.rotary_interleaved, "model.rotary_interleaved=true: rotate-half only")
         need(cfg.rotary_ndims == cfg.head_dim, f"rotary dims {cfg.rotary_ndims}: the whole head ({cfg.head_dim})")
+    if family is LLAMA or family is MISTRAL:
         need(not (cfg.attention_bias or cfg.mlp_bias or cfg.lm_head_bias),
              "model.attention_bias/mlp_bias/lm_head_bias: no biases (set them false)")
+    if family is QWEN2:
+        need(cfg.sliding_window is None, f"model.sliding_window={cfg.sliding_window}: a window on every layer")
+        need(not (cfg.mlp_bias or cfg.lm_head_bias), "model.mlp_bias/lm_head_bias: no biases (set them false)")
     return p
 
 
@@ -283,4 +300,6 @@ def to_hf_config(cfg: ModelConfig, padded_vocab: int, bos_id: Optional[int] = No
               attention_dropout=cfg.attention_dropout, head_dim=cfg.head_dim, **common)
     if family is MISTRAL:
         return transformers.MistralConfig(sliding_window=cfg.sliding_window, **kw)
+    if family is QWEN2:
+        return transformers.Qwen2Config(use_sliding_window=False, **kw)
     return transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **kw)

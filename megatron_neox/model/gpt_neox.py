@@ -301,8 +301,8 @@ def count_parameters(cfg: ModelConfig, tp: int = 1) -> dict:
     layer_norms = (1 if cfg.shared_norm else 2) * norm
     layer = layer_norms
     qkv = cfg.qkv_size  # (heads + 2 * kv_heads) * head_dim
-    layer += qkv * d + (qkv if cfg.attention_bias else 0)  # query_key_value, or query + key_value
-    layer += d * d + (d if cfg.attention_bias else 0)  # attention.dense
+    layer += qkv * d + (qkv if cfg.qkv_bias else 0)  # query_key_value, or query + key_value
+    layer += d * d + (d if cfg.attention_out_bias else 0)  # attention.dense
     layer += d * f * gate + (f * gate if cfg.mlp_bias else 0)  # dense_h_to_4h
     layer += f * d + (d if cfg.mlp_bias else 0)  # dense_4h_to_h
     embedding = V * d + (cfg.seq_length * d if cfg.position_embedding == "learned" else 0)

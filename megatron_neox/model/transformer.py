@@ -50,13 +50,13 @@ class Attention(nn.Module):
             # Fused QKV with rows interleaved per head ([head][q|k|v][head_dim]), the HF GPTNeoX layout:
             # a contiguous row block per TP rank then holds whole heads.
             self.query_key_value = ColumnParallelLinear(
-                cfg.hidden_size, 3 * cfg.hidden_size, group=tp_group, bias=cfg.attention_bias, gather_output=False,
+                cfg.hidden_size, 3 * cfg.hidden_size, group=tp_group, bias=cfg.qkv_bias, gather_output=False,
                 init_method=init, sequence_parallel=sequence_parallel,
             )
         else:
             self._init_grouped(cfg, tp_group, sequence_parallel, init)
         self.dense = RowParallelLinear(
-            cfg.hidden_size, cfg.hidden_size, group=tp_group, bias=cfg.attention_bias, input_is_parallel=True,
+            cfg.hidden_size, cfg.hidden_size, group=tp_group, bias=cfg.attention_out_bias, input_is_parallel=True,
             init_method=out_init, skip_bias_add=True, reduce_output=False,
         )
         self.rotary_interleaved = cfg.rotary_interleaved
@@ -73,7 +73,7 @@ class Attention(nn.Module):
         column-parallel layer's, whose backward sums the input gradient over the ranks."""
         tp, kv = group_size(tp_group), cfg.kv_heads
         self.query = ColumnParallelLinear(
-            cfg.hidden_size, cfg.num_attention_heads * self.head_dim, group=tp_group, bias=cfg.attention_bias,
+            cfg.hidden_size, cfg.num_attention_heads * self.head_dim, group=tp_group, bias=cfg.qkv_bias,
             gather_output=False, init_method=init, sequence_parallel=sequence_parallel,
         )
         self.kv_split = kv_heads_sharded(kv, tp)
@@ -84,7 +84,7 @@ class Attention(nn.Module):
         self.sequence_parallel = sequence_parallel and tp > 1
         self.key_value = ColumnParallelLinear(
             cfg.hidden_size, 2 * kv * self.head_dim, group=tp_group if self.kv_split else None,
-            bias=cfg.attention_bias, gather_output=False, init_method=init,
+            bias=cfg.qkv_bias, gather_output=False, init_method=init,
             sequence_parallel=sequence_parallel if self.kv_split else False,
         )
         if not self.kv_split:
