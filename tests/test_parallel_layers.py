@@ -161,8 +161,14 @@ def _check_embedding(group, rank, tp, data_seed):
 
 
 def _check_cross_entropy(group, rank, tp, data_seed):
+    import megatron_neox.parallel.cross_entropy as ce
+
     vocab = _rows(VOCAB, rank, tp)
-    for offset in (0.0, 1e4):  # a large shift must not overflow exp()
+    whole = ce._CHUNK_ELEMENTS
+    # One chunk (these shapes), and chunks of 3 rows (B*T = 8 rows: 3 + 3 + 2), the path of real
+    # shapes, whose logits exceed one chunk.
+    for chunk, offset in ((whole, 0.0), (whole, 1e4), (3 * (VOCAB // tp), 0.0)):  # a large shift must not overflow exp()
+        ce._CHUNK_ELEMENTS = chunk
         full = (3 * _randn(B, T, VOCAB, seed=data_seed) + offset).requires_grad_()
         target = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(data_seed))
         target[0, :4] = torch.tensor([0, VOCAB - 1, VOCAB // tp, VOCAB // tp - 1])
@@ -178,6 +184,7 @@ def _check_cross_entropy(group, rank, tp, data_seed):
         (loss * w).sum().backward()
         (ref * w).sum().backward()
         _close(shard.grad, full.grad[..., vocab], f"cross entropy grad (offset {offset})")
+    ce._CHUNK_ELEMENTS = whole
 
 
 def _check_sequence_parallel(group, rank, tp, data_seed):
