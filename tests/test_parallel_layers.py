@@ -167,7 +167,8 @@ def _check_cross_entropy(group, rank, tp, data_seed):
     whole = ce._CHUNK_ELEMENTS
     # One chunk (these shapes), and chunks of 3 rows (B*T = 8 rows: 3 + 3 + 2), the path of real
     # shapes, whose logits exceed one chunk.
-    for chunk, offset in ((whole, 0.0), (whole, 1e4), (3 * (VOCAB // tp), 0.0)):  # a large shift must not overflow exp()
+    # A large shift (1e4) must not overflow exp().
+    for chunk, offset in ((whole, 0.0), (whole, 1e4), (3 * (VOCAB // tp), 0.0)):
         ce._CHUNK_ELEMENTS = chunk
         full = (3 * _randn(B, T, VOCAB, seed=data_seed) + offset).requires_grad_()
         target = torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(data_seed))
