@@ -256,6 +256,19 @@ def test_unsupported_hf_config_is_refused_naming_the_field(tmp_path, capsys, fam
     assert not out.exists() and not list(tmp_path.glob(".out*")), "nothing may be written"
 
 
+def test_import_sets_the_runs_context_or_notes_a_long_one(tmp_path, capsys, monkeypatch):
+    """A Qwen2 directory to a training config: --seq-length sets model.seq_length; without it the HF
+    max_position_embeddings is kept, with a note when it is long."""
+    src = _save(random_hf("qwen2"), tmp_path / "hf")
+    assert convert_from_hf.main(["--hf-dir", str(src), "--out", str(tmp_path / "a"), "--seq-length", "16"]) == 0
+    assert json.loads((tmp_path / "a" / "train_config.json").read_text())["model"]["seq_length"] == 16
+    assert "note: model.seq_length" not in capsys.readouterr().err
+    monkeypatch.setattr(convert_from_hf, "LONG_CONTEXT", 32)
+    assert convert_from_hf.main(["--hf-dir", str(src), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "train_config.json").read_text())["model"]["seq_length"] == 64
+    assert "note: model.seq_length = 64 (the HF max_position_embeddings)" in capsys.readouterr().err
+
+
 def test_weights_with_biases_the_class_has_not_are_refused():
     hf = random_hf("llama_gqa")
     cfg = ModelConfig(**model_config_from_hf(hf.config))

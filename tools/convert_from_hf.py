@@ -3,6 +3,7 @@
 LlamaForCausalLM, MistralForCausalLM or Qwen2ForCausalLM as a checkpoint that training continues from.
 
     python tools/convert_from_hf.py --hf-dir hf/pythia-160m --out runs/pythia-160m-init --pp 2 --tp 1
+    python tools/convert_from_hf.py --hf-dir hf/Qwen2.5-7B --out runs/qwen-init --tp 4 --seq-length 4096
     deepspeed --num_gpus 2 launch/train.py --config runs/pythia-160m-init/train_config.json \\
         --set data.prefixes='["data/pile_00_text_document"]'
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from megatron_neox.errors import MegatronNeoxError, error_message  # noqa: E402
 
 CONFIG_NAME = "train_config.json"
+LONG_CONTEXT = 8192  # a max_position_embeddings above this gets a note: it is a long training sample
 
 
 def run_config(model: dict, hf_dir: Path, out: Path, pp: int, tp: int, tokenizer: bool) -> dict:
@@ -60,7 +62,12 @@ def main(argv=None) -> int:
     p.add_argument("--pp", type=int, default=1, help="pipeline stages of the run that will load it (default 1)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of that run (default 1)")
     p.add_argument("--config-out", help="also write the training config here")
+    p.add_argument("--seq-length", type=int,
+                   help="the run's context (model.seq_length; default the HF max_position_embeddings, which is "
+                        "131072 for Llama-3.1 and Qwen2.5: longer than most continued pretraining wants)")
     args = p.parse_args(argv)
+    if args.seq_length is not None and args.seq_length <= 0:
+        p.error(f"--seq-length must be positive, got {args.seq_length}")
 
     from megatron_neox.config import config_from_dict
     from megatron_neox.convert.checkpoint_io import write_weights_checkpoint
@@ -69,6 +76,12 @@ def main(argv=None) -> int:
     hf_dir, out = Path(args.hf_dir), Path(args.out).resolve()
     try:
         model, hf_sd = load_hf(hf_dir)
+        if args.seq_length is not None:
+            model["seq_length"] = args.seq_length
+        elif model["seq_length"] > LONG_CONTEXT:
+            print(f"note: model.seq_length = {model['seq_length']} (the HF max_position_embeddings): every training "
+                  "sample is that long; pass --seq-length, or --set model.seq_length=N when training",
+                  file=sys.stderr)
         hf_vocab = model["vocab_size"]
         if hf_vocab % args.tp == 0:
             # Keep exactly HF's rows: our padding rule would add zero rows, whose logits (0) enter the
