@@ -4,6 +4,7 @@ Hugging Face's own classes, both ways, on one process: tiny random models built 
 here (nothing is downloaded). The multi-rank checks (GQA under TP, continued pretraining at pp=2 tp=2)
 are in tests/test_model_families_parallel.py.
 """
+import importlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -267,6 +268,26 @@ def test_import_sets_the_runs_context_or_notes_a_long_one(tmp_path, capsys, monk
     assert convert_from_hf.main(["--hf-dir", str(src), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "train_config.json").read_text())["model"]["seq_length"] == 64
     assert "note: model.seq_length = 64 (the HF max_position_embeddings)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llama_gqa", "mistral", "qwen2"])
+def test_export_config_names_the_rope_as_transformers_4_reads_it(family, monkeypatch):
+    """setup.py allows transformers >= 4.40: 4.x reads rope_theta / rope_scaling and would keep a
+    rope_parameters argument as an unknown attribute, rotating with theta 10000 (checked with 4.46.3:
+    Llama-3, Mistral and Qwen2 exports were off by 1-3 in the logits). 5.x folds the old names in."""
+    from megatron_neox.convert.hf_families import to_hf_config
+
+    cfg = ModelConfig(**model_config_from_hf(random_hf(family).config))
+    cls = HF_CLASS[family].replace("ForCausalLM", "Config")
+    seen = {}
+    module = importlib.import_module("transformers")  # building a model may swap the lazy module in sys.modules
+    real = getattr(module, cls)
+    monkeypatch.setattr(module, cls, lambda **kw: seen.update(kw) or real(**kw))
+    to_hf_config(cfg, cfg.padded_vocab(1))
+    assert "rope_parameters" not in seen and seen["rope_theta"] == cfg.rotary_base, seen
+    assert ("rope_scaling" in seen) == (cfg.rope_scaling is not None), seen
+    if cfg.rope_scaling is not None:
+        assert seen["rope_scaling"]["rope_type"] == "llama3" and seen["rope_scaling"]["factor"] == 8.0
 
 
 def test_weights_with_biases_the_class_has_not_are_refused():

@@ -288,15 +288,19 @@ def to_hf_config(cfg: ModelConfig, padded_vocab: int, bos_id: Optional[int] = No
             rotary_dim=cfg.rotary_ndims, n_positions=cfg.seq_length, activation_function=_HF_GELU[cfg.activation],
             layer_norm_epsilon=cfg.norm_eps, attn_pdrop=cfg.attention_dropout, resid_pdrop=cfg.hidden_dropout,
             embd_pdrop=cfg.hidden_dropout, **common)
-    rope: Dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rotary_base}
+    # rope_theta and rope_scaling: transformers 4.x reads only these (it would keep a `rope_parameters`
+    # argument as an unknown attribute and rotate with theta 10000); 5.x folds them into its
+    # `rope_parameters`. Both versions' exports give our logits (tests/test_model_families.py; 4.46.3
+    # checked by hand: before, its Llama-3/Mistral/Qwen2 logits were off by 1-3).
+    rope: Dict[str, Any] = {"rope_theta": cfg.rotary_base}
     if cfg.rope_scaling is not None:
         s = cfg.rope_scaling
-        rope.update(rope_type=s.type, factor=s.factor, low_freq_factor=s.low_freq_factor,
-                    high_freq_factor=s.high_freq_factor,
-                    original_max_position_embeddings=s.original_max_position_embeddings)
+        rope["rope_scaling"] = dict(rope_type=s.type, factor=s.factor, low_freq_factor=s.low_freq_factor,
+                                    high_freq_factor=s.high_freq_factor,
+                                    original_max_position_embeddings=s.original_max_position_embeddings)
     kw = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size, num_hidden_layers=cfg.num_layers,
               num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.kv_heads, hidden_act="silu",
-              max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_eps, rope_parameters=rope,
+              max_position_embeddings=cfg.seq_length, rms_norm_eps=cfg.norm_eps, **rope,
               attention_dropout=cfg.attention_dropout, head_dim=cfg.head_dim, **common)
     if family is MISTRAL:
         return transformers.MistralConfig(sliding_window=cfg.sliding_window, **kw)
