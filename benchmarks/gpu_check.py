@@ -18,9 +18,15 @@ Checks, in order:
               torch.cuda.set_sync_debug_mode("warn").
   kernels     which attention kernels a forward pass of each attention flavour runs (torch
               profiler: CUDA kernel names on a GPU, aten ops on a CPU).
-  throughput  tokens/s and MFU of a ~1B model (Pythia-1B shapes) with activation checkpointing,
-              bf16 (fp16 where bf16 is not native), ZeRO as `auto` picks it.
   decode      KV-cache decoding: logits equal a full recompute, and decode tokens/s.
+  throughput  tokens/s, MFU and peak memory of Pythia-1B shapes (micro 8, seq 2048), bf16 (fp16
+              where bf16 is not native), ZeRO as `auto` picks it: ours and Hugging Face's
+              GPTNeoXForCausalLM on the same batches, eager and compiled, with activation
+              checkpointing every layer and without; ours / HF per row. Figures, not a verdict.
+  cli         Pythia-160M through the real loop (launch/train.py in a subprocess) in fp16 as
+              shipped and in bf16, against our engine alone and HF eager in this process.
+The verdict checks run first, the long figures last: a run stopped by a time limit keeps the
+verdicts (the JSON is rewritten after every check).
 
 Prints one line per check, a one-line verdict (PASS/FAIL), and writes everything as JSON.
 On CPU (--tiny) fp16 runs with DeepSpeed's fp16 check patched (its scaler logic is device-free).
@@ -706,7 +712,7 @@ def check_decode(size: str, device: torch.device) -> dict:
 # ---- main ----------------------------------------------------------------------------------
 
 
-CHECKS = ("parity", "syncs", "kernels", "throughput", "cli", "decode")
+CHECKS = ("parity", "syncs", "kernels", "decode", "throughput", "cli")
 VERDICT_CHECKS = ("parity", "syncs", "kernels", "cli", "decode")  # throughput is figures, not a verdict
 
 

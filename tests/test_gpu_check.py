@@ -25,7 +25,7 @@ def report(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     # Every check, the CLI row (opt-in on CPU: a second process through launch/train.py) included.
     proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "gpu_check.py"), "--tiny",
-                           "--only", "parity,syncs,kernels,throughput,cli,decode", "--json", str(out)],
+                           "--only", "parity,syncs,kernels,decode,throughput,cli", "--json", str(out)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=tmp)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc
