@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One command for a GPU box: are the GPU paths right, and how fast are they?
 
-    python benchmarks/gpu_check.py                   # one GPU, < 8 minutes
+    python benchmarks/gpu_check.py                   # one GPU (budget 6 minutes; not yet measured)
     python benchmarks/gpu_check.py --tiny            # the same logic on CPU, small shapes (a test runs it)
     python benchmarks/gpu_check.py --json out.json   # where the figures go (default gpu_check.json)
 
