@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py                   # one GPU (budget 6 minutes; not yet measured)
     python benchmarks/gpu_check.py --tiny            # the same logic on CPU, small shapes (a test runs it)
     python benchmarks/gpu_check.py --json out.json   # where the figures go (default gpu_check.json)
+    python benchmarks/gpu_check.py --budget 420      # start no check, row or CLI run after 7 minutes
 
 Checks, in order:
   parity      6 optimizer steps of a small model, each over 2 accumulated micro-batches: an
@@ -478,11 +479,14 @@ def _timed(step, step_batches, warmup: int) -> dict:
             "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
 
 
-def time_ours(cfg, timed: int, compiled: bool, warmup: int = 2) -> dict:
-    """Our engine on synthetic batches: train_step exactly as the trainer calls it."""
+def time_ours(cfg, timed: int, compiled: Optional[bool], warmup: int = 2) -> dict:
+    """Our engine on synthetic batches: train_step exactly as the trainer calls it; `compiled` None:
+    `model.compile` as `cfg` has it."""
     from megatron_neox.model.transformer import TransformerLayer
 
-    if compiled and _has_compile_key():
+    if compiled is None:
+        pass
+    elif compiled and _has_compile_key():
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": True})})
     elif not compiled and _has_compile_key():
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": False})})
@@ -491,7 +495,7 @@ def time_ours(cfg, timed: int, compiled: bool, warmup: int = 2) -> dict:
     if compiled and how is None:  # before model.compile existed: the same regional compilation, applied here
         how = f"{_compile_layers(engine.module, TransformerLayer)} layers compiled by gpu_check"
     out = _timed(step_fn, [batches(cfg, s) for s in range(warmup + timed)], warmup)
-    out["compiled"] = how
+    out["compiled"] = how if compiled is not None else _layers_compiled(engine.module)
     release(engine)
     return out
 
@@ -560,14 +564,19 @@ def check_throughput(size: str, compile_rows: bool) -> dict:
     micro, timed = BIG_BATCH[size]
     peak, source = hardware.peak_tflops(precision)
     rows = {}
-    for recompute in (True, False):
+    # First what a user gets on a 141 GB card (compiled, no recompute: `auto` for both), so that a
+    # time limit (--budget) cuts the least telling rows.
+    for recompute in (False, True):
         cfg = make_config(BIG_MODEL[size], precision, "auto", micro, micro,
                           activation_checkpointing__interval=1 if recompute else 0)
         flops = flops_per_token(cfg)
-        for compiled in (False, True):
+        for compiled in (True, False):
             name = f"{'compiled' if compiled else 'eager'}_{'recompute' if recompute else 'no_recompute'}"
             if compiled and not compile_rows:
                 rows[name] = {"skipped": "compiled rows run on a GPU (or with --compile): Inductor compiles each layer"}
+                continue
+            if _out_of_time():
+                rows[name] = dict(OVER_BUDGET)
                 continue
             row = {}
             for who, fn in (("ours", lambda: time_ours(cfg, timed, compiled)),
@@ -655,14 +664,17 @@ def check_cli(size: str) -> dict:
         m = cfg.model
         _write_random_dataset(tmp / "data", m.vocab_size, m.seq_length, steps * micro * CLI_ACCUM + 64)
         for precision in precisions:
-            out[f"cli_{precision}"] = _cli_run(tmp, precision, size, base)
+            out[f"cli_{precision}"] = dict(OVER_BUDGET) if _out_of_time() else _cli_run(tmp, precision, size, base)
         half = precisions[-1]
         run_cfg = load_config("pythia-160M.json", base + [f"precision={half}", "zero.stage=1"])
-        try:
-            out[f"engine_{half}"] = time_ours(run_cfg, timed=interval, compiled=False)
-        except Exception as e:
-            out[f"engine_{half}"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
-        out[f"hf_eager_{half}"] = time_hf(run_cfg, timed=interval, compiled=False, recompute=False)
+        # The engine as the CLI builds it (model.compile as configured: auto), and HF eager, the peer.
+        for key, fn in ((f"engine_{half}", lambda: time_ours(run_cfg, timed=interval, compiled=None)),
+                        (f"hf_eager_{half}", lambda: time_hf(run_cfg, timed=interval, compiled=False,
+                                                             recompute=False))):
+            try:
+                out[key] = dict(OVER_BUDGET) if _out_of_time() else fn()
+            except Exception as e:
+                out[key] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     hf = out[f"hf_eager_{half}"].get("tokens_per_sec")
     first = out[f"cli_{precisions[0]}"].get("tokens_per_sec")
     if hf and first:
@@ -711,6 +723,14 @@ def check_decode(size: str, device: torch.device) -> dict:
 
 # ---- main ----------------------------------------------------------------------------------
 
+# --budget: past this perf_counter() time, the checks and figures not yet started are skipped.
+_DEADLINE = math.inf
+OVER_BUDGET = {"skipped": "over --budget"}
+
+
+def _out_of_time() -> bool:
+    return time.perf_counter() > _DEADLINE
+
 
 CHECKS = ("parity", "syncs", "kernels", "decode", "throughput", "cli")
 VERDICT_CHECKS = ("parity", "syncs", "kernels", "cli", "decode")  # throughput is figures, not a verdict
@@ -722,6 +742,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="gpu_check.json", help="where to write the figures")
     p.add_argument("--only", help=f"comma-separated checks to run (default all: {','.join(CHECKS)})")
     p.add_argument("--compile", action="store_true", help="with --tiny: the compiled throughput rows too (slow on CPU)")
+    p.add_argument("--budget", type=float, metavar="SECONDS",
+                   help="start no check, throughput row or CLI run after this many seconds (they are reported "
+                        "as skipped), so the run ends within a device's time limit with its JSON complete")
     args = p.parse_args(argv)
     # On CPU the CLI row (a second process training through launch/train.py) is opt-in: --only cli.
     default = CHECKS if torch.cuda.is_available() else tuple(c for c in CHECKS if c != "cli")
@@ -751,9 +774,15 @@ def main(argv=None) -> int:
     out = Path(args.json)
     from megatron_neox.durable import write_json
 
+    global _DEADLINE
     t0 = time.perf_counter()
+    _DEADLINE = t0 + args.budget if args.budget is not None else math.inf
     for name in only:
         start = time.perf_counter()
+        if _out_of_time():
+            report[name] = dict(OVER_BUDGET)
+            print(f"{name:<10} skipped: over --budget", flush=True)
+            continue
         try:
             report[name] = checks[name]()
             line = _summary(name, report[name])
@@ -766,16 +795,19 @@ def main(argv=None) -> int:
     report["seconds"] = round(time.perf_counter() - t0, 1)
     failed = [k for k in CHECKS if k in report and (k in VERDICT_CHECKS or "error" in report[k])
               and not report[k].get("ok", True)]
-    report["verdict"] = "PASS" if not failed else "FAIL: " + ", ".join(failed)
+    skipped = [k for k in CHECKS if report.get(k) == OVER_BUDGET]
+    report["verdict"] = ("PASS" if not failed else "FAIL: " + ", ".join(failed)) + (
+        f" (skipped over --budget: {', '.join(skipped)})" if skipped else "")
     write_json(out, report, indent=1)
     parts = [f"gpu_check {report['verdict']}", report["device"]]
-    if "syncs" in report:
+    if "model_steady" in report.get("syncs", {}):
         parts.append(f"host syncs in the model's steady fwd+bwd {report['syncs']['model_steady']['dispatch']}"
                      + (f" + {report['syncs']['model_steady']['cuda']} CUDA" if on_gpu else ""))
-    row = report.get("throughput", {}).get("rows", {}).get("eager_recompute", {})
-    if "tokens_per_sec" in row.get("ours", {}):
-        parts.append(f"{row['ours']['tokens_per_sec']:,.0f} tok/s with recompute (ours/HF "
-                     f"{row.get('ours_over_hf', float('nan')):.2f})")
+    rows = report.get("throughput", {}).get("rows", {})
+    measured = [(k, v) for k, v in rows.items() if "ours_over_hf" in v]
+    if measured:  # the first row measured: the default on a big card when it ran
+        name, row = measured[0]
+        parts.append(f"{name} {row['ours']['tokens_per_sec']:,.0f} tok/s (ours/HF {row['ours_over_hf']:.2f})")
     parts += [f"{report['seconds']:.0f} s", str(out)]
     print(" | ".join(parts), flush=True)
     return 0 if not failed else 1

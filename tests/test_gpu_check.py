@@ -143,3 +143,26 @@ def test_a_check_that_raises_is_a_fail_and_the_others_still_report(tmp_path, mon
     assert lines[-1].startswith("gpu_check FAIL: kernels | cpu"), lines
     r = json.loads(out.read_text())
     assert r["verdict"] == "FAIL: kernels" and r["decode"]["ok"] and "planted" in r["kernels"]["traceback"]
+
+
+def test_budget_skips_what_would_start_late_and_says_so(tmp_path, monkeypatch, capsys):
+    """--budget: a check (or throughput row) that would start after it is reported as skipped, the
+    verdict names it, and the JSON is complete."""
+    import time
+
+    from deepspeed.accelerator import get_accelerator
+
+    g = _gpu_check()
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", get_accelerator().is_fp16_supported)  # main sets it
+    monkeypatch.setattr(g, "check_kernels", lambda size, device: time.sleep(0.3) or {"ok": True, "flavours": {}})
+    monkeypatch.setattr(g, "check_decode", lambda size, device: pytest.fail("started after the budget"))
+    out = tmp_path / "r.json"
+    assert g.main(["--tiny", "--only", "kernels,decode", "--budget", "0.1", "--json", str(out)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("[")]
+    assert lines[1] == "decode     skipped: over --budget", lines
+    r = json.loads(out.read_text())
+    assert r["verdict"] == "PASS (skipped over --budget: decode)" and r["decode"] == {"skipped": "over --budget"}
+    monkeypatch.setattr(g, "_DEADLINE", 0.0)  # long past: no row starts
+    rows = g.check_throughput("tiny", compile_rows=True)["rows"]
+    assert list(rows) == ["compiled_no_recompute", "eager_no_recompute", "compiled_recompute", "eager_recompute"]
+    assert all(v == {"skipped": "over --budget"} for v in rows.values()), rows
