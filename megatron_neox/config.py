@@ -731,9 +731,34 @@ def _override_for(loc: tuple, message: str, overrides: Dict[tuple, str]) -> Opti
     return None
 
 
+def _is_leaf_field(loc: tuple) -> bool:
+    """Whether `loc` names a value key (not a section) of the config tree."""
+    return bool(loc) and loc[-1] in _valid_keys(Config, loc[:-1]) and not _valid_keys(Config, loc)
+
+
+def _merge_union_errors(errors: List[dict]) -> List[dict]:
+    """pydantic reports a value that fits no member of a union (`auto` | bool, `auto` | int >= 0, bool
+    | 'qkv') once per member, each at the key plus the member's tag: one error at the key instead,
+    naming every alternative ("should be 'auto' or a valid boolean")."""
+    out: List[dict] = []
+    merged: Dict[tuple, dict] = {}
+    for e in errors:
+        loc = tuple(str(x) for x in e["loc"])
+        if len(loc) < 2 or loc[-1].isdigit() or not _is_leaf_field(loc[:-1]):
+            out.append(e)
+            continue
+        what = e["msg"].removeprefix("Input should be ").split(", unable")[0]
+        if loc[:-1] in merged:
+            merged[loc[:-1]]["alternatives"].append(what)
+            continue
+        merged[loc[:-1]] = {"type": "union", "loc": loc[:-1], "input": e.get("input"), "alternatives": [what]}
+        out.append(merged[loc[:-1]])
+    return out
+
+
 def _format_validation_error(err: ValidationError, source: str, overrides: Optional[Dict[tuple, str]] = None) -> str:
     lines, from_file = [], False
-    for e in err.errors():
+    for e in _merge_union_errors(err.errors()):
         loc = tuple(str(x) for x in e["loc"])
         key = ".".join(loc) or "(top level)"
         if e["type"] == "extra_forbidden":
@@ -743,6 +768,8 @@ def _format_validation_error(err: ValidationError, source: str, overrides: Optio
             lines.append(f"unknown key {key!r}{hint} (valid keys here: {', '.join(valid)})")
         elif e["type"] == "missing":
             lines.append(f"missing required key {key!r}")
+        elif e["type"] == "union":
+            lines.append(f"{key}: should be {' or '.join(e['alternatives'])} (got {e['input']!r})")
         elif e["type"] == "value_error":
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
             lines.append(msg if not loc else f"{key}: {msg}")

@@ -3,6 +3,7 @@
 `tools/plan.py` is launched for the bad-input cases: each must exit 2 with a message and no
 traceback. These launches stop before the tool imports torch/DeepSpeed, so they are cheap.
 """
+import copy
 import json
 import subprocess
 import sys
@@ -207,3 +208,16 @@ def test_config_sections_are_immutable():
             setattr(getattr(cfg, section), key, value)
     with pytest.raises(Exception, match="frozen"):
         cfg.precision = "bf16"
+
+
+def test_a_value_that_fits_no_alternative_is_one_error_naming_them_all():
+    """`auto` | bool and `auto` | int >= 0 keys: pydantic's one error per alternative becomes one line."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(copy.deepcopy(MINIMAL) | {"model": {**MINIMAL["model"], "compile": "maybe"},
+                                                    "activation_checkpointing": {"interval": -1}})
+    lines = str(e.value).splitlines()[1:]
+    assert sorted(line.strip() for line in lines) == [
+        "activation_checkpointing.interval: should be 'auto' or greater than or equal to 0 (got -1)",
+        "model.compile: should be 'auto' or a valid boolean (got 'maybe')"], lines
+    with pytest.raises(ConfigError, match=r"data.prefixes.1: Input should be a valid string \(got 2\)"):
+        config_from_dict(copy.deepcopy(MINIMAL) | {"data": {"prefixes": ["a", 2]}})  # list items stay per item
