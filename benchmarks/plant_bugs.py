@@ -124,6 +124,16 @@ MUTATIONS: Tuple[Mutation, ...] = (
              'return rule.dim, 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1',
              'return rule.dim, 3 if "query_key_value" in name else 2 if rule.fused_swiglu and cfg.activation == "swiglu" else 1',
              ("tests/test_sharding.py",)),
+    Mutation("compiled_biases_summed_in_graph", "compiled layers accumulate each output bias's gradient once "
+             "(Inductor returned one buffer for both when they were summed in the graph)",
+             "megatron_neox/model/transformer.py",
+             "bias = self.output_bias() if self.parallel_residual else None",
+             "bias = None", ("tests/test_lean_layer.py", "-k", "compiled_layers")),
+    Mutation("replicated_kv_bias_grads_not_summed", "replicated KV heads (tp > KV heads) sum their bias gradients "
+             "over the TP group too (Qwen2)", "megatron_neox/model/transformer.py",
+             "sum_grads_over_tensor_parallel_group(self.key_value.parameters(), tp_group)",
+             "sum_grads_over_tensor_parallel_group([self.key_value.weight], tp_group)",
+             ("tests/test_model_families_parallel.py", "-k", "qwen2")),
     Mutation("loss_mask_mean_over_all_tokens", "the loss is the mean over the tokens whose loss_mask is 1",
              "megatron_neox/model/gpt_neox.py", "/ loss_mask.sum().clamp(min=1.0)", "/ loss_mask.numel()",
              ("tests/test_attention.py", "-k", "loss")),
