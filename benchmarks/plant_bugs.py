@@ -77,12 +77,21 @@ MUTATIONS: Tuple[Mutation, ...] = (
     # -- checkpoints: durable files, complete.json before latest, old markers before old files ---------
     Mutation("latest_before_complete", "complete.json is durable before `latest` names the tag",
              "megatron_neox/training/checkpoint.py",
-             "    write_meta(ckpt_dir / tag, pending.meta)\n    write_latest(ckpt_dir, tag)\n",
-             "    write_latest(ckpt_dir, tag)\n    write_meta(ckpt_dir / tag, pending.meta)\n", FINALIZE),
+             "    with naming_failures(ckpt_dir / tag / COMPLETE):\n"
+             "        fsync_dir(ckpt_dir / tag)\n"
+             "        write_meta(ckpt_dir / tag, pending.meta)\n"
+             "    with naming_failures(ckpt_dir / LATEST):\n"
+             "        write_latest(ckpt_dir, tag)\n",
+             "    with naming_failures(ckpt_dir / LATEST):\n"
+             "        write_latest(ckpt_dir, tag)\n"
+             "    with naming_failures(ckpt_dir / tag / COMPLETE):\n"
+             "        fsync_dir(ckpt_dir / tag)\n"
+             "        write_meta(ckpt_dir / tag, pending.meta)\n", FINALIZE),
     Mutation("old_files_before_marker", "an old checkpoint loses its complete.json before its files",
              "megatron_neox/training/checkpoint.py",
-             "            (ckpt_dir / old / COMPLETE).unlink()\n"
-             "            fsync_dir(ckpt_dir / old)\n"
+             '            with naming_failures(ckpt_dir / old / COMPLETE, "removing an old checkpoint (keep_last)"):\n'
+             "                (ckpt_dir / old / COMPLETE).unlink()\n"
+             "                fsync_dir(ckpt_dir / old)\n"
              "            shutil.rmtree(ckpt_dir / old, ignore_errors=True)\n",
              "            shutil.rmtree(ckpt_dir / old, ignore_errors=True)\n", FINALIZE),
     Mutation("no_file_fsync", "a durable file is fsynced before its rename", "megatron_neox/durable.py",
