@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from megatron_neox.data.blended import DEFAULT_SPLIT, mixture_problems
 from megatron_neox.data.loader import eod_flags
 from megatron_neox.errors import ConfigError
+from megatron_neox.hardware import regional_compile_ok
 from megatron_neox.layout import Layout, config_split_problems
 from megatron_neox.precision import precision_problems
 
@@ -529,6 +530,12 @@ def compile_problems(setting: Union[str, bool], *, dropout: bool, zero_stage: An
         problems.append("model.compile=true with zero.stage=3 is refused: ZeRO-3 gathers parameters in module hooks "
                         "inside the forward, which the compiled layer would have to trace; use zero.stage <= 2 or "
                         "model.compile 'auto'/false")
+    if not regional_compile_ok():
+        import torch
+
+        problems.append(f"model.compile=true needs torch >= 2.5 (this is {torch.__version__}): before it, torch.compile "
+                        "makes each layer a graph of its own and runs layers past its cache limit (8) eagerly; use "
+                        "model.compile 'auto'/false, or torch >= 2.5")
     return problems
 
 

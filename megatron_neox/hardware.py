@@ -38,6 +38,21 @@ PEAK_TFLOPS: Tuple[Tuple[str, Dict[str, float]], ...] = (
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def regional_compile_ok() -> bool:
+    """Whether one compiled function serves every identical layer (`model.compile`): dynamo must
+    inline built-in nn.Modules, treating their parameters as graph inputs. That is the default from
+    torch 2.5 (PyTorch's regional-compilation recipe; 2.4 has it behind
+    torch._dynamo.config.inline_inbuilt_nn_modules). Without it each layer object is a guard of its
+    own: a 16-layer model recompiles per layer and passes dynamo's cache limit (8), so the rest
+    runs eagerly."""
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
+    if (major, minor) >= (2, 5):
+        return True
+    from torch import _dynamo
+
+    return bool(getattr(_dynamo.config, "inline_inbuilt_nn_modules", False))
+
+
 def datasheet_peak(device_name: str, precision: str) -> Optional[float]:
     """Dense peak TFLOP/s of a GPU by its name, or None when the table does not know it."""
     name = device_name.upper()

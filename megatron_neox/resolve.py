@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from megatron_neox.config import Config, config_from_dict
 from megatron_neox.errors import ConfigError
+from megatron_neox.hardware import regional_compile_ok
 from megatron_neox.layout import Layout
 from megatron_neox.precision import AUTO, auto_overlap_comm, auto_zero_stage, choose_adam
 
@@ -60,13 +61,17 @@ def decide_overlap_comm(cfg: Config, layout: Layout) -> List[Decision]:
 def auto_compile(device_type: str, *, dropout: bool, zero3: bool) -> Tuple[bool, str]:
     """The one place `model.compile='auto'` is decided: compiled on CUDA (Inductor's GPU kernels
     fuse the layer's elementwise work), eager on CPU (compilation takes minutes on a few cores and
-    buys little), and eager where config.compile_problems refuses `true` (dropout, ZeRO-3)."""
+    buys little), and eager where config.compile_problems refuses `true` (dropout, ZeRO-3, torch < 2.5)."""
     if device_type != "cuda":
         return False, f"auto: eager on {device_type}"
     if dropout:
         return False, "auto: eager (dropout > 0)"
     if zero3:
         return False, "auto: eager (ZeRO-3 gathers parameters inside the forward)"
+    if not regional_compile_ok():
+        import torch
+
+        return False, f"auto: eager (torch {torch.__version__} < 2.5 would compile every layer separately)"
     return True, "auto: regional torch.compile on cuda"
 
 

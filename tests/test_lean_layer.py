@@ -189,6 +189,27 @@ def test_compile_auto_decision_and_refusals():
     tiny_config(1, 1, {"model.compile": "auto", "zero.stage": 3})  # auto: eager there, no refusal
 
 
+def test_compile_before_torch_2_5_is_eager_under_auto_and_refused_with_true(monkeypatch):
+    """torch < 2.5 (setup.py allows 2.3) makes each layer object its own graph: `auto` stays eager on
+    CUDA and says why, `true` is refused naming the version; 2.4's opt-in flag counts."""
+    import torch._dynamo
+
+    from megatron_neox.errors import ConfigError
+    from megatron_neox.hardware import regional_compile_ok
+    from megatron_neox.resolve import auto_compile
+    from _layouts import tiny_config
+
+    assert regional_compile_ok() and auto_compile("cuda", dropout=False, zero3=False)[0]
+    monkeypatch.setattr(torch, "__version__", "2.4.1+cu121")
+    monkeypatch.setattr(torch._dynamo.config, "inline_inbuilt_nn_modules", False, raising=False)
+    assert auto_compile("cuda", dropout=False, zero3=False) == (
+        False, "auto: eager (torch 2.4.1+cu121 < 2.5 would compile every layer separately)")
+    with pytest.raises(ConfigError, match=r"model.compile=true needs torch >= 2.5 \(this is 2.4.1\+cu121\)"):
+        tiny_config(1, 1, {"model.compile": True})
+    monkeypatch.setattr(torch._dynamo.config, "inline_inbuilt_nn_modules", True, raising=False)
+    assert regional_compile_ok()
+
+
 def test_partition_activations_is_off_at_tp1():
     """DeepSpeed clones every checkpointed input when partitioning, even over one rank."""
     from _layouts import tiny_config
