@@ -533,9 +533,9 @@ def compile_problems(setting: Union[str, bool], *, dropout: bool, zero_stage: An
     if not regional_compile_ok():
         import torch
 
-        problems.append(f"model.compile=true needs torch >= 2.5 (this is {torch.__version__}): before it, torch.compile "
-                        "makes each layer a graph of its own and runs layers past its cache limit (8) eagerly; use "
-                        "model.compile 'auto'/false, or torch >= 2.5")
+        problems.append(f"model.compile=true needs torch >= 2.5 (this is {torch.__version__}): before it, "
+                        "torch.compile makes each layer a graph of its own and runs layers past its cache limit "
+                        "(8) eagerly; use model.compile 'auto'/false, or torch >= 2.5")
     return problems
 
 
