@@ -463,12 +463,14 @@ def _timed(step, step_batches, warmup: int) -> dict:
     """tokens/s of `step(micro_batches)` over step_batches after `warmup` untimed steps, and the
     peak device memory of the timed steps."""
     on_gpu = torch.cuda.is_available()
+    t_warm = time.perf_counter()
     for b in step_batches[:warmup]:
         step(b)
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
+    warmup_s = t0 - t_warm  # compilation happens here: what a row costs beyond its timed steps
     for b in step_batches[warmup:]:
         step(b)
     if on_gpu:
@@ -476,7 +478,8 @@ def _timed(step, step_batches, warmup: int) -> dict:
     seconds = time.perf_counter() - t0
     tokens = sum(mb["tokens"].numel() for b in step_batches[warmup:] for mb in b)
     return {"tokens_per_sec": tokens / seconds,
-            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None}
+            "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if on_gpu else None,
+            "warmup_s": round(warmup_s, 1), "timed_s": round(seconds, 1)}
 
 
 def time_ours(cfg, timed: int, compiled: Optional[bool], warmup: int = 2) -> dict:
@@ -816,7 +819,8 @@ def main(argv=None) -> int:
 def _tps(r: dict) -> str:
     if "tokens_per_sec" in r:
         mem = f", {r['peak_mem_gb']:.1f} GiB" if r.get("peak_mem_gb") else ""
-        return f"{r['tokens_per_sec']:,.0f} tok/s{mem}"
+        warm = f", warm-up {r['warmup_s']:.0f} s" if r.get("warmup_s", 0) >= 1 else ""  # compilation shows here
+        return f"{r['tokens_per_sec']:,.0f} tok/s{mem}{warm}"
     return r.get("error") or r.get("skipped") or "?"
 
 
