@@ -487,12 +487,8 @@ def time_ours(cfg, timed: int, compiled: Optional[bool], warmup: int = 2) -> dic
     `model.compile` as `cfg` has it."""
     from megatron_neox.model.transformer import TransformerLayer
 
-    if compiled is None:
-        pass
-    elif compiled and _has_compile_key():
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": True})})
-    elif not compiled and _has_compile_key():
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": False})})
+    if compiled is not None and _has_compile_key():
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"compile": compiled})})
     _, _, step_fn, engine = engine_run(cfg, steps=0)
     how = "model.compile" if compiled and _has_compile_key() else None
     if compiled and how is None:  # before model.compile existed: the same regional compilation, applied here
@@ -735,8 +731,8 @@ def _out_of_time() -> bool:
     return time.perf_counter() > _DEADLINE
 
 
+# Each check's result says "ok" but throughput's (figures, not a verdict), which fails only by raising.
 CHECKS = ("parity", "syncs", "kernels", "decode", "throughput", "cli")
-VERDICT_CHECKS = ("parity", "syncs", "kernels", "cli", "decode")  # throughput is figures, not a verdict
 
 
 def main(argv=None) -> int:
@@ -796,8 +792,7 @@ def main(argv=None) -> int:
         print(f"{name:<10} {line}", flush=True)
         write_json(out, report, indent=1)  # so far: what a run stopped by its time limit leaves
     report["seconds"] = round(time.perf_counter() - t0, 1)
-    failed = [k for k in CHECKS if k in report and (k in VERDICT_CHECKS or "error" in report[k])
-              and not report[k].get("ok", True)]
+    failed = [k for k in CHECKS if k in report and not report[k].get("ok", True)]
     skipped = [k for k in CHECKS if report.get(k) == OVER_BUDGET]
     report["verdict"] = ("PASS" if not failed else "FAIL: " + ", ".join(failed)) + (
         f" (skipped over --budget: {', '.join(skipped)})" if skipped else "")

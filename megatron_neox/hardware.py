@@ -45,10 +45,11 @@ def regional_compile_ok() -> bool:
     torch._dynamo.config.inline_inbuilt_nn_modules). Without it each layer object is a guard of its
     own: a 16-layer model recompiles per layer and passes dynamo's cache limit (8), so the rest
     runs eagerly."""
-    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in torch.__version__.split(".")[:2])
-    if (major, minor) >= (2, 5):
-        return True
     from torch import _dynamo
+    from torch.torch_version import TorchVersion
+
+    if TorchVersion(torch.__version__) >= (2, 5):
+        return True
 
     return bool(getattr(_dynamo.config, "inline_inbuilt_nn_modules", False))
 
